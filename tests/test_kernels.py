@@ -1,0 +1,99 @@
+"""Triton kernels vs their float64 references (interpreter on CPU in CI, compiled on a GPU when present)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglp_fast.kernels.gram import check_triton_device, gram_panel, gram_panel_ref, interpreter_active
+from sglp_fast.kernels.hsic import hsic_accumulate, hsic_accumulate_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a64, b64 = a.double().cpu(), b.double().cpu()
+    assert torch.isfinite(a64).all()
+    return float((a64 - b64).norm() / b64.norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,d", [(4, 1), (17, 33), (130, 96), (4, 96), (130, 1)])
+def test_gram_full_matches_reference(n, d, dtype):
+    g = torch.Generator().manual_seed(n * 1000 + d)
+    x = torch.randn(n, d, generator=g).to(dtype).to(DEVICE)
+    out = torch.full((n, n), float("nan"), device=DEVICE)  # poisoned: every element must be written
+    k, diag, rowsum = gram_panel(x, out=out)
+    k_ref, diag_ref, rowsum_ref = gram_panel_ref(x)  # reference on the same (rounded) inputs
+    assert k.data_ptr() == out.data_ptr()
+    assert rel(k, k_ref) <= TOL[dtype]
+    assert rel(diag, diag_ref) <= TOL[dtype]
+    assert rel(rowsum, rowsum_ref) <= TOL[dtype] * 10  # row sums of a zero-diagonal Gram may cancel
+    assert bool((k.diagonal() == 0).all())
+
+
+@pytest.mark.parametrize("row_start,rows", [(0, 1), (5, 17), (113, 17), (1, 129)])
+def test_gram_panel_offsets_and_keep_diagonal(row_start, rows):
+    x = torch.randn(130, 33, dtype=torch.float32).to(DEVICE)
+    for zero_diag in (True, False):
+        k, diag, rowsum = gram_panel(x, row_start, rows, zero_diag=zero_diag)
+        k_ref, diag_ref, rowsum_ref = gram_panel_ref(x, row_start, rows, zero_diag=zero_diag)
+        assert k.shape == (rows, 130)
+        assert rel(k, k_ref) <= 1e-5 and rel(diag, diag_ref) <= 1e-5 and rel(rowsum, rowsum_ref) <= 1e-5
+
+
+def test_gram_strided_input_and_output():
+    base = torch.randn(40, 70, device=DEVICE)
+    x = base[:, ::2]  # non-unit feature stride
+    out_base = torch.full((40, 60), float("nan"), device=DEVICE)
+    out = out_base[:, 10:50]  # strided output view
+    k, _, rowsum = gram_panel(x, out=out)
+    k_ref, _, rowsum_ref = gram_panel_ref(x)
+    assert rel(k, k_ref) <= 1e-5 and rel(rowsum, rowsum_ref) <= 1e-5
+    assert torch.isnan(out_base[:, :10]).all() and torch.isnan(out_base[:, 50:]).all()  # nothing else touched
+
+
+@pytest.mark.parametrize("num_layers,m", [(1, 5), (3, 17), (17, 1000), (40, 130)])
+def test_hsic_accumulate_matches_reference_and_accumulates(num_layers, m):
+    f = torch.randn(num_layers, m, device=DEVICE)
+    start = torch.randn(num_layers, num_layers, device=DEVICE)
+    out = start.clone()
+    hsic_accumulate(f, out=out)
+    ref = hsic_accumulate_ref(f) + start.double()
+    assert rel(out, ref) <= 1e-5
+    again = hsic_accumulate(f)
+    assert rel(again, hsic_accumulate_ref(f)) <= 1e-5
+    assert rel(again, again.T) <= 1e-6  # mirrored triangle
+
+
+def test_gram_rejects_bad_input():
+    with pytest.raises(ValueError, match="x: expected a 2-D"):
+        gram_panel(torch.randn(2, 3, 4, 5, device=DEVICE))
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        gram_panel(torch.randn(5, 3, dtype=torch.float64, device=DEVICE))
+    with pytest.raises(ValueError, match="row_start/rows"):
+        gram_panel(torch.randn(5, 3, device=DEVICE), 4, 2)
+    with pytest.raises(ValueError, match="out: expected a float32"):
+        gram_panel(torch.randn(5, 3, device=DEVICE), out=torch.empty(5, 4, device=DEVICE))
+    with pytest.raises(TypeError, match="f: expected float32"):
+        hsic_accumulate(torch.randn(3, 4, dtype=torch.float64, device=DEVICE))
+    with pytest.raises(ValueError, match="out: expected float32"):
+        hsic_accumulate(torch.randn(3, 4, device=DEVICE), out=torch.zeros(2, 2, device=DEVICE))
+
+
+def test_cpu_tensors_refused_outside_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not interpreter_active()
+    with pytest.raises(ValueError, match="need a CUDA tensor"):
+        check_triton_device(torch.randn(4, 4), "x")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gram_stacked_layers_in_one_launch(dtype):
+    x = torch.randn(3, 37, 20).to(dtype).to(DEVICE)
+    out = torch.full((3, 17, 37), float("nan"), device=DEVICE)
+    k, diag, rowsum = gram_panel(x, 19, 17, out=out)
+    k_ref, diag_ref, rowsum_ref = gram_panel_ref(x, 19, 17)
+    assert k.shape == (3, 17, 37) and diag.shape == (3, 17) and rowsum.shape == (3, 17)
+    assert rel(k, k_ref) <= TOL[dtype] and rel(diag, diag_ref) <= TOL[dtype]
+    assert rel(rowsum, rowsum_ref) <= TOL[dtype] * 10
