@@ -2,7 +2,7 @@
 
 Data flow, one module per stage:
 calibration (calibrate.py, offload.py, models/) -> similarity (cka.py, kernels/) -> segments (segment.py,
-csrc/) -> scores (scoring.py) -> plan (plan.py) -> pruned model (prune.py); evaluate.py, cli.py, api.py on top.
+csrc/) -> scores (scoring.py) -> plan (plan.py) -> pruned model (pruning.py); evaluate.py, cli.py, api.py on top.
 
 Heavy modules (torch, transformers) load on first use, so ``from sglp_fast import fisher_segment`` stays cheap.
 """

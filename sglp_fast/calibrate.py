@@ -1,0 +1,391 @@
+"""Layer-by-layer calibration: every block's outputs for the observers (CKA), the calibration loss, and every
+block's gradient norms (GradNorm), holding one block's weights and one batch's activations at a time.
+
+Order (layer-major): embed all batches once; for each block l: bring its weights to the device, run every
+batch, hand (input, output) to the observers, cache the outputs as block l+1's inputs, free the block. Then
+the loss on the final hidden states, and the top-down backward (see ``gradients.py``). The fast path
+(everything already on the device) runs the same code with no copies, so both give the same numbers.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import gradients as G
+from .models import get_adapter
+from .models.base import BlockAdapter, BlockCall
+from .offload import (ActivationCache, BlockWeights, MemoryPlan, available_cpu_bytes, check_offload_dir,
+                      module_bytes, parse_bytes, project_tiers)
+
+
+class NonFiniteActivationError(ValueError):
+    """A block produced NaN/inf: named block and batch, usually a low-precision overflow."""
+
+
+@runtime_checkable
+class LayerObserver(Protocol):
+    def observe(self, layer: int, block_input: torch.Tensor, block_output: torch.Tensor, batch_id: int,
+                mask: torch.Tensor | None) -> None: ...
+
+
+@dataclass
+class CalibrationResult:
+    """Everything one calibration run measured. Gradient fields are None when ``gradients=False``."""
+
+    num_blocks: int
+    loss: float
+    tokens: int
+    loss_kind: str
+    loss_terms: int
+    block_influence: np.ndarray
+    grad_norm: np.ndarray | None = None
+    weight_norm: np.ndarray | None = None
+    taylor: np.ndarray | None = None
+    param_grad_norms: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    memory_plan: str = ""
+    cache_peak_bytes: dict[str, int] = field(default_factory=dict)
+
+
+# --- input validation ------------------------------------------------------------------------------------
+def _validate_batches(batches, adapter: BlockAdapter) -> list[dict]:
+    if isinstance(batches, dict) or not isinstance(batches, Sequence):
+        raise TypeError(
+            f"batches: expected a list of dicts {{'input_ids': LongTensor[b, s], 'attention_mask': ...}}, got "
+            f"{type(batches).__name__}; wrap a single batch as [batch]"
+        )
+    if len(batches) == 0:
+        raise ValueError("batches: the calibration set is empty; pass at least one batch of token ids")
+    vocab = getattr(adapter.config, "vocab_size", None)
+    max_pos = adapter.max_positions()
+    out = []
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, dict) or "input_ids" not in batch:
+            raise TypeError(f"batches[{i}]: expected a dict with 'input_ids', got {type(batch).__name__}")
+        ids = batch["input_ids"]
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(
+                f"batches[{i}]['input_ids']: expected an integer torch.Tensor [batch, seq], got "
+                f"{type(ids).__name__}{'' if not isinstance(ids, torch.Tensor) else ' ' + str(ids.dtype)}; "
+                "use torch.tensor(ids, dtype=torch.long)"
+            )
+        if ids.dim() != 2 or ids.numel() == 0:
+            raise ValueError(f"batches[{i}]['input_ids']: expected shape [batch, seq] with both > 0, got {tuple(ids.shape)}")
+        if vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ValueError(
+                f"batches[{i}]['input_ids']: token ids must lie in [0, {vocab}) for this model, got "
+                f"[{int(ids.min())}, {int(ids.max())}]; tokenize with the model's own tokenizer"
+            )
+        if max_pos is not None and ids.shape[1] > max_pos:
+            raise ValueError(
+                f"batches[{i}]: sequence length {ids.shape[1]} exceeds the model's maximum of {max_pos} positions "
+                f"(config max_position_embeddings); truncate or split the calibration text to <= {max_pos} tokens"
+            )
+        clean = {"input_ids": ids.long()}
+        for key in ("attention_mask", "token_type_ids"):
+            value = batch.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor) or value.shape != ids.shape:
+                raise ValueError(
+                    f"batches[{i}]['{key}']: expected a tensor of shape {tuple(ids.shape)} like input_ids, got "
+                    f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}"
+                )
+            clean[key] = value.long()
+        if "attention_mask" in clean and int(clean["attention_mask"].sum()) == 0:
+            raise ValueError(f"batches[{i}]['attention_mask']: masks every token; drop the batch or fix the mask")
+        out.append(clean)
+    return out
+
+
+def _validate_observers(observers) -> list:
+    if observers is None:
+        return []
+    if not isinstance(observers, (list, tuple)):
+        observers = [observers]
+    for i, obs in enumerate(observers):
+        if not callable(getattr(obs, "observe", None)):
+            raise TypeError(
+                f"observers[{i}]: expected an object with .observe(layer, block_input, block_output, batch_id, "
+                f"mask), got {type(obs).__name__}"
+            )
+    return list(observers)
+
+
+def _first_device(adapter: BlockAdapter) -> torch.device:
+    emb = adapter.model.get_input_embeddings() if hasattr(adapter.model, "get_input_embeddings") else None
+    for p in (emb.parameters() if emb is not None else adapter.model.parameters()):
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def _check_finite(t: torch.Tensor, what: str, dtype: torch.dtype) -> None:
+    if not bool(torch.isfinite(t).all()):
+        if dtype in (torch.float16, torch.bfloat16):
+            hint = f" in {dtype}: low-precision overflow is the usual cause; rerun with dtype=torch.float32"
+        else:
+            hint = f" in {dtype}: check the weights and the inputs of this block (inf/NaN in the checkpoint?)"
+        raise NonFiniteActivationError(f"{what} produced NaN/inf{hint}")
+
+
+# --- planning --------------------------------------------------------------------------------------------
+def _plan(adapter, weights: BlockWeights, batches, gradients, act_dtype, device, max_device_memory, max_cpu_memory,
+          offload_dir) -> tuple[MemoryPlan, dict[str, int], str | None]:
+    hidden = int(getattr(adapter.config, "hidden_size", 0) or getattr(adapter.config, "n_embd", 0) or 0)
+    itemsize = torch.tensor([], dtype=act_dtype).element_size()
+    tokens_padded = sum(b["input_ids"].numel() for b in batches)
+    slot = tokens_padded * hidden * itemsize
+    grad = tokens_padded * hidden * 4 if gradients else 0
+    n_slots = adapter.num_blocks + 1 if gradients else 2
+    block_bytes = max(weights.block_bytes(i) for i in range(adapter.num_blocks))
+    all_bytes = module_bytes(adapter.model, weights.dtype)
+    blocks_total = sum(weights.block_bytes(i) for i in range(adapter.num_blocks))
+    dev_budget = parse_bytes(max_device_memory, "max_device_memory")
+    cpu_budget = parse_bytes(max_cpu_memory, "max_cpu_memory")
+    if device.type == "cpu":
+        given = [b for b in (dev_budget, cpu_budget) if b is not None]
+        cache_cpu = min(given) if given else available_cpu_bytes() // 2
+        cache_dev = 0
+    else:
+        if dev_budget is None:
+            free, _ = torch.cuda.mem_get_info(device) if device.type == "cuda" else (0, 0)
+            dev_budget = int(free * 0.9)
+        resident = all_bytes if weights.mode == "resident" else block_bytes * 2  # weights + their gradients
+        if dev_budget < resident:
+            raise ValueError(
+                f"max_device_memory: {dev_budget} bytes cannot hold {'the model' if weights.mode == 'resident' else 'one block'} "
+                f"({resident} bytes with gradients); raise it, or load the model to CPU / lazily to stream blocks"
+            )
+        cache_dev = max(0, dev_budget - resident - 4 * (slot // max(len(batches), 1)))
+        cache_cpu = cpu_budget if cpu_budget is not None else available_cpu_bytes() // 2
+    budgets = {"device": cache_dev, "cpu": cache_cpu}
+    tiers = project_tiers(n_slots * slot + grad, budgets)
+    checked_dir = check_offload_dir(offload_dir, tiers["disk"])
+    if tiers["disk"] > 0 and checked_dir is None:
+        raise ValueError(
+            f"offload_dir: the activation cache needs {n_slots * slot + grad} bytes but max_device_memory/"
+            f"max_cpu_memory leave room for {cache_dev + cache_cpu}; pass offload_dir=<folder on a disk with "
+            f"{tiers['disk']} bytes free>, raise the budgets, or use fewer/shorter batches"
+        )
+    plan = MemoryPlan(
+        device=str(device), weights_mode=weights.describe(), max_block_bytes=block_bytes,
+        other_weight_bytes=all_bytes - blocks_total, activation_slot_bytes=slot, num_slots=n_slots,
+        grad_bytes=grad, tiers=tiers,
+        budgets={"device": cache_dev if device.type != "cpu" else 0, "cpu": cache_cpu, "disk": None if checked_dir else 0},
+    )
+    return plan, budgets, checked_dir
+
+
+# --- the driver ------------------------------------------------------------------------------------------
+def calibrate(model_or_adapter, batches, *, observers=(), gradients: bool = True, device=None, dtype=None,
+              max_device_memory=None, max_cpu_memory=None, offload_dir=None, seed: int = 0,
+              progress: bool = True, generic: bool = False) -> CalibrationResult:
+    """Run the calibration passes; see the module docstring and docs/contracts.md for the contract."""
+    t_start = time.perf_counter()
+    adapter = get_adapter(model_or_adapter, generic=generic)
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype: expected a torch.dtype such as torch.float32, got {dtype!r}")
+    batches = _validate_batches(batches, adapter)
+    observers = _validate_observers(observers)
+    device = _first_device(adapter) if device is None else torch.device(device)
+    model = adapter.model
+    torch.manual_seed(seed)
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    weights = BlockWeights(adapter, device, dtype)
+    cache = None
+    try:
+        act_dtype = dtype or next((p.dtype for p in adapter.blocks.parameters() if p.is_floating_point()), torch.float32)
+        plan, budgets, checked_dir = _plan(adapter, weights, batches, gradients, act_dtype, device,
+                                           max_device_memory, max_cpu_memory, offload_dir)
+        if progress:
+            print(plan, file=sys.stderr)
+        cache = ActivationCache(device, budgets["device"], budgets["cpu"], checked_dir)
+        return _run(adapter, weights, batches, observers, gradients, device, act_dtype, cache, plan, progress,
+                    t_start)
+    finally:
+        if cache is not None:
+            cache.close()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cache, plan, progress,
+         t_start) -> CalibrationResult:
+    n_blocks, n_batches = adapter.num_blocks, len(batches)
+    kind = G.loss_kind(adapter)
+    counts = [G.loss_count(kind, b) for b in batches]
+    total_terms = sum(counts)
+    if total_terms == 0:
+        raise ValueError(
+            f"batches: no {kind} loss terms (every sequence has fewer than 2 real tokens); pass longer sequences"
+        )
+    tokens = int(sum(int(G.token_mask(b).sum()) for b in batches))
+    timings: dict[str, float] = {}
+
+    # 1. embed every batch once; record each block's call arguments (masks, positions, rotary tables)
+    t0 = time.perf_counter()
+    calls: list[list[BlockCall]] = []
+    masks: list[torch.Tensor] = []
+    dev_batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    with _NonBlockModules(adapter, device, weights.dtype):
+        for b, batch in enumerate(dev_batches):
+            h0, block_calls = adapter.capture_block_calls(batch)
+            _check_finite(h0, f"the embedding (batch {b})", h0.dtype)
+            cache.put(0, b, h0.to(act_dtype))
+            calls.append(block_calls)
+            masks.append(G.token_mask(batch))
+    timings["embed_s"] = time.perf_counter() - t0
+
+    # 2. forward, layer-major
+    infl_sum = np.zeros(n_blocks, dtype=np.float64)
+    t0 = time.perf_counter()
+    bar = tqdm(total=n_blocks, desc="calibrating", disable=not progress, leave=False)
+    with torch.no_grad():
+        for l in range(n_blocks):
+            bar.set_description(f"({l + 1}/{n_blocks}) calibrating")
+            block = weights.acquire(l)
+            for b in range(n_batches):
+                x = cache.get(l, b)
+                call = calls[b][l]
+                y = adapter.call_block(block, x, call)
+                _check_finite(y, f"block {l} (batch {b})", y.dtype)
+                x32, y32 = G.at_least_fp32(x), G.at_least_fp32(y)
+                for obs in observers:
+                    obs.observe(l, x32, y32, b, masks[b])
+                cos = F.cosine_similarity(x32, y32, dim=-1)
+                infl_sum[l] += float((1.0 - cos)[masks[b]].double().sum())
+                del x32, y32, x
+                cache.put(l + 1, b, y)
+                del y
+            if not gradients:
+                cache.free_slot(l, n_batches)
+            weights.release(l, block)
+            del block
+            bar.update(1)
+    bar.close()
+    timings["forward_s"] = time.perf_counter() - t0
+
+    # 3. loss on the final hidden states (and dL/dh_L per batch)
+    t0 = time.perf_counter()
+    loss_total = 0.0
+    with _NonBlockModules(adapter, device, weights.dtype):
+        for b in range(n_batches):
+            h = cache.get(n_blocks, b).detach()
+            if gradients:
+                h.requires_grad_(True)
+                with torch.enable_grad():
+                    s = G.loss_sum(kind, adapter.head_output(h, dev_batches[b]), dev_batches[b])
+                    (s / total_terms).backward()
+                cache.put("grad", b, G.at_least_fp32(h.grad))
+            else:
+                with torch.no_grad():
+                    s = G.loss_sum(kind, adapter.head_output(h, dev_batches[b]), dev_batches[b])
+            _check_finite(s.detach(), f"the loss (batch {b})", h.dtype)
+            loss_total += float(s.detach())
+            del h, s
+        cache.free_slot(n_blocks, n_batches)
+    timings["loss_s"] = time.perf_counter() - t0
+    result = CalibrationResult(num_blocks=n_blocks, loss=loss_total / total_terms, tokens=tokens, loss_kind=kind,
+                               loss_terms=total_terms, block_influence=infl_sum / max(tokens, 1),
+                               memory_plan=str(plan))
+
+    # 4. top-down backward: GradNorm
+    if gradients:
+        t0 = time.perf_counter()
+        grad_norm, weight_norm, taylor = (np.zeros(n_blocks) for _ in range(3))
+        stats = G.BlockGradStats()
+        bar = tqdm(total=n_blocks, desc="gradients", disable=not progress, leave=False)
+        for l in reversed(range(n_blocks)):
+            bar.set_description(f"({n_blocks - l}/{n_blocks}) gradients")
+            block = weights.acquire(l)
+            named = list(block.named_parameters())
+            for _, p in named:
+                p.requires_grad_(True)
+                p.grad = None
+            for b in range(n_batches):
+                x = cache.get(l, b).detach().requires_grad_(l > 0)
+                call = calls[b][l]
+                with torch.enable_grad():
+                    y = adapter.call_block(block, x, call)
+                    y.backward(cache.get("grad", b).to(y.dtype))
+                if l > 0:
+                    cache.put("grad", b, G.at_least_fp32(x.grad))
+                del x, y
+            cache.free_slot(l, n_batches)
+            grad_norm[l], weight_norm[l], taylor[l] = stats.record(adapter.block_prefix(l), named)
+            for _, p in named:
+                p.grad = None
+                p.requires_grad_(False)
+            weights.release(l, block)
+            del block, named
+            bar.update(1)
+        bar.close()
+        cache.free_slot("grad", n_batches)
+        timings["backward_s"] = time.perf_counter() - t0
+        result.grad_norm, result.weight_norm, result.taylor = grad_norm, weight_norm, taylor
+        result.param_grad_norms = stats.param_grad_norms
+    timings["total_s"] = time.perf_counter() - t_start
+    timings["tokens_per_s_forward"] = tokens / max(timings["forward_s"], 1e-12)
+    if gradients:
+        timings["tokens_per_s_backward"] = tokens / max(timings["loss_s"] + timings["backward_s"], 1e-12)
+    timings["tokens_per_s_total"] = tokens / max(timings["total_s"], 1e-12)
+    result.timings = timings
+    result.cache_peak_bytes = dict(cache.peak)
+    if progress:
+        rate = f"{timings['tokens_per_s_forward']:.0f} tok/s forward"
+        if gradients:
+            rate += f", {timings['tokens_per_s_backward']:.0f} tok/s loss+backward"
+        print(f"calibrated {n_blocks} blocks on {tokens} tokens in {timings['total_s']:.2f} s ({rate}); "
+              f"loss {result.loss:.4f}", file=sys.stderr)
+    return result
+
+
+class _NonBlockModules:
+    """The embedding, norms and head on the compute device and dtype while in use (restored on exit).
+
+    Used for the embedding pass and the loss; a no-op when they already are there (the fast path).
+    """
+
+    def __init__(self, adapter: BlockAdapter, device: torch.device, dtype: torch.dtype | None):
+        self.adapter = adapter
+        self.device = device
+        self.dtype = dtype
+        self.moved: list = []
+
+    def _target_dtype(self, t: torch.Tensor) -> torch.dtype:
+        return self.dtype if (self.dtype is not None and t.is_floating_point()) else t.dtype
+
+    def __enter__(self):
+        blocks = self.adapter.blocks
+        skip = {id(t) for t in blocks.parameters()} | {id(t) for t in blocks.buffers()}
+        for module in self.adapter.model.modules():
+            for store in (module._parameters, module._buffers):
+                for name, t in list(store.items()):
+                    if t is None or id(t) in skip or t.device.type == "meta":
+                        continue
+                    dtype = self._target_dtype(t)
+                    if t.device == self.device and t.dtype == dtype:
+                        continue
+                    self.moved.append((store, name, t))
+                    new = t.detach().to(self.device, dtype)
+                    store[name] = torch.nn.Parameter(new, requires_grad=False) if isinstance(t, torch.nn.Parameter) else new
+        return self
+
+    def __exit__(self, *exc):
+        for store, name, orig in reversed(self.moved):
+            store[name] = orig
+        self.moved.clear()
+        return False

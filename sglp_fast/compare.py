@@ -1,0 +1,102 @@
+"""SGLP against the baselines: same calibration, same budgets, held-out perplexity of each pruned copy."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from . import baselines
+from .evaluate import perplexity
+
+# method name -> what it is; "sglp-<scorer>" = Fisher segments + that scorer inside each segment
+METHODS = {
+    "sglp-gradnorm": "SGLP (paper): Fisher segments of the CKA matrix, least GradNorm removed per segment",
+    "sglp-taylor": "Fisher segments, least Taylor |W*dL/dW| removed per segment",
+    "sglp-block_influence": "Fisher segments, least ShortGPT block influence removed per segment",
+    "shortgpt": "ShortGPT: least block influence (1 - cos(h_in, h_out)) over the whole depth",
+    "angular": "Gromov et al.: contiguous run with the smallest last-token angular distance",
+    "last": "drop the last n blocks",
+    "random": "n blocks at random (seeded)",
+}
+DEFAULT_METHODS = tuple(METHODS)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareRow:
+    method: str
+    remove: int
+    removed: tuple[int, ...]
+    perplexity: float
+
+
+def removed_by(method: str, analysis: Any, n: int, seed: int = 0) -> list[int]:
+    """The blocks ``method`` removes for a budget of ``n`` blocks, from one analysis."""
+    L = analysis.model_info["num_blocks"]
+    if method.startswith("sglp-"):
+        scorer = method[len("sglp-"):]
+        if scorer not in analysis.scores:
+            raise ValueError(f"methods: {method!r} needs scores {scorer!r}, computed: {sorted(analysis.scores)}")
+        return list(analysis.plan_for(remove=n, scorer=scorer).removed or [])
+    if method == "shortgpt":
+        return baselines.shortgpt(analysis.scores["block_influence"], n)
+    if method == "angular":
+        if analysis.last_token_hidden is None:
+            raise ValueError("methods: 'angular' needs analyze(..., collect_last_token=True)")
+        return baselines.angular_contiguous(analysis.last_token_hidden, n)
+    if method == "last":
+        return baselines.last_blocks(L, n)
+    if method == "random":
+        return baselines.random_blocks(L, n, seed)
+    raise ValueError(f"methods: unknown method {method!r}; choose from {sorted(METHODS)}")
+
+
+def compare(analysis: Any, removes: Sequence[int], eval_ids: torch.Tensor, methods: Sequence[str] = DEFAULT_METHODS,
+            seed: int = 0, batch_size: int = 4, progress: Any = None) -> tuple[float, list[CompareRow]]:
+    """(perplexity of the unpruned model, one row per method x budget); identical block sets are scored once."""
+    from .models import get_adapter  # noqa: PLC0415
+
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"methods: unknown method {m!r}; choose from {sorted(METHODS)}")
+    base = perplexity(analysis.model, eval_ids, batch_size=batch_size).perplexity
+    cache: dict[tuple[int, ...], float] = {(): base}
+    rows = []
+    for n in removes:
+        for m in methods:
+            removed = tuple(removed_by(m, analysis, n, seed))
+            if removed not in cache:
+                pruned = copy.deepcopy(analysis.model)
+                get_adapter(pruned).remove_blocks(list(removed))
+                cache[removed] = perplexity(pruned, eval_ids, batch_size=batch_size).perplexity
+                del pruned
+            rows.append(CompareRow(m, n, removed, cache[removed]))
+            if progress is not None:
+                progress(rows[-1])
+    return base, rows
+
+
+def markdown_table(base_ppl: float, rows: Sequence[CompareRow]) -> str:
+    """Methods as rows, budgets as columns, the best perplexity of each budget in bold."""
+    budgets = sorted({r.remove for r in rows})
+    methods = list(dict.fromkeys(r.method for r in rows))
+    best = {n: min(r.perplexity for r in rows if r.remove == n) for n in budgets}
+    lines = ["| method | " + " | ".join(f"remove {n}" for n in budgets) + " |",
+             "|---|" + "---:|" * len(budgets)]
+    for m in methods:
+        cells = []
+        for n in budgets:
+            r = next(r for r in rows if r.method == m and r.remove == n)
+            cell = f"{r.perplexity:.2f}"
+            cells.append(f"**{cell}**" if r.perplexity == best[n] else cell)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines.append(f"| (unpruned) | " + " | ".join(f"{base_ppl:.2f}" for _ in budgets) + " |")
+    return "\n".join(lines)
+
+
+def removed_table(rows: Sequence[CompareRow]) -> str:
+    lines = ["| method | remove | removed blocks |", "|---|---:|---|"]
+    lines += [f"| {r.method} | {r.remove} | {', '.join(map(str, r.removed))} |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,138 @@
+"""Perplexity on token windows, parameter counts, and forward speed/memory of a (pruned) model.
+
+Perplexity uses the same windows as calibration (``data.tokenize_windows``): every window is scored on its
+own (no context carried over), each of its tokens 1..s-1 is predicted from the ones before it, and
+PPL = exp(sum of NLL / number of predicted tokens) over all windows, accumulated in float64.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    nll: float  # mean negative log-likelihood per predicted token (nats)
+    tokens: int  # number of predicted tokens
+
+
+def is_causal_lm(model: Any) -> bool:
+    """True for decoder-only LMs (next-token perplexity is defined), False for encoders and seq2seq."""
+    from .models import get_adapter  # noqa: PLC0415
+
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return False
+    try:
+        return get_adapter(model).kind == "causal_lm"
+    except (TypeError, ValueError):  # an architecture without an adapter: judge by its head
+        return hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
+
+
+def _logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    try:
+        out = model(input_ids=input_ids, use_cache=False)
+    except TypeError:
+        out = model(input_ids=input_ids)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return logits
+
+
+@torch.no_grad()
+def perplexity(model: Any, input_ids: torch.Tensor, batch_size: int = 4, device: Any = None) -> PerplexityResult:
+    """Perplexity of a causal LM on windows ``input_ids`` [n, s] (s >= 2)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise ValueError(f"input_ids: expected an int64 tensor [n_windows, seq_len], got "
+                         f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
+                         f"{tuple(getattr(input_ids, 'shape', ()))}")
+    if input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids: windows need at least 2 tokens to predict one, got seq_len={input_ids.shape[1]}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+    if not is_causal_lm(model):
+        raise ValueError(f"model: perplexity needs a decoder-only causal LM, got {type(model).__name__} (an "
+                         "encoder); evaluate encoders on their downstream task instead")
+    if device is None:
+        device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total_nll = 0.0
+    count = 0
+    try:
+        for i in range(0, input_ids.shape[0], batch_size):
+            ids = input_ids[i:i + batch_size].to(device)
+            logits = _logits(model, ids)[:, :-1].float()
+            targets = ids[:, 1:]
+            logp = torch.log_softmax(logits, dim=-1)
+            nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            total_nll += float(nll.double().sum())
+            count += targets.numel()
+    finally:
+        model.train(was_training)
+    mean = total_nll / count
+    return PerplexityResult(perplexity=math.exp(mean), nll=mean, tokens=count)
+
+
+def count_parameters(model: Any) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def block_parameter_counts(model: Any) -> list[int]:
+    from .models import get_adapter  # noqa: PLC0415
+
+    return [sum(p.numel() for p in block.parameters()) for block in get_adapter(model).blocks]
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedResult:
+    tokens_per_s: float
+    seconds: float
+    tokens: int
+    peak_memory_bytes: int
+    memory_kind: str  # "cuda-allocated" or "cpu-rss"
+
+
+def _rss_bytes() -> int:
+    try:
+        import psutil  # noqa: PLC0415
+
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:  # pragma: no cover - psutil is a dev dependency
+        import resource  # noqa: PLC0415
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+@torch.no_grad()
+def forward_speed(model: Any, input_ids: torch.Tensor, batch_size: int = 4, warmup: int = 1) -> SpeedResult:
+    """Forward throughput on ``input_ids`` and the peak memory seen (CUDA allocator, or process RSS on CPU)."""
+    device = next(model.parameters()).device
+    model.eval()
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        _logits(model, input_ids[:batch_size].to(device))
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    peak = _rss_bytes()
+    t0 = time.perf_counter()
+    for i in range(0, input_ids.shape[0], batch_size):
+        _logits(model, input_ids[i:i + batch_size].to(device))
+        if not cuda:
+            peak = max(peak, _rss_bytes())
+    if cuda:
+        torch.cuda.synchronize(device)
+        peak = int(torch.cuda.max_memory_allocated(device))
+    seconds = time.perf_counter() - t0
+    tokens = int(input_ids.numel())
+    return SpeedResult(tokens / seconds, seconds, tokens, peak, "cuda-allocated" if cuda else "cpu-rss")

