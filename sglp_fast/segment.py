@@ -104,9 +104,7 @@ def fisher_segment(
             "rescale the profiles (the segmentation is scale invariant)"
         )
     num_rows = x.shape[0]
-    k_int, k_max_int, min_size_int = _check_k(k, k_max, min_size, num_rows)
-    impl = _check_impl(impl)
-    threads_int = _check_threads(threads)
+    k_int, k_max_int, min_size_int, impl, threads_int = _check_options(k, k_max, min_size, impl, threads, num_rows)
     if impl == "cpp":
         objective_by_k, parent = _extension().fisher_dp_profiles(x, k_max_int, min_size_int, threads_int)
     else:
@@ -140,9 +138,7 @@ def fisher_segment_costs(
             "replace NaN/inf segment costs"
         )
     num_rows = d.shape[0]
-    k_int, k_max_int, min_size_int = _check_k(k, k_max, min_size, num_rows)
-    impl = _check_impl(impl)
-    threads_int = _check_threads(threads)
+    k_int, k_max_int, min_size_int, impl, threads_int = _check_options(k, k_max, min_size, impl, threads, num_rows)
     if impl == "cpp":
         objective_by_k, parent = _extension().fisher_dp_costs(d, k_max_int, min_size_int, threads_int)
     else:
@@ -169,6 +165,12 @@ def knee_k(objective_by_k) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+
+
+def _check_options(k, k_max, min_size, impl, threads, num_rows: int):
+    """Validate the options both entry points share; returns (k, k_max, min_size, impl, threads)."""
+    k_int, k_max_int, min_size_int = _check_k(k, k_max, min_size, num_rows)
+    return k_int, k_max_int, min_size_int, _check_impl(impl), _check_threads(threads)
 
 
 def _extension():
