@@ -49,6 +49,8 @@ class CalibrationResult:
     weight_norm: np.ndarray | None = None
     taylor: np.ndarray | None = None
     param_grad_norms: dict[str, float] = field(default_factory=dict)
+    # mean over tokens of ||h_out - h_in|| / ||h_in||: how far the block moves the residual stream
+    relative_update: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
     memory_plan: str = ""
     cache_peak_bytes: dict[str, int] = field(default_factory=dict)
@@ -251,6 +253,7 @@ def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cac
 
     # 2. forward, layer-major
     infl_sum = np.zeros(n_blocks, dtype=np.float64)
+    rel_sum = np.zeros(n_blocks, dtype=np.float64)
     t0 = time.perf_counter()
     bar = tqdm(total=n_blocks, desc="calibrating", disable=not progress, leave=False)
     with torch.no_grad():
@@ -267,6 +270,8 @@ def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cac
                     obs.observe(l, x32, y32, b, masks[b])
                 cos = F.cosine_similarity(x32, y32, dim=-1)
                 infl_sum[l] += float((1.0 - cos)[masks[b]].double().sum())
+                rel = (y32 - x32).norm(dim=-1) / x32.norm(dim=-1).clamp_min(torch.finfo(x32.dtype).tiny)
+                rel_sum[l] += float(rel[masks[b]].double().sum())
                 del x32, y32, x
                 cache.put(l + 1, b, y)
                 del y
@@ -300,6 +305,7 @@ def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cac
     timings["loss_s"] = time.perf_counter() - t0
     result = CalibrationResult(num_blocks=n_blocks, loss=loss_total / total_terms, tokens=tokens, loss_kind=kind,
                                loss_terms=total_terms, block_influence=infl_sum / max(tokens, 1),
+                               relative_update=rel_sum / max(tokens, 1),
                                memory_plan=str(plan))
 
     # 4. top-down backward: GradNorm

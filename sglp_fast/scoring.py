@@ -7,6 +7,8 @@ extra and the plan records them side by side. Within each segment the blocks wit
 - ``taylor``: first-order Taylor estimate of the loss change when the block is zeroed, sum |W * dL/dW|.
 - ``block_influence`` (ShortGPT): mean over tokens of 1 - cos(h_in, h_out); a block that barely turns the
   hidden state is redundant.
+- ``relative_update``: mean over tokens of ||h_out - h_in|| / ||h_in||; a free forward statistic that tracks
+  the loss increase of skipping a block far better than GradNorm on SmolLM2 (docs/quality.md).
 - ``random``: uniform random scores from ``seed``; the control every method must beat.
 """
 from __future__ import annotations
@@ -60,6 +62,8 @@ SCORERS: dict[str, Scorer] = {
         Scorer("taylor", True, "sum |W * dLoss/dW| over the block's weights", _field("taylor")),
         Scorer("block_influence", False, "mean 1 - cos(h_in, h_out) over tokens (ShortGPT)",
                _field("block_influence")),
+        Scorer("relative_update", False, "mean ||h_out - h_in|| / ||h_in|| over tokens",
+               _field("relative_update")),
         Scorer("random", False, "uniform random, seeded (control)", _random),
     )
 }

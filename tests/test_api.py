@@ -81,8 +81,9 @@ def test_analyze_structure(analysis):
     plan = analysis.plan
     assert plan.removed is None and analysis.removed is None  # no budget: nothing removed
     assert plan.segments[0][0] == 0 and plan.segments[-1][1] == 6 and plan.k == len(plan.segments)
-    assert set(analysis.scores) == {"gradnorm", "taylor", "block_influence", "random"}
+    assert set(analysis.scores) == {"gradnorm", "taylor", "block_influence", "relative_update", "random"}
     np.testing.assert_array_equal(analysis.scores["gradnorm"], analysis.calib_result.grad_norm)
+    np.testing.assert_array_equal(analysis.scores["relative_update"], analysis.calib_result.relative_update)
     assert plan.calibration["n_seqs"] == 5 and plan.calibration["seq_len"] == 20 and plan.calibration["tokens"] == 100
     assert analysis.last_token_hidden.shape == (8, 5, 32)
     p = analysis.plan_for(remove=3)

@@ -61,6 +61,22 @@ def test_block_influence_matches_definition():
     assert res.tokens == sum(int(b.get("attention_mask", torch.ones_like(b["input_ids"])).sum()) for b in batches)
 
 
+def test_relative_update_matches_definition():
+    model = tiny_model("llama", layers=3, seed=29)
+    batches = tiny_batches("llama", seed=30)
+    rec = RecordingObserver()
+    res = calibrate(model, batches, observers=[rec], gradients=False, progress=False)
+    for l in range(3):
+        num = den = 0.0
+        for b, batch in enumerate(batches):
+            x, y = rec.inputs[(l, b)].double(), rec.outputs[(l, b)].double()
+            ratio = (y - x).norm(dim=-1) / x.norm(dim=-1)
+            m = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+            num += float(ratio[m].sum())
+            den += int(m.sum())
+        assert abs(res.relative_update[l] - num / den) <= 1e-6 * max(1.0, num / den)
+
+
 def test_deterministic_across_runs():
     model = tiny_model("qwen2", layers=3, seed=27)
     batches = tiny_batches("qwen2", seed=28)

@@ -16,23 +16,25 @@ from sglp_fast.scoring import SCORERS, compute_scores, get_scorer
 def _result(L=7, seed=0, gradients=True):
     rng = np.random.default_rng(seed)
     return SimpleNamespace(num_blocks=L, grad_norm=rng.random(L) if gradients else None,
-                           taylor=rng.random(L) if gradients else None, block_influence=rng.random(L))
+                           taylor=rng.random(L) if gradients else None, block_influence=rng.random(L),
+                           relative_update=rng.random(L))
 
 
 def test_scorers_read_the_right_fields():
     r = _result()
     s = compute_scores(r, seed=3)
-    assert set(s) == {"gradnorm", "taylor", "block_influence", "random"}
+    assert set(s) == {"gradnorm", "taylor", "block_influence", "relative_update", "random"}
     np.testing.assert_array_equal(s["gradnorm"], r.grad_norm)
     np.testing.assert_array_equal(s["taylor"], r.taylor)
     np.testing.assert_array_equal(s["block_influence"], r.block_influence)
+    np.testing.assert_array_equal(s["relative_update"], r.relative_update)
     assert s["random"] == compute_scores(r, ["random"], seed=3)["random"]  # seeded: reproducible
     assert s["random"] != compute_scores(r, ["random"], seed=4)["random"]
 
 
 def test_scorers_without_gradients_are_skipped_not_faked():
     s = compute_scores(_result(gradients=False))
-    assert set(s) == {"block_influence", "random"}
+    assert set(s) == {"block_influence", "relative_update", "random"}
     with pytest.raises(ValueError, match="gradients=True"):
         get_scorer("gradnorm")(_result(gradients=False))
 
