@@ -16,6 +16,7 @@ METHODS = {
     "sglp-gradnorm": "SGLP (paper): Fisher segments of the CKA matrix, least GradNorm removed per segment",
     "sglp-taylor": "Fisher segments, least Taylor |W*dL/dW| removed per segment",
     "sglp-block_influence": "Fisher segments, least ShortGPT block influence removed per segment",
+    "sglp-relative_update": "Fisher segments, least relative update ||h_out-h_in||/||h_in|| removed per segment",
     "shortgpt": "ShortGPT: least block influence (1 - cos(h_in, h_out)) over the whole depth",
     "angular": "Gromov et al.: contiguous run with the smallest last-token angular distance",
     "last": "drop the last n blocks",

@@ -169,10 +169,10 @@ def test_compare(model_dir, tmp_path, capsys):
                         "--markdown", tmp_path / "c.md", "--json", tmp_path / "c.json")
     assert rc == 0, err
     md = (tmp_path / "c.md").read_text()
-    for m in ("sglp-gradnorm", "shortgpt", "angular", "last", "random"):
+    for m in ("sglp-gradnorm", "sglp-relative_update", "shortgpt", "angular", "last", "random"):
         assert f"| {m} |" in md and f"| {m} |" in text
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
-    assert len(rows) == 2 * 7
+    assert len(rows) == 2 * 8
     last = next(r for r in rows if r["method"] == "last" and r["remove"] == 2)
     assert last["removed"] == [4, 5]
     model = tf.AutoModelForCausalLM.from_pretrained(model_dir).eval()
