@@ -44,20 +44,25 @@ def test_observer_order_masks_and_chaining():
     assert rec.outputs[(0, 0)].dtype == torch.float32 and rec.outputs[(0, 0)].shape == (1, 17, 32)
 
 
+def _token_mean(rec, batches, layer, per_token):
+    """Float64 mean over unmasked tokens of per_token(block input, block output), from the recorded tensors."""
+    num = den = 0.0
+    for b, batch in enumerate(batches):
+        x, y = rec.inputs[(layer, b)].double(), rec.outputs[(layer, b)].double()
+        m = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+        num += float(per_token(x, y)[m].sum())
+        den += int(m.sum())
+    return num / den
+
+
 def test_block_influence_matches_definition():
     model = tiny_model("gpt_neox", layers=3, seed=25)
     batches = tiny_batches("gpt_neox", seed=26)
     rec = RecordingObserver()
     res = calibrate(model, batches, observers=[rec], gradients=False, progress=False)
     for l in range(3):
-        num = den = 0.0
-        for b, batch in enumerate(batches):
-            x, y = rec.inputs[(l, b)].double(), rec.outputs[(l, b)].double()
-            cos = (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))
-            m = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
-            num += float((1 - cos)[m].sum())
-            den += int(m.sum())
-        assert abs(res.block_influence[l] - num / den) <= 1e-6
+        ref = _token_mean(rec, batches, l, lambda x, y: 1 - (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1)))
+        assert abs(res.block_influence[l] - ref) <= 1e-6
     assert res.tokens == sum(int(b.get("attention_mask", torch.ones_like(b["input_ids"])).sum()) for b in batches)
 
 
@@ -67,14 +72,8 @@ def test_relative_update_matches_definition():
     rec = RecordingObserver()
     res = calibrate(model, batches, observers=[rec], gradients=False, progress=False)
     for l in range(3):
-        num = den = 0.0
-        for b, batch in enumerate(batches):
-            x, y = rec.inputs[(l, b)].double(), rec.outputs[(l, b)].double()
-            ratio = (y - x).norm(dim=-1) / x.norm(dim=-1)
-            m = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
-            num += float(ratio[m].sum())
-            den += int(m.sum())
-        assert abs(res.relative_update[l] - num / den) <= 1e-6 * max(1.0, num / den)
+        ref = _token_mean(rec, batches, l, lambda x, y: (y - x).norm(dim=-1) / x.norm(dim=-1))
+        assert abs(res.relative_update[l] - ref) <= 1e-6 * max(1.0, ref)
 
 
 def test_deterministic_across_runs():
