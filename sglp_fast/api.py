@@ -6,8 +6,10 @@
 
 Both take a model path / hub name (local cache) / GGUF file / loaded ``nn.Module`` (then pass
 ``tokenizer=`` unless ``calib`` is already token ids), and a calibration source (see ``sglp_fast.data``).
-The pipeline: calibration (one pass gives block outputs for CKA, gradients for the scores) -> CKA matrix ->
-Fisher segmentation of the blocks -> per-block scores -> plan (budget split over segments) -> pruned model.
+The pipeline: calibration (one pass gives block outputs for CKA and forward statistics; the backward only
+when a gradient scorer is asked for) -> CKA matrix -> Fisher segmentation of the blocks -> per-block scores
+-> plan (default "verified": loss-checked greedy inside the segments, ``verified.py``; or the budget split
+over segments + lowest score per segment) -> pruned model.
 """
 from __future__ import annotations
 
@@ -22,7 +24,25 @@ import torch
 
 from .data import CalibrationData, load_calibration
 from .plan import Plan, build_plan, config_fingerprint, resolve_budget
+from .plan import SEARCH_SCORERS
 from .scoring import SCORERS, compute_scores, get_scorer
+from .verified import DEFAULT_SHORTLIST, DEFAULT_VERIFY_WINDOWS, verified_pick
+
+DEFAULT_SCORER = "verified"
+
+
+def check_scorer(name: str) -> None:
+    """A ranking scorer (``scoring.SCORERS``) or a search scorer (``plan.SEARCH_SCORERS``)."""
+    if name not in SEARCH_SCORERS:
+        try:
+            get_scorer(name)
+        except ValueError:
+            raise ValueError(f"scorer: expected one of {sorted(set(SCORERS) | set(SEARCH_SCORERS))}, got "
+                             f"{name!r}") from None
+
+
+def needs_gradients(name: str) -> bool:
+    return name not in SEARCH_SCORERS and get_scorer(name).needs_gradients
 
 
 @dataclasses.dataclass
@@ -39,7 +59,22 @@ class Analysis:
     plan: Plan
     model_info: dict[str, Any]
     timings: dict[str, float]
+    calibration_info: dict[str, Any] = dataclasses.field(default_factory=dict)
     last_token_hidden: np.ndarray | None = None  # [L+1, n_seqs, d] when collect_last_token=True
+    verifier: Any = None  # SkipVerifier for scorer "verified" (holds cached block inputs until close())
+    shortlist: int = DEFAULT_SHORTLIST
+    compensate: bool = False  # the verified search also weighs compensated plans (compensate.py)
+
+    def close(self) -> None:
+        """Free the cached block inputs the "verified" scorer searches with (plan_for needs them)."""
+        if self.verifier is not None:
+            self.verifier.close()
+
+    def __enter__(self) -> Analysis:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def segments(self) -> list[tuple[int, int]]:
@@ -61,12 +96,46 @@ class Analysis:
                  allow_empty_segments: bool = False) -> Plan:
         """Another budget or scorer on the same analysis (no new calibration)."""
         scorer = scorer or self.plan.scorer
+        check_scorer(scorer)
         n = _budget(self.model, self.model_info["num_blocks"], remove, ratio, ratio_of)
-        return build_plan(model_info=self.model_info, calibration=self.plan.calibration, cka=self.cka,
-                          segments=self.plan.segments, k=self.plan.k, k_rule=self.plan.k_rule, scorer=scorer,
-                          scores=self.scores, remove=n, budget_info={"ratio": ratio, "ratio_of": ratio_of},
-                          protect_first=protect_first, protect_last=protect_last,
-                          allow_empty_segments=allow_empty_segments)
+        return _make_plan(self, scorer, n, ratio, ratio_of, protect_first, protect_last, allow_empty_segments,
+                          extra={k: v for k, v in self.plan.extra.items()
+                                 if k not in ("selection", "compensation")})
+
+
+def _make_plan(analysis: Analysis, scorer: str, n: int | None, ratio: float | None, ratio_of: str,
+               protect_first: int, protect_last: int, allow_empty_segments: bool, extra: dict) -> Plan:
+    """The plan for budget ``n`` (None: analysis only); runs the search for scorer "verified"."""
+    from .compensate import DEFAULT_ALPHA as COMPENSATE_ALPHA  # noqa: PLC0415
+    from .models import get_adapter  # noqa: PLC0415
+
+    selection = transforms = compensation = None
+    segments = analysis.segmentation.segments if analysis.plan is None else analysis.plan.segments
+    if scorer in SEARCH_SCORERS and n is not None:
+        if analysis.verifier is None:
+            raise ValueError(f"scorer {scorer!r}: this analysis kept no block inputs to verify with; run "
+                             f"analyze(..., scorer={scorer!r})")
+        if "relative_update" not in analysis.scores or "block_influence" not in analysis.scores:
+            raise ValueError(f"scorer {scorer!r}: needs the forward statistics relative_update and block_influence")
+        found = verified_pick(segments=segments, n=n, relative_update=analysis.scores["relative_update"],
+                              block_influence=analysis.scores["block_influence"], verifier=analysis.verifier,
+                              last_token_hidden=analysis.last_token_hidden, protect_first=protect_first,
+                              protect_last=protect_last, allow_empty_segments=allow_empty_segments,
+                              shortlist=analysis.shortlist, compensate=analysis.compensate)
+        selection = {"removed": found.removed, **found.to_dict(), "shortlist": analysis.shortlist,
+                     "verify_windows": analysis.verifier.num_windows}
+        if found.compensated:
+            transforms = analysis.verifier.transforms(found.removed)
+            compensation = {"method": "ridge least squares folded into the MLP output projection (compensate.py)",
+                            "module": get_adapter(analysis.model).mlp_output_path(),
+                            "alpha": COMPENSATE_ALPHA,
+                            "fit_windows": analysis.calibration.n_seqs - analysis.verifier.num_windows}
+    seg = analysis.segmentation
+    return build_plan(model_info=analysis.model_info, calibration=analysis.calibration_info, cka=analysis.cka,
+                      segments=segments, k=seg.k, k_rule=seg.k_rule, scorer=scorer, scores=analysis.scores,
+                      remove=n, budget_info={"ratio": ratio, "ratio_of": ratio_of}, protect_first=protect_first,
+                      protect_last=protect_last, allow_empty_segments=allow_empty_segments, extra=extra,
+                      selection=selection, transforms=transforms, compensation=compensation)
 
 
 @dataclasses.dataclass
@@ -125,24 +194,41 @@ class _CKAObserver:
 
 
 def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segments: int | str = "auto",
-            k_max: int | None = None, scorer: str = "gradnorm", remove: int | None = None,
+            k_max: int | None = None, scorer: str = DEFAULT_SCORER, remove: int | None = None,
             ratio: float | None = None, ratio_of: str = "blocks", protect_first: int = 0, protect_last: int = 0,
             allow_empty_segments: bool = False, calib_seqs: int = 16, seq_len: int = 256, seed: int = 0,
             device: Any = None, dtype: Any = None, max_memory: int | None = None, offload_dir: str | None = None,
             cka_estimator: str = "unbiased", lazy: bool = False, collect_last_token: bool = False,
-            text_field: str = "text", progress: bool = False) -> Analysis:
+            text_field: str = "text", progress: bool = False, gradients: bool | None = None,
+            verify_windows: int = DEFAULT_VERIFY_WINDOWS, shortlist: int = DEFAULT_SHORTLIST,
+            compensate: bool | None = None) -> Analysis:
     """CKA matrix, Fisher segments, per-block scores (every scorer) and, with a budget, the removed blocks.
 
     ``model``: path / hub name / .gguf / nn.Module / None (default SmolLM2-135M). ``calib``: a source spec
     ("builtin", a text or .jsonl path, "hf:NAME"), a list of texts, int64 token windows [n, s], or
     ``CalibrationData``. ``segments``: an int k or "auto". ``remove``/``ratio``: the budget (optional here).
+    ``scorer``: "verified" (default; see ``verified.py``), or a ranking scorer of ``scoring.SCORERS``
+    ("gradnorm" is the paper's). ``gradients``: run the backward (GradNorm/Taylor scores); None = only when
+    the scorer needs it. ``verify_windows``/``shortlist``: the verified search's loss windows and candidates
+    per removal. With scorer "verified" the analysis holds cached block inputs: ``close()`` it when done.
+    ``compensate``: let the verified search also weigh compensated plans (``compensate.py``); None = when
+    the architecture supports it and calibration has windows beyond ``verify_windows`` to fit on.
     """
     from .calibrate import calibrate  # noqa: PLC0415
     from .cka import CKAAccumulator  # noqa: PLC0415
     from .models import get_adapter, load_model  # noqa: PLC0415
     from .segment import fisher_segment  # noqa: PLC0415
 
-    get_scorer(scorer)  # fail before loading anything
+    check_scorer(scorer)  # fail before loading anything
+    verified = scorer in SEARCH_SCORERS
+    for name, value in (("verify_windows", verify_windows), ("shortlist", shortlist)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if gradients is None:
+        gradients = needs_gradients(scorer)
+    elif not gradients and needs_gradients(scorer):
+        raise ValueError(f"gradients: scorer {scorer!r} needs the backward pass; drop gradients=False or pick a "
+                         "forward scorer")
     if segments != "auto" and (not isinstance(segments, int) or isinstance(segments, bool) or segments < 1):
         raise ValueError(f"segments: expected a positive int k or 'auto', got {segments!r}")
     timings: dict[str, float] = {}
@@ -155,6 +241,7 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     adapter = get_adapter(loaded)
     L = adapter.num_blocks
     n_remove = _budget(loaded, L, remove, ratio, ratio_of)
+    compensate = _resolve_compensate(compensate, verified, adapter, calib_seqs, verify_windows)
     if isinstance(segments, int) and segments > L:
         raise ValueError(f"segments: k={segments} exceeds the {L} blocks of the model; use k <= {L} or 'auto'")
 
@@ -165,15 +252,16 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     acc = CKAAccumulator(num_layers=L, estimator=cka_estimator, device=device, cache_dir=offload_dir)
     observers: list[Any] = [_CKAObserver(acc)]
     last_token = None
-    if collect_last_token:
+    if collect_last_token or verified:  # the verified search also weighs Gromov's angular run
         from .baselines import LastTokenObserver  # noqa: PLC0415
 
         last_token = LastTokenObserver()
         observers.append(last_token)
     t0 = time.perf_counter()
-    result = calibrate(adapter, data.batches(), observers=observers, gradients=True, device=device,
+    result = calibrate(adapter, data.batches(), observers=observers, gradients=gradients, device=device,
                        dtype=torch_dtype, max_device_memory=max_memory, offload_dir=offload_dir, seed=seed,
-                       progress=progress)
+                       progress=progress, keep_inputs=verify_windows if verified else 0,
+                       keep_fit_inputs=compensate)
     timings["calibrate_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     cka = np.asarray(acc.result(), dtype=np.float64)
@@ -189,14 +277,43 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
                   "config_hash": config_fingerprint(loaded.config)}
     calibration_info = {**data.provenance(), "loss": float(result.loss),
                         "cka_estimator": cka_estimator, "dtype": str(torch_dtype).replace("torch.", "")}
-    plan = build_plan(model_info=model_info, calibration=calibration_info, cka=cka, segments=seg.segments,
-                      k=seg.k, k_rule=seg.k_rule, scorer=scorer, scores=scores, remove=n_remove,
-                      budget_info={"ratio": ratio, "ratio_of": ratio_of}, protect_first=protect_first,
-                      protect_last=protect_last, allow_empty_segments=allow_empty_segments,
-                      extra={"objective_by_k": [float(x) for x in np.asarray(seg.objective_by_k).ravel()]})
-    return Analysis(model=loaded, tokenizer=tokenizer, calibration=data, calib_result=result, cka=cka,
-                    segmentation=seg, scores=scores, plan=plan, model_info=model_info, timings=timings,
-                    last_token_hidden=None if last_token is None else last_token.hidden_states())
+    analysis = Analysis(model=loaded, tokenizer=tokenizer, calibration=data, calib_result=result, cka=cka,
+                        segmentation=seg, scores=scores, plan=None, model_info=model_info, timings=timings,
+                        last_token_hidden=None if last_token is None else last_token.hidden_states(),
+                        verifier=result.verifier, shortlist=shortlist, calibration_info=calibration_info,
+                        compensate=compensate)
+    t0 = time.perf_counter()
+    try:
+        analysis.plan = _make_plan(analysis, scorer, n_remove, ratio, ratio_of, protect_first, protect_last,
+                                   allow_empty_segments, extra={"objective_by_k": [
+                                       float(x) for x in np.asarray(seg.objective_by_k).ravel()]})
+    except BaseException:
+        analysis.close()
+        raise
+    timings["plan_s"] = time.perf_counter() - t0
+    return analysis
+
+
+def _resolve_compensate(compensate: bool | None, verified: bool, adapter: Any, calib_seqs: int,
+                        verify_windows: int) -> bool:
+    if compensate is not None and not isinstance(compensate, bool):
+        raise ValueError(f"compensate: expected True, False or None (auto), got {compensate!r}")
+    if compensate is False:
+        return False
+    why = None
+    if not verified:
+        why = "it is part of the 'verified' scorer"
+    elif adapter.mlp_output_path() is None:
+        why = (f"{getattr(adapter.config, 'model_type', adapter.family)} blocks do not add their MLP output "
+               "straight to the residual stream")
+    elif calib_seqs <= verify_windows:
+        why = (f"all {calib_seqs} calibration windows are used by the loss check (verify_windows="
+               f"{verify_windows}); use more calibration windows")
+    if why is None:
+        return True
+    if compensate:
+        raise ValueError(f"compensate: not possible here: {why}; drop compensate=True (--compensate)")
+    return False
 
 
 def default_model_source() -> str:
@@ -240,6 +357,7 @@ def prune(model: Any = None, calib: Any = None, *, remove: int | None = None, ra
     if output is not None:
         check_output_dir(output, overwrite)
     analysis = analyze(model, calib, remove=remove, ratio=ratio, **analyze_kwargs)
+    analysis.close()  # the plan is made; free the verified search's cached inputs before pruning
     before = count_parameters(analysis.model)
     target = analysis.model if inplace else copy.deepcopy(analysis.model)
     apply_plan(target, analysis.plan)

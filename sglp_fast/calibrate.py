@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from . import gradients as G
 from .models import get_adapter
 from .models.base import BlockAdapter, BlockCall
+from .verify import SkipVerifier
 from .offload import (ActivationCache, BlockWeights, MemoryPlan, available_cpu_bytes, check_offload_dir,
                       module_bytes, parse_bytes, project_tiers)
 
@@ -51,6 +52,8 @@ class CalibrationResult:
     param_grad_norms: dict[str, float] = field(default_factory=dict)
     # mean over tokens of ||h_out - h_in|| / ||h_in||: how far the block moves the residual stream
     relative_update: np.ndarray | None = None
+    # with keep_inputs > 0: the loss of the model with blocks skipped, from the cached block inputs
+    verifier: SkipVerifier | None = None
     timings: dict[str, float] = field(default_factory=dict)
     memory_plan: str = ""
     cache_peak_bytes: dict[str, int] = field(default_factory=dict)
@@ -140,13 +143,16 @@ def _check_finite(t: torch.Tensor, what: str, dtype: torch.dtype) -> None:
 
 # --- planning --------------------------------------------------------------------------------------------
 def _plan(adapter, weights: BlockWeights, batches, gradients, act_dtype, device, max_device_memory, max_cpu_memory,
-          offload_dir) -> tuple[MemoryPlan, dict[str, int], str | None]:
+          offload_dir, kept_batches: int = 0) -> tuple[MemoryPlan, dict[str, int], str | None]:
     hidden = int(getattr(adapter.config, "hidden_size", 0) or getattr(adapter.config, "n_embd", 0) or 0)
     itemsize = torch.tensor([], dtype=act_dtype).element_size()
     tokens_padded = sum(b["input_ids"].numel() for b in batches)
     slot = tokens_padded * hidden * itemsize
     grad = tokens_padded * hidden * 4 if gradients else 0
     n_slots = adapter.num_blocks + 1 if gradients else 2
+    if kept_batches and not gradients:  # every block's input stays cached for the kept batches (the verifier)
+        kept_tokens = sum(b["input_ids"].numel() for b in batches[:kept_batches])
+        n_slots += (adapter.num_blocks - 1) * kept_tokens / max(tokens_padded, 1)
     block_bytes = max(weights.block_bytes(i) for i in range(adapter.num_blocks))
     all_bytes = module_bytes(adapter.model, weights.dtype)
     blocks_total = sum(weights.block_bytes(i) for i in range(adapter.num_blocks))
@@ -169,11 +175,11 @@ def _plan(adapter, weights: BlockWeights, batches, gradients, act_dtype, device,
         cache_dev = max(0, dev_budget - resident - 4 * (slot // max(len(batches), 1)))
         cache_cpu = cpu_budget if cpu_budget is not None else available_cpu_bytes() // 2
     budgets = {"device": cache_dev, "cpu": cache_cpu}
-    tiers = project_tiers(n_slots * slot + grad, budgets)
+    tiers = project_tiers(int(n_slots * slot) + grad, budgets)
     checked_dir = check_offload_dir(offload_dir, tiers["disk"])
     if tiers["disk"] > 0 and checked_dir is None:
         raise ValueError(
-            f"offload_dir: the activation cache needs {n_slots * slot + grad} bytes but max_device_memory/"
+            f"offload_dir: the activation cache needs {int(n_slots * slot) + grad} bytes but max_device_memory/"
             f"max_cpu_memory leave room for {cache_dev + cache_cpu}; pass offload_dir=<folder on a disk with "
             f"{tiers['disk']} bytes free>, raise the budgets, or use fewer/shorter batches"
         )
@@ -189,14 +195,22 @@ def _plan(adapter, weights: BlockWeights, batches, gradients, act_dtype, device,
 # --- the driver ------------------------------------------------------------------------------------------
 def calibrate(model_or_adapter, batches, *, observers=(), gradients: bool = True, device=None, dtype=None,
               max_device_memory=None, max_cpu_memory=None, offload_dir=None, seed: int = 0,
-              progress: bool = True, generic: bool = False) -> CalibrationResult:
-    """Run the calibration passes; see the module docstring and docs/contracts.md for the contract."""
+              progress: bool = True, generic: bool = False, keep_inputs: int = 0,
+              keep_fit_inputs: bool = False) -> CalibrationResult:
+    """Run the calibration passes; see the module docstring and docs/contracts.md for the contract.
+
+    ``keep_inputs=m``: keep every block's input for the first batches holding >= m windows and return them as
+    ``result.verifier`` (a ``SkipVerifier``, which the caller must close); 0 frees everything.
+    ``keep_fit_inputs``: also keep them for the other batches (the windows compensation is fitted on).
+    """
     t_start = time.perf_counter()
     adapter = get_adapter(model_or_adapter, generic=generic)
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype: expected a torch.dtype such as torch.float32, got {dtype!r}")
     batches = _validate_batches(batches, adapter)
     observers = _validate_observers(observers)
+    verify_batches = _kept_batches(batches, keep_inputs)
+    kept_batches = len(batches) if (verify_batches and keep_fit_inputs) else verify_batches
     device = _first_device(adapter) if device is None else torch.device(device)
     model = adapter.model
     torch.manual_seed(seed)
@@ -210,12 +224,15 @@ def calibrate(model_or_adapter, batches, *, observers=(), gradients: bool = True
     try:
         act_dtype = dtype or next((p.dtype for p in adapter.blocks.parameters() if p.is_floating_point()), torch.float32)
         plan, budgets, checked_dir = _plan(adapter, weights, batches, gradients, act_dtype, device,
-                                           max_device_memory, max_cpu_memory, offload_dir)
+                                           max_device_memory, max_cpu_memory, offload_dir, kept_batches)
         if progress:
             print(plan, file=sys.stderr)
         cache = ActivationCache(device, budgets["device"], budgets["cpu"], checked_dir)
-        return _run(adapter, weights, batches, observers, gradients, device, act_dtype, cache, plan, progress,
-                    t_start)
+        result = _run(adapter, weights, batches, observers, gradients, device, act_dtype, cache, plan, progress,
+                      t_start, kept_batches, verify_batches)
+        if result.verifier is not None:
+            cache = None  # the verifier owns it now
+        return result
     finally:
         if cache is not None:
             cache.close()
@@ -224,8 +241,25 @@ def calibrate(model_or_adapter, batches, *, observers=(), gradients: bool = True
         model.train(was_training)
 
 
+def _kept_batches(batches: list[dict], keep_inputs: int) -> int:
+    """How many leading batches hold at least ``keep_inputs`` windows (all of them if the set is smaller)."""
+    if not isinstance(keep_inputs, int) or isinstance(keep_inputs, bool) or keep_inputs < 0:
+        raise ValueError(f"keep_inputs: expected a non-negative int (windows), got {keep_inputs!r}")
+    windows = 0
+    for i, batch in enumerate(batches):
+        if windows >= keep_inputs:
+            return i
+        windows += int(batch["input_ids"].shape[0])
+    return len(batches)
+
+
+def _free_unkept(cache, slot, n_batches: int, kept_batches: int) -> None:
+    for b in range(kept_batches, n_batches):
+        cache.free(slot, b)
+
+
 def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cache, plan, progress,
-         t_start) -> CalibrationResult:
+         t_start, kept_batches: int = 0, verify_batches: int = 0) -> CalibrationResult:
     n_blocks, n_batches = adapter.num_blocks, len(batches)
     kind = G.loss_kind(adapter)
     counts = [G.loss_count(kind, b) for b in batches]
@@ -276,7 +310,7 @@ def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cac
                 cache.put(l + 1, b, y)
                 del y
             if not gradients:
-                cache.free_slot(l, n_batches)
+                _free_unkept(cache, l, n_batches, kept_batches)
             weights.release(l, block)
             del block
             bar.update(1)
@@ -301,7 +335,7 @@ def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cac
             _check_finite(s.detach(), f"the loss (batch {b})", h.dtype)
             loss_total += float(s.detach())
             del h, s
-        cache.free_slot(n_blocks, n_batches)
+        _free_unkept(cache, n_blocks, n_batches, kept_batches)
     timings["loss_s"] = time.perf_counter() - t0
     result = CalibrationResult(num_blocks=n_blocks, loss=loss_total / total_terms, tokens=tokens, loss_kind=kind,
                                loss_terms=total_terms, block_influence=infl_sum / max(tokens, 1),
@@ -330,7 +364,7 @@ def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cac
                 if l > 0:
                     cache.put("grad", b, G.at_least_fp32(x.grad))
                 del x, y
-            cache.free_slot(l, n_batches)
+            _free_unkept(cache, l, n_batches, kept_batches)
             grad_norm[l], weight_norm[l], taylor[l] = stats.record(adapter.block_prefix(l), named)
             for _, p in named:
                 p.grad = None
@@ -350,6 +384,12 @@ def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cac
     timings["tokens_per_s_total"] = tokens / max(timings["total_s"], 1e-12)
     result.timings = timings
     result.cache_peak_bytes = dict(cache.peak)
+    if kept_batches:
+        result.verifier = SkipVerifier(
+            adapter=adapter, weights=weights, cache=cache, calls=calls[:kept_batches],
+            batches=dev_batches[:kept_batches], verify_batches=verify_batches, kind=kind, device=device,
+            non_block_modules=lambda: _NonBlockModules(adapter, device, weights.dtype),
+            total_windows=sum(int(b["input_ids"].shape[0]) for b in batches))
     if progress:
         rate = f"{timings['tokens_per_s_forward']:.0f} tok/s forward"
         if gradients:

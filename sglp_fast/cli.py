@@ -91,6 +91,7 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
 
 
 def _add_calib(p: argparse.ArgumentParser) -> None:
+    from .plan import SEARCH_SCORERS  # noqa: PLC0415
     from .scoring import SCORERS  # noqa: PLC0415
 
     g = p.add_argument_group("calibration and analysis")
@@ -103,8 +104,18 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
     g.add_argument("--segments", type=_segments_arg, default="auto", metavar="K|auto",
                    help="number of Fisher segments, or 'auto' (default)")
     g.add_argument("--k-max", type=_positive_int, default=None, help="largest k that 'auto' considers")
-    g.add_argument("--scorer", default="gradnorm", choices=sorted(SCORERS),
-                   help="importance inside a segment; lowest goes first (default gradnorm, the paper's)")
+    g.add_argument("--scorer", default="verified", choices=sorted(set(SCORERS) | set(SEARCH_SCORERS)),
+                   help="how blocks are chosen inside the segments: 'verified' (default: loss-checked greedy "
+                        "on the relative update, no backward pass; docs/quality.md), or the lowest of one score "
+                        "per segment: 'gradnorm' (the SGLP paper's), taylor, block_influence, relative_update, "
+                        "random")
+    g.add_argument("--verify-windows", type=_positive_int, default=4, metavar="M",
+                   help="calibration windows the 'verified' scorer checks the loss on (default 4)")
+    g.add_argument("--shortlist", type=_positive_int, default=4, metavar="C",
+                   help="candidates the 'verified' scorer checks per removed block (default 4)")
+    g.add_argument("--no-compensate", dest="compensate", action="store_const", const=False, default=None,
+                   help="'verified' scorer: do not weigh compensated plans (default: weigh them where the "
+                        "architecture allows; a least-squares map folded into the block before each removed run)")
     g.add_argument("--lazy", action="store_true",
                    help="big models (safetensors dirs): load block by block; the output is written by streaming "
                         "the kept shards' tensors, and perplexity is not evaluated")
@@ -212,7 +223,8 @@ def _analyze_kwargs(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
     kw = dict(segments=args.segments, k_max=args.k_max, scorer=args.scorer, calib_seqs=args.calib_seqs,
               seq_len=args.seq_len, seed=args.seed, device=_device(args), dtype=args.dtype,
               max_memory=args.max_memory, offload_dir=args.offload_dir, lazy=args.lazy,
-              text_field=args.text_field, progress=not args.quiet)
+              text_field=args.text_field, progress=not args.quiet, verify_windows=args.verify_windows,
+              shortlist=args.shortlist, compensate=args.compensate if args.scorer == "verified" else False)
     if hasattr(args, "ratio"):
         kw.update(remove=args.remove, ratio=args.ratio, ratio_of=args.ratio_of, protect_first=args.protect_first,
                   protect_last=args.protect_last, allow_empty_segments=args.allow_empty_segments)
@@ -252,6 +264,13 @@ def _print_segments(plan: Any) -> None:
         _say(f"  segment {i + 1}: blocks {a}-{b} ({b - a + 1}){tail}")
     if plan.removed is not None:
         _say(f"removed blocks ({len(plan.removed)} of {plan.num_blocks}, scorer {plan.scorer}): {plan.removed}")
+    sel = plan.extra.get("selection")
+    if plan.removed is not None and sel:
+        losses = ", ".join(f"{name} {c['calib_loss']:.4f}" for name, c in sel["candidates"].items()
+                           if c.get("calib_loss") is not None)
+        _say(f"verified: kept the '{sel['picked']}' plan{' with compensation' if sel.get('compensated') else ''}; "
+             f"calibration loss on {sel['verify_windows']} windows: {losses} "
+             f"({sel['block_forwards']:.1f} block-forwards of search)")
 
 
 def _print_calibration(analysis: Any) -> None:
@@ -275,6 +294,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     check_output_dir(args.output, args.overwrite)
     analysis = analyze(args.model, args.calib, collect_last_token=False, **_analyze_kwargs(args))
+    analysis.close()  # the plan is made: free the search's cached block inputs
     _print_calibration(analysis)
     plan = analysis.plan
     _print_segments(plan)
@@ -307,6 +327,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     analysis = analyze(args.model, args.calib, **_analyze_kwargs(args))
+    analysis.close()
     _print_calibration(analysis)
     _print_segments(analysis.plan)
     for name, values in analysis.scores.items():
@@ -375,11 +396,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from . import compare as cmp  # noqa: PLC0415
-    from .api import analyze  # noqa: PLC0415
+    from .api import analyze, needs_gradients  # noqa: PLC0415
     from .plan import resolve_budget  # noqa: PLC0415
 
     t0 = time.perf_counter()
-    analysis = analyze(args.model, args.calib, collect_last_token=True, **_analyze_kwargs(args))
+    methods = args.methods
+    grads = any(m.startswith("sglp-") and needs_gradients(m[len("sglp-"):]) for m in methods)
+    analysis = analyze(args.model, args.calib, collect_last_token=True,
+                       **_analyze_kwargs(args, scorer="verified", gradients=grads))
     _print_calibration(analysis)
     _print_segments(analysis.plan)
     L = analysis.model_info["num_blocks"]
@@ -387,10 +411,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for n in removes:
         resolve_budget(L, remove=n)  # range check with the clear message
     eval_ids = _eval_ids(args, analysis.tokenizer)
-    base, rows = cmp.compare(analysis, removes, eval_ids, methods=args.methods, seed=args.seed,
-                             progress=None if args.quiet else
-                             (lambda r: print(f"  {r.method:22s} remove {r.remove}: ppl {r.perplexity:.3f}",
-                                              file=sys.stderr, flush=True)))
+    with analysis:
+        base, rows = cmp.compare(analysis, removes, eval_ids, methods=methods, seed=args.seed,
+                                 progress=None if args.quiet else
+                                 (lambda r: print(f"  {r.method:22s} remove {r.remove}: ppl {r.perplexity:.3f}",
+                                                  file=sys.stderr, flush=True)))
     table = cmp.markdown_table(base, rows)
     _say(f"held-out perplexity ({args.eval_text}, {eval_ids.shape[0]} x {eval_ids.shape[1]} tokens; "
          "lower is better):")
@@ -403,7 +428,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"unpruned_perplexity": base, "segments": analysis.plan.segments, "k": analysis.plan.k,
-                       "rows": [{"method": r.method, "remove": r.remove, "removed": list(r.removed),
+                       "rows": [{"method": r.method, "remove": r.remove, "removed": list(r.removed), "compensated": r.compensated,
                                  "perplexity": r.perplexity} for r in rows]}, f, indent=1)
         _say(f"wrote {args.json}")
     _say(f"wall time: {time.perf_counter() - t0:.1f} s")
@@ -415,6 +440,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .evaluate import _rss_bytes  # noqa: PLC0415
 
     analysis = analyze(args.model, args.calib, **_analyze_kwargs(args))
+    analysis.close()
     import torch  # noqa: PLC0415
 
     tokens = analysis.calibration.tokens
@@ -428,7 +454,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                "memory_kind": kind, "device": dev, "timings": analysis.timings,
                "calibration_timings": dict(getattr(analysis.calib_result, "timings", {}) or {})}
     _print_calibration(analysis)
-    _say(f"calibration throughput: {tokens / secs:.1f} tokens/s ({tokens} tokens in {secs:.2f} s, CKA + gradients)")
+    _say(f"calibration throughput: {tokens / secs:.1f} tokens/s ({tokens} tokens in {secs:.2f} s, CKA"
+         f"{' + gradients' if analysis.calib_result.grad_norm is not None else ''})")
     _say(f"peak memory: {peak / 2**20:.1f} MiB ({kind})")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

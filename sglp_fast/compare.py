@@ -13,6 +13,7 @@ from .evaluate import perplexity
 
 # method name -> what it is; "sglp-<scorer>" = Fisher segments + that scorer inside each segment
 METHODS = {
+    "sglp-verified": "sglp-fast default: Fisher segments, loss-checked greedy on the relative update (verified.py)",
     "sglp-gradnorm": "SGLP (paper): Fisher segments of the CKA matrix, least GradNorm removed per segment",
     "sglp-taylor": "Fisher segments, least Taylor |W*dL/dW| removed per segment",
     "sglp-block_influence": "Fisher segments, least ShortGPT block influence removed per segment",
@@ -31,6 +32,7 @@ class CompareRow:
     remove: int
     removed: tuple[int, ...]
     perplexity: float
+    compensated: bool = False
 
 
 def removed_by(method: str, analysis: Any, n: int, seed: int = 0) -> list[int]:
@@ -38,6 +40,8 @@ def removed_by(method: str, analysis: Any, n: int, seed: int = 0) -> list[int]:
     L = analysis.model_info["num_blocks"]
     if method.startswith("sglp-"):
         scorer = method[len("sglp-"):]
+        if scorer == "verified":  # compensated plans are scored by compare() through plan_of()
+            return list(analysis.plan_for(remove=n, scorer=scorer).removed or [])
         if scorer not in analysis.scores:
             raise ValueError(f"methods: {method!r} needs scores {scorer!r}, computed: {sorted(analysis.scores)}")
         return list(analysis.plan_for(remove=n, scorer=scorer).removed or [])
@@ -54,6 +58,14 @@ def removed_by(method: str, analysis: Any, n: int, seed: int = 0) -> list[int]:
     raise ValueError(f"methods: unknown method {method!r}; choose from {sorted(METHODS)}")
 
 
+def plan_of(method: str, analysis: Any, n: int, seed: int = 0) -> tuple[list[int], dict | None]:
+    """(removed blocks, compensation maps or None): the verified default may also compensate."""
+    if method == "sglp-verified":
+        plan = analysis.plan_for(remove=n, scorer="verified")
+        return list(plan.removed or []), plan.transforms
+    return removed_by(method, analysis, n, seed), None
+
+
 def compare(analysis: Any, removes: Sequence[int], eval_ids: torch.Tensor, methods: Sequence[str] = DEFAULT_METHODS,
             seed: int = 0, batch_size: int = 4, progress: Any = None) -> tuple[float, list[CompareRow]]:
     """(perplexity of the unpruned model, one row per method x budget); identical block sets are scored once."""
@@ -63,17 +75,24 @@ def compare(analysis: Any, removes: Sequence[int], eval_ids: torch.Tensor, metho
         if m not in METHODS:
             raise ValueError(f"methods: unknown method {m!r}; choose from {sorted(METHODS)}")
     base = perplexity(analysis.model, eval_ids, batch_size=batch_size).perplexity
-    cache: dict[tuple[int, ...], float] = {(): base}
+    from .compensate import apply_transforms  # noqa: PLC0415
+
+    cache: dict[tuple, float] = {((), False): base}
     rows = []
     for n in removes:
         for m in methods:
-            removed = tuple(removed_by(m, analysis, n, seed))
-            if removed not in cache:
+            removed_list, transforms = plan_of(m, analysis, n, seed)
+            removed = tuple(removed_list)
+            key = (removed, bool(transforms))
+            if key not in cache:
                 pruned = copy.deepcopy(analysis.model)
-                get_adapter(pruned).remove_blocks(list(removed))
-                cache[removed] = perplexity(pruned, eval_ids, batch_size=batch_size).perplexity
+                adapter = get_adapter(pruned)
+                if transforms:
+                    apply_transforms(adapter, transforms)
+                adapter.remove_blocks(list(removed))
+                cache[key] = perplexity(pruned, eval_ids, batch_size=batch_size).perplexity
                 del pruned
-            rows.append(CompareRow(m, n, removed, cache[removed]))
+            rows.append(CompareRow(m, n, removed, cache[key], bool(transforms)))
             if progress is not None:
                 progress(rows[-1])
     return base, rows
@@ -99,5 +118,6 @@ def markdown_table(base_ppl: float, rows: Sequence[CompareRow]) -> str:
 
 def removed_table(rows: Sequence[CompareRow]) -> str:
     lines = ["| method | remove | removed blocks |", "|---|---:|---|"]
-    lines += [f"| {r.method} | {r.remove} | {', '.join(map(str, r.removed))} |" for r in rows]
+    lines += [f"| {r.method} | {r.remove} | {', '.join(map(str, r.removed))}{' (+compensation)' if r.compensated else ''} |"
+              for r in rows]
     return "\n".join(lines)

@@ -10,6 +10,9 @@ Budget rules (stated once, tested exhaustively in tests/test_plan.py):
   split again over the others by the same rule. A budget larger than the total capacity is an error.
 - Inside a segment the blocks with the lowest score of the chosen scorer go (ties: lower index first).
 - ``protect_first=m`` / ``protect_last=m`` keep the first/last m blocks whatever their score.
+- Scorer ``"verified"`` (the default) is not a ranking: ``verified.py`` chooses the blocks with the calibration
+  loss inside the same frame (segments keep a block, protected blocks stay); the plan records how in
+  ``selection`` and the per-segment counts it ended with.
 """
 from __future__ import annotations
 
@@ -24,6 +27,9 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 PLAN_FORMAT = "sglp-plan"
+COMPENSATION_FILE = "compensation.safetensors"
+# scorers that choose blocks by a search, not by ranking one score: name -> the score they rank candidates by
+SEARCH_SCORERS = {"verified": "relative_update"}
 
 # Config keys that say nothing about the architecture (paths, versions, load-time dtype/quantization).
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "dtype", "torch_dtype", "quantization_config", "use_cache",
@@ -148,7 +154,7 @@ class Plan:
                  segments: Sequence[Sequence[int]], k: int, k_rule: str, scorer: str,
                  scores: Mapping[str, Sequence[float]], removed: Sequence[int] | None = None,
                  budget: Mapping[str, Any] | None = None, package_version: str | None = None,
-                 extra: Mapping[str, Any] | None = None) -> None:
+                 extra: Mapping[str, Any] | None = None, transforms: Mapping[int, Any] | None = None) -> None:
         if package_version is None:
             from . import __version__ as package_version  # noqa: PLC0415
         self.package_version = package_version
@@ -163,6 +169,8 @@ class Plan:
         self.removed = None if removed is None else [int(i) for i in removed]
         self.budget = None if budget is None else dict(budget)
         self.extra = dict(extra or {})
+        # compensation maps {block before a removed run: T [d, d]} (compensate.py); saved next to the JSON
+        self.transforms = None if transforms is None else {int(k): v for k, v in transforms.items()}
         self.validate()
 
     @property
@@ -197,8 +205,13 @@ class Plan:
         for name, values in self.scores.items():
             if len(values) != L or not all(math.isfinite(v) for v in values):
                 raise ValueError(f"plan: scores[{name!r}] must hold {L} finite numbers, got {len(values)}")
-        if self.scorer not in self.scores:
-            raise ValueError(f"plan: scorer {self.scorer!r} has no entry in 'scores' ({sorted(self.scores)})")
+        ranked_by = SEARCH_SCORERS.get(self.scorer, self.scorer)
+        if ranked_by not in self.scores:
+            raise ValueError(f"plan: scorer {self.scorer!r} needs the scores {ranked_by!r}, which 'scores' lacks "
+                             f"({sorted(self.scores)})")
+        if self.scorer in SEARCH_SCORERS and self.removed is not None and "selection" not in self.extra:
+            raise ValueError(f"plan: scorer {self.scorer!r} removed blocks but the plan has no 'selection' "
+                             "record of how they were chosen")
         if self.removed is not None:
             r = self.removed
             if r != sorted(set(r)) or (r and (r[0] < 0 or r[-1] >= L)) or len(r) >= L:
@@ -206,6 +219,18 @@ class Plan:
                                  f"at least one block, got {r}")
             if self.budget is None:
                 raise ValueError("plan: 'removed' is given without its 'budget'")
+        comp = self.extra.get("compensation")
+        if comp is not None:
+            if self.removed is None or not isinstance(comp, Mapping) or not isinstance(comp.get("blocks"), list):
+                raise ValueError("plan: 'compensation' must be {'blocks': [...], ...} on a plan that removes blocks")
+            starts = {i + 1 for i in comp["blocks"]}
+            if any(not isinstance(i, int) or i in self.removed or i + 1 not in self.removed for i in comp["blocks"]) \
+                    or not starts <= set(self.removed):
+                raise ValueError(f"plan: compensation blocks {comp['blocks']} must each be a kept block right before "
+                                 f"a removed run (removed: {self.removed})")
+            if self.transforms is not None and sorted(self.transforms) != sorted(comp["blocks"]):
+                raise ValueError(f"plan: compensation maps for blocks {sorted(self.transforms)}, the plan lists "
+                                 f"{comp['blocks']}")
 
     def check_model(self, model: Any) -> None:
         """Refuse to apply this plan to a model it was not made for (block count or config differ)."""
@@ -266,6 +291,16 @@ class Plan:
         return json.dumps(self.to_dict(), indent=1)
 
     def save(self, path: str | os.PathLike) -> None:
+        """The JSON, and with compensation its maps in ``compensation.safetensors`` beside it."""
+        if self.extra.get("compensation") is not None:
+            if self.transforms is None:
+                raise ValueError("plan: has compensation but no maps to save (loaded without its "
+                                 "compensation.safetensors?)")
+            from safetensors.torch import save_file  # noqa: PLC0415
+
+            target = os.path.join(os.path.dirname(os.path.abspath(os.fspath(path))), COMPENSATION_FILE)
+            save_file({f"block.{k}": v.float().contiguous() for k, v in self.transforms.items()}, f"{target}.tmp")
+            os.replace(f"{target}.tmp", target)
         tmp = f"{os.fspath(path)}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(self.to_json())
@@ -285,27 +320,58 @@ class Plan:
         except json.JSONDecodeError as e:
             raise ValueError(f"plan: {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
                              "the file is corrupted or truncated") from None
-        return cls.from_dict(d)
+        plan = cls.from_dict(d)
+        if plan.extra.get("compensation") is not None:
+            side = os.path.join(os.path.dirname(os.path.abspath(path)), COMPENSATION_FILE)
+            if not os.path.isfile(side):
+                raise ValueError(f"plan: {path} compensates removed blocks but {side} is missing; keep the file "
+                                 "next to plan.json, or re-plan with --no-compensate")
+            from safetensors.torch import load_file  # noqa: PLC0415
+
+            maps = load_file(side)
+            plan.transforms = {int(k.split(".", 1)[1]): v.double() for k, v in maps.items()}
+            plan.validate()
+        return plan
 
 
 def build_plan(*, model_info: Mapping[str, Any], calibration: Mapping[str, Any], cka: Any,
                segments: Sequence[Sequence[int]], k: int, k_rule: str, scorer: str,
                scores: Mapping[str, Sequence[float]], remove: int | None, budget_info: Mapping[str, Any] | None = None,
                protect_first: int = 0, protect_last: int = 0, allow_empty_segments: bool = False,
-               extra: Mapping[str, Any] | None = None) -> Plan:
-    """Apply the budget rules above and assemble the plan (``remove=None``: analysis only, nothing removed)."""
+               extra: Mapping[str, Any] | None = None, selection: Mapping[str, Any] | None = None,
+               transforms: Mapping[int, Any] | None = None,
+               compensation: Mapping[str, Any] | None = None) -> Plan:
+    """Apply the budget rules above and assemble the plan (``remove=None``: analysis only, nothing removed).
+
+    For a search scorer (``"verified"``) pass its result as ``selection`` ({"removed": [...], ...}), and
+    with compensation its maps (``transforms``) and their description (``compensation``).
+    """
     L = int(model_info["num_blocks"])
-    if scorer not in scores:
+    ranked_by = SEARCH_SCORERS.get(scorer, scorer)
+    if ranked_by not in scores:
         raise ValueError(f"scorer: {scorer!r} has no scores (computed: {sorted(scores)}); gradient scorers "
-                         "need calibration with gradients")
+                         "need calibration with gradients: analyze(..., gradients=True)")
     removed = budget = None
+    extra = dict(extra or {})
     if remove is not None:
         protected = protected_blocks(L, protect_first, protect_last)
         per_segment = split_budget(segments, remove, protected=protected,
                                    allow_empty_segments=allow_empty_segments)
-        removed = select_removed(segments, scores[scorer], per_segment, protected)
+        if scorer in SEARCH_SCORERS:
+            if selection is None or len(selection.get("removed", ())) != remove:
+                raise ValueError(f"scorer {scorer!r}: needs its search result for {remove} blocks (selection=...); "
+                                 "use Analysis.plan_for, which runs the search")
+            removed = sorted(int(i) for i in selection["removed"])
+            per_segment = [sum(1 for i in removed if a <= i <= b) for a, b in _check_segments(segments, L)]
+            extra["selection"] = {k: v for k, v in selection.items() if k != "removed"}
+        else:
+            removed = select_removed(segments, scores[scorer], per_segment, protected)
         budget = {"remove": remove, **dict(budget_info or {}), "protect_first": protect_first,
                   "protect_last": protect_last, "allow_empty_segments": allow_empty_segments,
                   "per_segment": per_segment}
+    if transforms:
+        extra["compensation"] = {**dict(compensation or {}), "blocks": sorted(int(i) for i in transforms),
+                                 "file": COMPENSATION_FILE}
     return Plan(model=model_info, calibration=calibration, cka=cka, segments=segments, k=k, k_rule=k_rule,
-                scorer=scorer, scores=scores, removed=removed, budget=budget, extra=extra)
+                scorer=scorer, scores=scores, removed=removed, budget=budget, extra=extra,
+                transforms=transforms or None)

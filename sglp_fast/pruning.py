@@ -44,7 +44,15 @@ def apply_plan(model: Any, plan: Plan, check: bool = True) -> Any:
                          "or `sglp prune` with --remove/--ratio")
     if check:
         plan.check_model(model)
-    get_adapter(model).remove_blocks(plan.removed)
+    adapter = get_adapter(model)
+    if plan.extra.get("compensation") is not None:
+        if plan.transforms is None:
+            raise ValueError("plan: compensates removed blocks but carries no maps; load it with Plan.load from "
+                             "the folder holding compensation.safetensors")
+        from .compensate import apply_transforms  # noqa: PLC0415
+
+        apply_transforms(adapter, plan.transforms)  # folded into the kept blocks before the removal
+    adapter.remove_blocks(plan.removed)
     return model
 
 
@@ -156,6 +164,17 @@ def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, output_dir: str | o
     plan.check_model(skeleton)
     adapter = get_adapter(skeleton)
     blocks_path = adapter.blocks_path
+    folds: dict[tuple[int, str], tuple[str, Any]] = {}  # (block, tensor name in block) -> (kind, T)
+    if plan.extra.get("compensation") is not None:
+        from .compensate import mlp_output_module, module_kind  # noqa: PLC0415
+
+        if plan.transforms is None:
+            raise ValueError("plan: compensates removed blocks but carries no maps; load it with Plan.load")
+        path = adapter.mlp_output_path()
+        for blk, T in plan.transforms.items():
+            kind = module_kind(mlp_output_module(adapter, adapter.blocks[blk]))
+            for name in ("weight", "bias"):
+                folds[(blk, f"{path}.{name}")] = (kind, T)
     kept = adapter.remove_blocks(plan.removed)  # fixes the skeleton's config
     new_index = {old: new for new, old in enumerate(kept)}
     tmp = _temp_sibling(out)
@@ -192,6 +211,11 @@ def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, output_dir: str | o
                     else:
                         new_key = key
                     tensor = f.get_tensor(key)
+                    if m and (old, m.group(2)) in folds:
+                        from .compensate import fold_state_tensor  # noqa: PLC0415
+
+                        kind, T = folds[(old, m.group(2))]
+                        tensor = fold_state_tensor(kind, m.group(2).rsplit(".", 1)[1], tensor, T)
                     size = tensor.numel() * tensor.element_size()
                     if part and part_bytes + size > max_shard_bytes:
                         flush()

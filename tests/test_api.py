@@ -24,7 +24,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def analysis(model_dir):
     with single_thread():
-        return sglp_fast.analyze(str(model_dir), "builtin", collect_last_token=True, **CALIB)
+        return sglp_fast.analyze(str(model_dir), "builtin", collect_last_token=True, gradients=True, **CALIB)
 
 
 def _block_outputs(model, windows):
@@ -86,14 +86,16 @@ def test_analyze_structure(analysis):
     np.testing.assert_array_equal(analysis.scores["relative_update"], analysis.calib_result.relative_update)
     assert plan.calibration["n_seqs"] == 5 and plan.calibration["seq_len"] == 20 and plan.calibration["tokens"] == 100
     assert analysis.last_token_hidden.shape == (8, 5, 32)
-    p = analysis.plan_for(remove=3)
+    p = analysis.plan_for(remove=3, scorer="gradnorm")
     assert len(p.removed) == 3
     assert p.budget["per_segment"] == split_budget(plan.segments, 3)
     g = analysis.scores["gradnorm"]
     for (a, b), n in zip(plan.segments, p.budget["per_segment"]):  # lowest GradNorm of each segment went
         seg = sorted(range(a, b + 1), key=lambda i: (g[i], i))
         assert sorted(i for i in p.removed if a <= i <= b) == sorted(seg[:n])
-    assert analysis.plan_for(ratio=0.3).budget["remove"] == 2  # floor(0.3*7 + .5)
+    assert analysis.plan_for(ratio=0.3, scorer="gradnorm").budget["remove"] == 2  # floor(0.3*7 + .5)
+    v = analysis.plan_for(remove=3)  # the default scorer: the verified search
+    assert v.scorer == "verified" and v.extra["selection"]["method"] == "verified" and len(v.removed) == 3
 
 
 def test_analyze_loaded_module_equals_path(model_dir, analysis):

@@ -59,7 +59,10 @@ def test_prune_prints_and_saves(model_dir, tmp_path, capsys):
     assert p_before == pytest.approx(_eval_ppl(original, model_dir), rel=1e-4)
     assert p_after == pytest.approx(_eval_ppl(pruned, out), rel=1e-4)
     plan = Plan.load(out / "plan.json")
-    assert f"removed blocks (2 of 6, scorer gradnorm): {plan.removed}" in text
+    assert f"removed blocks (2 of 6, scorer verified): {plan.removed}" in text
+    sel = plan.extra["selection"]
+    assert f"verified: kept the '{sel['picked']}' plan" in text
+    assert plan.removed == sel["candidates"][sel["picked"]]["removed"]
     for i, rem in enumerate(plan.removed_per_segment()):
         assert f"segment {i + 1}: blocks" in text and f"removed {len(rem)}: {rem}" in text
     assert "wall time:" in text and "saved:" in text
@@ -116,7 +119,7 @@ def test_prune_encoder_skips_perplexity(tmp_path, capsys):
 
 def test_analyze_json(model_dir, tmp_path, capsys):
     rc, text, err = run(capsys, "analyze", model_dir, *FAST, "--json", tmp_path / "a.json",
-                        "--heatmap", tmp_path / "a.png")
+                        "--heatmap", tmp_path / "a.png", "--scorer", "gradnorm")
     assert rc == 0, err
     d = json.loads((tmp_path / "a.json").read_text())
     assert np.asarray(d["cka"]).shape == (6, 6) and d["k"] == len(d["segments"])
@@ -127,6 +130,7 @@ def test_analyze_json(model_dir, tmp_path, capsys):
     assert rc == 0, err
     d = json.loads((tmp_path / "b.json").read_text())
     assert len(d["removed"]) == 2 and d["removed"] == sorted(d["removed"]) and d["budget"]["remove"] == 2
+    assert d["scorer"] == "verified" and "gradnorm" not in d["scores"]  # the default runs no backward
 
 
 def test_apply_plan(model_dir, tmp_path, capsys):
@@ -172,7 +176,7 @@ def test_compare(model_dir, tmp_path, capsys):
     for m in ("sglp-gradnorm", "sglp-relative_update", "shortgpt", "angular", "last", "random"):
         assert f"| {m} |" in md and f"| {m} |" in text
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
-    assert len(rows) == 2 * 8
+    assert len(rows) == 2 * 9 and rows[0]["method"] == "sglp-verified"
     last = next(r for r in rows if r["method"] == "last" and r["remove"] == 2)
     assert last["removed"] == [4, 5]
     model = tf.AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -232,7 +236,9 @@ def test_parse_size_and_defaults():
     assert parse_size("8GiB") == 8 * 2**30 and parse_size("500MB") == 500 * 10**6 and parse_size("1e9") == 10**9
     args = build_parser().parse_args(["prune", "--ratio", "0.25", "--output", "o"])
     assert args.model is None and args.calib == "builtin" and (args.calib_seqs, args.seq_len) == (16, 256)
-    assert args.segments == "auto" and args.scorer == "gradnorm" and args.eval_text == "builtin:heldout"
+    assert args.segments == "auto" and args.scorer == "verified" and args.eval_text == "builtin:heldout"
+    assert args.compensate is None and (args.verify_windows, args.shortlist) == (4, 4)
+    assert build_parser().parse_args(["prune", "--ratio", "0.25", "--output", "o", "--no-compensate"]).compensate is False
 
 
 def test_console_script_entry_point():

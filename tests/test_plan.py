@@ -161,7 +161,7 @@ def test_plan_round_trip(tmp_path):
     (lambda d: d.__setitem__("removed", [0, 1, 2, 3, 4, 5]), "at least one block"),
     (lambda d: d.__setitem__("removed", [7]), "sorted unique"),
     (lambda d: d.pop("budget"), "together"),
-    (lambda d: d.__setitem__("scorer", "taylor"), "no entry"),
+    (lambda d: d.__setitem__("scorer", "taylor"), "needs the scores 'taylor'"),
     (lambda d: d.__setitem__("k", "2"), "'k' must be int"),
     (lambda d: d["model"].pop("config_hash"), "config_hash"),
 ])

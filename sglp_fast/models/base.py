@@ -78,6 +78,8 @@ class BlockAdapter:
     kind: str = "causal_lm"  # or "encoder"
     blocks_path: str = ""
     per_layer_kwargs: bool = True  # capture every block's call (False: block 0's call is reused for all)
+    # the projection whose output a block adds straight to the residual stream (compensate.py); None: no such
+    mlp_output: str | None = None
     block_returns_tuple: bool = False
 
     def __init__(self, model: nn.Module, blocks_path: str | None = None):
@@ -115,6 +117,10 @@ class BlockAdapter:
             if isinstance(value, int) and value > 0:
                 return value
         return None
+
+    def mlp_output_path(self) -> str | None:
+        """Path (inside a block) of the MLP output projection compensation folds into; None: unsupported."""
+        return self.mlp_output
 
     def has_lm_head(self) -> bool:
         """True when the model's output has token logits (causal LM head or masked-LM head)."""

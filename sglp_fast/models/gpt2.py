@@ -11,6 +11,7 @@ class GPT2Adapter(BlockAdapter):
     model_types = ("gpt2",)
     kind = "causal_lm"
     blocks_path = "transformer.h"
+    mlp_output = "mlp.c_proj"
 
     def _fix_family_config(self, cfg, kept, old_n):
         # n_layer is the GPT-2 name of num_hidden_layers (attribute_map); set it explicitly all the same.

@@ -9,3 +9,4 @@ class GPTNeoXAdapter(BlockAdapter):
     model_types = ("gpt_neox",)
     kind = "causal_lm"
     blocks_path = "gpt_neox.layers"
+    mlp_output = "mlp.dense_4h_to_h"

@@ -9,3 +9,8 @@ class OPTAdapter(BlockAdapter):
     model_types = ("opt",)
     kind = "causal_lm"
     blocks_path = "model.decoder.layers"
+    mlp_output = "fc2"
+
+    def mlp_output_path(self):
+        # post-LN OPT (do_layer_norm_before=False, e.g. opt-350m) normalizes after the residual add
+        return self.mlp_output if getattr(self.config, "do_layer_norm_before", True) else None

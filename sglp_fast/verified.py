@@ -1,0 +1,141 @@
+"""The default plan ("verified"): greedy removal checked against the calibration loss, inside the CKA frame.
+
+Why not a ranking: on SmolLM2 the paper's GradNorm barely tracks the damage of removing a block (rank
+correlation +0.08 with the measured skip loss), and every single-block score misses interactions between
+removed neighbours (docs/quality.md). The relative update r = mean ||h_out - h_in|| / ||h_in|| tracks the skip
+loss well (+0.89), so it proposes; the loss decides:
+
+1. greedy: n times, shortlist the ``shortlist`` lowest-r blocks that may still go (unprotected, and their
+   Fisher segment keeps >= 1 block), and remove the one whose removal (with those already removed) gives the
+   lowest calibration loss (``SkipVerifier``: a partial forward on a few calibration windows).
+2. pick: the plan with the lowest calibration loss among the greedy plan and a few whole plans proposed by
+   other rules (r per segment with the proportional split, the n lowest r overall, ShortGPT's n lowest block
+   influence, Gromov's contiguous angular run); a proposal that breaks the frame (empties a segment, removes
+   a protected block) is left out. Ties go to the earlier name in ``CANDIDATES``.
+3. with ``compensate=True`` every candidate is also scored compensated (``compensate.py``: a least-squares
+   map folded into the block before each removed run, fitted on the calibration windows the loss check does
+   not use), and the pick is over plain and compensated candidates together (plain first on ties).
+
+No gradient is needed, so the calibration skips the backward and the whole analysis costs about what the
+paper's pipeline does (measured in benchmarks/results/quality_smollm2.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import baselines
+from .plan import protected_blocks, select_removed, split_budget
+
+CANDIDATES = ("greedy", "relative_update_per_segment", "relative_update_global", "block_influence", "angular")
+DEFAULT_SHORTLIST = 4
+DEFAULT_VERIFY_WINDOWS = 4
+
+
+@dataclasses.dataclass
+class VerifiedSelection:
+    """The removed blocks and how they were chosen (recorded in the plan's ``selection`` entry)."""
+
+    removed: list[int]
+    picked: str
+    compensated: bool
+    candidates: dict[str, dict[str, Any]]
+    greedy_steps: list[dict[str, Any]]
+    block_forwards: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": "verified", "picked": self.picked, "compensated": self.compensated,
+                "candidates": self.candidates,
+                "greedy_steps": self.greedy_steps, "block_forwards": round(self.block_forwards, 3)}
+
+
+def _segment_of(segments: Sequence[Sequence[int]], num_blocks: int) -> list[int]:
+    seg_of = [0] * num_blocks
+    for s, (a, b) in enumerate(segments):
+        for i in range(a, b + 1):
+            seg_of[i] = s
+    return seg_of
+
+
+def fits_frame(removed: Sequence[int], segments: Sequence[Sequence[int]], protected: set[int],
+               allow_empty_segments: bool) -> bool:
+    """True when ``removed`` spares every protected block and (unless allowed) leaves each segment a block."""
+    gone = set(removed)
+    if gone & protected:
+        return False
+    return allow_empty_segments or all(any(i not in gone for i in range(a, b + 1)) for a, b in segments)
+
+
+def _lowest_in_frame(score: Sequence[float], n: int, segments, protected, allow_empty_segments) -> list[int] | None:
+    """The n lowest-score blocks overall (ties: lower index), skipping those the frame forbids."""
+    seg_of = _segment_of(segments, len(score))
+    left = [b - a + 1 - (0 if allow_empty_segments else 1) for a, b in segments]
+    out: list[int] = []
+    for i in sorted(range(len(score)), key=lambda i: (score[i], i)):
+        if len(out) == n:
+            break
+        if i in protected or left[seg_of[i]] == 0:
+            continue
+        out.append(i)
+        left[seg_of[i]] -= 1
+    return sorted(out) if len(out) == n else None
+
+
+def verified_pick(*, segments: Sequence[Sequence[int]], n: int, relative_update: Sequence[float],
+                  block_influence: Sequence[float], verifier: Any, last_token_hidden: np.ndarray | None = None,
+                  protect_first: int = 0, protect_last: int = 0, allow_empty_segments: bool = False,
+                  shortlist: int = DEFAULT_SHORTLIST, compensate: bool = False) -> VerifiedSelection:
+    """Remove ``n`` blocks by the verified rule above; ``verifier.losses(plans)`` gives calibration losses."""
+    r = np.asarray(relative_update, dtype=np.float64)
+    L = len(r)
+    if not isinstance(shortlist, int) or isinstance(shortlist, bool) or shortlist < 1:
+        raise ValueError(f"shortlist: expected a positive int (candidates checked per removal), got {shortlist!r}")
+    protected = protected_blocks(L, protect_first, protect_last)
+    per_segment = split_budget(segments, n, protected=protected, allow_empty_segments=allow_empty_segments)
+    work0 = verifier.block_forwards
+    seg_of = _segment_of(segments, L)
+    left = [b - a + 1 - (0 if allow_empty_segments else 1) for a, b in segments]
+
+    removed: list[int] = []
+    steps: list[dict[str, Any]] = []
+    for _ in range(n):
+        allowed = [i for i in range(L) if i not in removed and i not in protected and left[seg_of[i]] > 0]
+        cand = sorted(allowed, key=lambda i: (r[i], i))[:shortlist]
+        losses = verifier.losses([removed + [i] for i in cand], base=removed)
+        best = min(range(len(cand)), key=lambda j: (losses[j], cand[j]))
+        steps.append({"shortlist": cand, "losses": [float(x) for x in losses], "removed": cand[best]})
+        removed.append(cand[best])
+        left[seg_of[cand[best]]] -= 1
+
+    proposals: dict[str, list[int] | None] = {
+        "greedy": sorted(removed),
+        "relative_update_per_segment": select_removed(segments, r, per_segment, protected),
+        "relative_update_global": _lowest_in_frame(r, n, segments, protected, allow_empty_segments),
+        "block_influence": baselines.shortgpt(block_influence, n),
+        "angular": None if last_token_hidden is None else baselines.angular_contiguous(last_token_hidden, n),
+    }
+    valid = {name: plan for name, plan in proposals.items()
+             if plan is not None and fits_frame(plan, segments, protected, allow_empty_segments)}
+    names = [name for name in CANDIDATES if name in valid]
+    losses = verifier.losses([valid[name] for name in names])
+    candidates = {name: {"removed": valid[name], "calib_loss": float(loss)} for name, loss in zip(names, losses)}
+    for name in CANDIDATES:
+        if name not in valid:
+            why = "not available (no last-token states)" if proposals[name] is None else "breaks the frame"
+            candidates[name] = {"removed": proposals[name], "calib_loss": None, "skipped": why}
+    options = [(name, False) for name in names]
+    if compensate:
+        comp = verifier.losses([valid[name] for name in names], compensated=True)
+        for name, loss in zip(names, comp):
+            candidates[name]["calib_loss_compensated"] = float(loss)
+        options += [(name, True) for name in names]
+
+    def loss_of(option):
+        name, comp = option
+        return candidates[name]["calib_loss_compensated" if comp else "calib_loss"]
+    picked, comp = min(options, key=lambda o: (loss_of(o), options.index(o)))
+    return VerifiedSelection(removed=list(valid[picked]), picked=picked, compensated=comp, candidates=candidates,
+                             greedy_steps=steps, block_forwards=verifier.block_forwards - work0)

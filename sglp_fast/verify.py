@@ -1,0 +1,207 @@
+"""Calibration loss of the model with some blocks skipped, run from the cached dense block inputs.
+
+Why: single-block scores miss interactions (removing neighbours costs more than the sum of their single
+costs; docs/quality.md), so the default plan checks its choices against the real loss. The check is cheap:
+the calibration forward already produced every block's dense input, so a plan that removes blocks R starts
+at block min(R) from its cached input, runs the kept blocks after it and the head, on the first few
+calibration windows only. Several plans are evaluated in one layer-major pass (each block's weights are
+brought to the device once per pass, as in calibration), and results are memoized per removed set.
+With ``compensated=True`` the plan is first compensated (``compensate.py``, fitted on the other cached
+windows) and the loss is that of the compensated model.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from . import gradients as G
+
+
+class SkipVerifier:
+    """``loss(removed)``: mean calibration loss on the kept windows with blocks ``removed`` skipped.
+
+    Built by ``calibrate(..., keep_inputs=m)``; it owns the activation cache holding the dense input of
+    every block for the first batches (>= m windows; the loss check) and, with ``keep_fit_inputs``, for the
+    other batches (the compensation fit). It must be closed (``close()`` or ``with``).
+    """
+
+    def __init__(self, *, adapter, weights, cache, calls, batches, verify_batches: int, kind: str,
+                 device: torch.device, non_block_modules, total_windows: int) -> None:
+        self.adapter = adapter
+        self.num_blocks = adapter.num_blocks
+        self._weights = weights
+        self._cache = cache
+        self._calls = calls            # calls[b][l]: block l's arguments for kept batch b
+        self._batches = batches        # the kept batches, on the device
+        self._kind = kind
+        self._device = device
+        self._non_block = non_block_modules
+        self._nv = verify_batches
+        self.fit_batches = list(range(verify_batches, len(batches)))
+        self._terms = sum(G.loss_count(kind, b) for b in batches[:verify_batches])
+        self._windows = [int(b["input_ids"].shape[0]) for b in batches]
+        self._transforms: dict[frozenset[int], dict[int, torch.Tensor]] = {}
+        self._total_windows = total_windows
+        self._memo: dict[tuple[frozenset[int], bool], float] = {}
+        self.window_block_forwards = 0  # block calls x windows, the work spent so far
+        self.closed = False
+
+    @property
+    def num_windows(self) -> int:
+        """Windows the loss is checked on."""
+        return sum(self._windows[:self._nv])
+
+    # -- the pieces compensate.fit_transforms streams with --------------------------------------------
+    def cached_input(self, layer: int, batch: int) -> torch.Tensor:
+        """The dense model's input of block ``layer`` (``num_blocks``: the last block's output)."""
+        return self._cache.get(layer, batch)
+
+    def token_mask(self, batch: int) -> torch.Tensor:
+        return G.token_mask(self._batches[batch])
+
+    @contextlib.contextmanager
+    def block(self, layer: int, transform: torch.Tensor | None = None):
+        """Block ``layer`` on the device (with ``transform`` folded into its MLP output), released after."""
+        from .compensate import mlp_output_module, patched  # noqa: PLC0415
+
+        block = self._weights.acquire(layer)
+        try:
+            if transform is None:
+                yield block
+            else:
+                with patched(mlp_output_module(self.adapter, block), transform):
+                    yield block
+        finally:
+            self._weights.release(layer, block)
+
+    def call(self, block, layer: int, hidden: torch.Tensor, batch: int) -> torch.Tensor:
+        self.window_block_forwards += self._windows[batch]
+        return self.adapter.call_block(block, hidden, self._calls[batch][layer])
+
+    def transforms(self, removed: Iterable[int], alpha: float | None = None) -> dict[int, torch.Tensor]:
+        """The compensation maps of a plan (fitted once, memoized)."""
+        from .compensate import DEFAULT_ALPHA, fit_transforms  # noqa: PLC0415
+
+        key = self._check(removed)
+        if key not in self._transforms:
+            with self._eval_mode(), torch.no_grad():
+                self._transforms[key] = fit_transforms(self, sorted(key), DEFAULT_ALPHA if alpha is None else alpha)
+        return self._transforms[key]
+
+    @property
+    def block_forwards(self) -> float:
+        """Work spent, in block-forwards over the whole calibration set (one model forward = num_blocks)."""
+        return self.window_block_forwards / max(self._total_windows, 1)
+
+    def _check(self, removed: Iterable[int]) -> frozenset[int]:
+        if self.closed:
+            raise ValueError("verifier: closed (the cached block inputs are gone); run analyze() again to "
+                             "plan with scorer 'verified'")
+        key = frozenset(int(i) for i in removed)
+        bad = [i for i in key if not 0 <= i < self.num_blocks]
+        if bad or len(key) >= self.num_blocks:
+            raise ValueError(f"removed: expected distinct block indices in [0, {self.num_blocks - 1}] leaving at "
+                             f"least one block, got {sorted(key)}")
+        return key
+
+    def loss(self, removed: Iterable[int], compensated: bool = False) -> float:
+        return self.losses([removed], compensated)[0]
+
+    @torch.no_grad()
+    def losses(self, plans: Sequence[Iterable[int]], compensated: bool = False,
+               base: Iterable[int] | None = None) -> list[float]:
+        """The loss of each plan (a set of removed blocks); new plans share one pass over the blocks.
+
+        ``base``: plans that add one block to it (the greedy's candidates) reuse its stream (same values).
+        """
+        keys = [(self._check(p), bool(compensated)) for p in plans]
+        todo = list(dict.fromkeys(k for k in keys if k not in self._memo))
+        if todo:
+            fixes = [self.transforms(p) if comp else {} for p, comp in todo]
+            with self._eval_mode():
+                shared = None if base is None else self._check(base)
+                for key, value in zip(todo, self._run([p for p, _ in todo], fixes, shared)):
+                    self._memo[key] = value
+        return [self._memo[k] for k in keys]
+
+    def _run(self, plans: list[frozenset[int]], fixes: list[dict[int, torch.Tensor]],
+             base: frozenset[int] | None = None) -> list[float]:
+        L, nb = self.num_blocks, self._nv
+        start = [min(list(p) + list(f)) if (p or f) else L for p, f in zip(plans, fixes)]
+        # plans base | {l} with l past base's first block branch off base's own stream at l instead of
+        # re-running base's blocks from min(base): the same operations on the same tensors, far less work
+        branch: dict[int, int] = {}
+        if base:
+            for i, (p, f) in enumerate(zip(plans, fixes)):
+                extra = p - base
+                if not f and base < p and len(extra) == 1 and min(extra) > min(base):
+                    branch[i] = start[i] = min(extra)
+        base_until = max(branch.values(), default=-1)
+        states: dict[tuple[int, int], torch.Tensor] = {}
+        first = min(start + ([min(base)] if branch else []))
+        for l in range(first, L):
+            if branch and l == min(base):
+                for b in range(nb):
+                    states["base", b] = self._cache.get(l, b)
+            active = [i for i, p in enumerate(plans) if start[i] <= l and l not in p]
+            for i in (i for i in range(len(plans)) if start[i] == l):
+                for b in range(nb):
+                    states[i, b] = states["base", b] if i in branch else self._cache.get(l, b)
+            if branch and l == base_until:  # every branch has its state: drop base's stream
+                for b in range(nb):
+                    states.pop(("base", b), None)
+            run_base = bool(branch) and min(base) <= l < base_until and l not in base
+            if not active and not run_base:
+                continue
+            plain = [i for i in active if l not in fixes[i]]
+            if plain or run_base:
+                with self.block(l) as block:
+                    if run_base:
+                        for b in range(nb):
+                            states["base", b] = self.call(block, l, states["base", b], b)
+                    for i in plain:
+                        for b in range(nb):
+                            states[i, b] = self.call(block, l, states[i, b], b)
+            for i in (i for i in active if l in fixes[i]):
+                with self.block(l, fixes[i][l]) as block:
+                    for b in range(nb):
+                        states[i, b] = self.call(block, l, states[i, b], b)
+        out = []
+        with self._non_block():
+            for i, p in enumerate(plans):
+                total = 0.0
+                for b in range(nb):
+                    h = states.pop((i, b)) if (i, b) in states else self._cache.get(L, b)
+                    s = G.loss_sum(self._kind, self.adapter.head_output(h, self._batches[b]), self._batches[b])
+                    total += float(s)
+                value = total / max(self._terms, 1)
+                if value != value or value in (float("inf"), float("-inf")):
+                    raise ValueError(f"verifier: the calibration loss with blocks {sorted(p)} removed is {value}; "
+                                     "the pruned model overflows (use dtype float32)")
+                out.append(value)
+        return out
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        model = self.adapter.model
+        was_training = model.training
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train(was_training)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._cache.close()
+            self.closed = True
+            self._memo.clear()
+            self._transforms.clear()
+
+    def __enter__(self) -> SkipVerifier:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,381 @@
+"""The default plan: SkipVerifier (loss of a model with blocks skipped), compensation, and the verified search.
+
+Numeric paths are checked in float64 against references written independently of sglp_fast: the loss of
+a deep copy with the blocks really removed (``reference_loss``), and the compensation maps solved with
+numpy from activations recorded by forward hooks.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import VOCAB, reference_loss, tiny_batches, tiny_model
+
+from sglp_fast.calibrate import calibrate
+from sglp_fast.compensate import apply_transforms, fold_state_tensor, folded, module_kind, runs_of
+from sglp_fast.models import get_adapter
+from sglp_fast.verified import CANDIDATES, fits_frame, verified_pick
+
+torch.set_grad_enabled(True)
+
+
+def _batches(seed: int, shapes=((1, 9), (2, 7), (1, 3), (2, 8), (1, 6))):
+    """Windows of awkward lengths (one of 3 tokens), the 2-window batches with a left-padded row."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for b, s in shapes:
+        batch = {"input_ids": torch.randint(0, VOCAB, (b, s), generator=g)}
+        if b > 1:
+            mask = torch.ones(b, s, dtype=torch.long)
+            mask[0, :2] = 0
+            batch["attention_mask"] = mask
+        out.append(batch)
+    return out
+
+
+def _pruned(model, removed, transforms=None):
+    copy_ = copy.deepcopy(model)
+    adapter = get_adapter(copy_)
+    if transforms:
+        apply_transforms(adapter, transforms)
+    adapter.remove_blocks(sorted(removed))
+    return copy_
+
+
+def _reference(model, removed, batches, transforms=None) -> float:
+    with torch.no_grad():
+        return float(reference_loss(_pruned(model, removed, transforms), "llama", batches)[0])
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = tiny_model("llama", layers=6, seed=int(torch.randint(0, 10**6, ()))).double()
+    batches = _batches(seed=int(torch.randint(0, 10**6, ())))
+    res = calibrate(model, batches, gradients=False, progress=False, keep_inputs=3, keep_fit_inputs=True)
+    yield model, batches, res.verifier
+    res.verifier.close()
+
+
+@pytest.mark.parametrize("removed", [(), (0,), (5,), (1, 2, 4), (0, 1, 2, 3, 4)])
+def test_verifier_loss_equals_the_pruned_model(setup, removed):
+    model, batches, ver = setup
+    # keep_inputs=3 windows -> the first two batches (1 + 2 windows)
+    assert ver.num_windows == 3 and ver.fit_batches == [2, 3, 4]
+    got = ver.loss(removed)
+    want = _reference(model, removed, batches[:2])
+    assert abs(got - want) <= 1e-10 * max(1.0, abs(want)), (removed, got, want)
+
+
+def test_verifier_work_counter_and_memo(setup):
+    _, _, ver = setup
+    before = ver.window_block_forwards
+    ver.loss([5])  # starts at block 5, which is skipped: no block runs
+    assert ver.window_block_forwards == before
+    ver.loss([1, 3])  # blocks 2, 4, 5 on 3 windows
+    assert ver.window_block_forwards - before == 3 * 3
+    ver.loss([3, 1])  # memoized
+    assert ver.window_block_forwards - before == 3 * 3
+    assert ver.block_forwards == ver.window_block_forwards / 7  # 7 calibration windows in all
+
+
+def test_greedy_candidates_branching_off_the_base_stream_give_the_same_losses():
+    model = tiny_model("llama", layers=7, seed=12).double()
+    batches = _batches(13)
+    direct = calibrate(model, batches, gradients=False, progress=False, keep_inputs=3).verifier
+    shared = calibrate(model, batches, gradients=False, progress=False, keep_inputs=3).verifier
+    try:
+        base = [2, 5]
+        cands = [[*base, l] for l in (0, 1, 3, 4, 6)]
+        want = direct.losses(cands)
+        got = shared.losses(cands, base=base)
+        assert got == want  # bit for bit: the same block calls on the same tensors
+        assert shared.window_block_forwards < direct.window_block_forwards
+        for plan, value in zip(cands, got):
+            assert value == pytest.approx(_reference(model, plan, batches[:2]), rel=1e-12)
+    finally:
+        direct.close()
+        shared.close()
+
+
+def test_verifier_refuses_bad_plans_and_use_after_close():
+    model = tiny_model("llama", layers=3, seed=3).double()
+    res = calibrate(model, _batches(4), gradients=False, progress=False, keep_inputs=1)
+    ver = res.verifier
+    assert ver.fit_batches == []  # without keep_fit_inputs only the check windows are kept
+    with pytest.raises(ValueError, match="leaving at least one block"):
+        ver.loss([0, 1, 2])
+    with pytest.raises(ValueError, match=r"in \[0, 2\]"):
+        ver.loss([3])
+    ver.close()
+    with pytest.raises(ValueError, match="closed"):
+        ver.loss([1])
+
+
+def test_disk_offloaded_verifier_equals_in_memory(tmp_path):
+    model = tiny_model("llama", layers=4, seed=5).double()
+    batches = _batches(6)
+    fast = calibrate(model, batches, gradients=False, progress=False, keep_inputs=2).verifier
+    disk = calibrate(model, batches, gradients=False, progress=False, keep_inputs=2, max_cpu_memory=0,
+                     offload_dir=tmp_path).verifier
+    try:
+        for removed in ([1], [0, 2], [3]):
+            assert fast.loss(removed) == disk.loss(removed)
+    finally:
+        fast.close()
+        disk.close()
+
+
+# ------------------------------------------------------------------------------------------- compensation
+def _hooked_run(model, batches, stop_after: int):
+    """Per batch: block stop_after's MLP output and block output, and the dense inputs of every block."""
+    blocks = get_adapter(model).blocks
+    rec = {"mlp": [], "out": [], "ins": [[] for _ in range(len(blocks) + 1)]}
+    hooks = [blocks[stop_after].mlp.down_proj.register_forward_hook(lambda m, a, o: rec["mlp"].append(o)),
+             blocks[stop_after].register_forward_hook(lambda m, a, o: rec["out"].append(o[0] if isinstance(o, tuple) else o))]
+    hooks += [blk.register_forward_hook(lambda m, a, o, l=l: rec["ins"][l + 1].append(o[0] if isinstance(o, tuple) else o))
+              for l, blk in enumerate(blocks)]
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return rec
+
+
+def test_compensation_map_equals_numpy_ridge_solution(setup):
+    model, batches, ver = setup
+    removed = [2, 3]  # one run 2..3: fitted on block 1's MLP output, target = dense input of block 4
+    T = ver.transforms(removed)
+    assert list(T) == [1]
+    fit = [batches[i] for i in ver.fit_batches]
+    rec = _hooked_run(model, fit, stop_after=1)
+    X, Y = [], []
+    for b, batch in enumerate(fit):
+        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+        m = rec["mlp"][b][mask].numpy()
+        h_mid = rec["out"][b][mask].numpy() - m
+        need = rec["ins"][4][b][mask].numpy() - h_mid
+        w = 1.0 / np.linalg.norm(need, axis=1, keepdims=True)
+        X.append(m * w)
+        Y.append((need - m) * w)
+    X, Y = np.concatenate(X), np.concatenate(Y)
+    G = X.T @ X
+    D = np.linalg.solve(G + 1.0 * np.trace(G) / G.shape[0] * np.eye(G.shape[0]), X.T @ Y)
+    np.testing.assert_allclose(T[1].numpy(), np.eye(D.shape[0]) + D, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("removed", [(2, 3), (1, 3, 4), (0, 2)])
+def test_compensated_loss_equals_the_folded_pruned_model(setup, removed):
+    model, batches, ver = setup
+    T = ver.transforms(removed)
+    assert sorted(T) == [a - 1 for a, _ in runs_of(removed) if a >= 1]  # a run at block 0 stays as is
+    got = ver.loss(removed, compensated=True)
+    want = _reference(model, removed, batches[:2], T)
+    assert abs(got - want) <= 1e-10 * max(1.0, abs(want))
+    # compensation really changed the model that was checked
+    assert ver.loss(removed, compensated=True) != ver.loss(removed)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "gpt_neox"])
+def test_fold_matches_multiplying_the_output(family):
+    """Folding T into the projection equals applying T to its output (Linear with bias, GPT-2 Conv1D)."""
+    model = tiny_model(family, layers=1, seed=8).double()
+    adapter = get_adapter(model)
+    proj = __import__("sglp_fast.compensate", fromlist=["x"]).mlp_output_module(adapter, adapter.blocks[0])
+    d = 32
+    T = torch.eye(d, dtype=torch.float64) + 0.1 * torch.randn(d, d, dtype=torch.float64)
+    x = torch.randn(5, proj.weight.shape[0 if module_kind(proj) == "conv1d" else 1], dtype=torch.float64)
+    want = proj(x) @ T
+    new = folded(proj, T)
+    for name, value in new.items():  # the state-dict form used when streaming a checkpoint
+        torch.testing.assert_close(fold_state_tensor(module_kind(proj), name, getattr(proj, name).detach(), T), value)
+    for name, value in new.items():
+        getattr(proj, name).data = value
+    torch.testing.assert_close(proj(x), want, rtol=1e-12, atol=1e-12)
+
+
+def test_compensation_refused_where_the_mlp_output_is_normalized():
+    """Gemma2 normalizes the MLP output before the residual add: no fold, a clear error."""
+    model = tiny_model("gemma2", layers=3, seed=9)
+    res = calibrate(model, tiny_batches("gemma2"), gradients=False, progress=False, keep_inputs=1,
+                    keep_fit_inputs=True)
+    try:
+        with pytest.raises(ValueError, match="compensate: not supported for llama models \\(gemma2\\)"):
+            res.verifier.transforms([1])
+    finally:
+        res.verifier.close()
+
+
+# ------------------------------------------------------------------------------------------ verified search
+class FakeVerifier:
+    """loss(R) = sum of per-block costs + pair penalties; counts calls like the real one."""
+
+    def __init__(self, cost, pair=None, comp_gain=0.0):
+        self.cost, self.pair, self.comp_gain = np.asarray(cost, float), dict(pair or {}), comp_gain
+        self.block_forwards = 0.0
+        self.calls = []
+
+    def losses(self, plans, compensated=False, base=None):
+        out = []
+        for p in plans:
+            p = sorted(set(p))
+            self.calls.append((tuple(p), compensated))
+            value = float(self.cost[p].sum()) + sum(self.pair.get((a, b), 0.0) for a, b in itertools.combinations(p, 2))
+            out.append(value - (self.comp_gain * len(p) if compensated else 0.0))
+        return out
+
+
+def _brute_force(cost, n, segments, protected):
+    best = None
+    for combo in itertools.combinations(range(len(cost)), n):
+        if fits_frame(combo, segments, protected, False):
+            value = sum(cost[i] for i in combo)
+            if best is None or value < best[0]:
+                best = (value, sorted(combo))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_is_optimal_for_additive_losses(seed):
+    """With every block on the shortlist and an additive loss, the frame is a partition matroid: greedy
+    must find the brute-force optimum (a bug in the frame or the bookkeeping breaks this)."""
+    rng = np.random.default_rng(seed)
+    L = 9
+    cut = sorted(rng.choice(np.arange(1, L), size=2, replace=False))
+    segments = [(0, cut[0] - 1), (cut[0], cut[1] - 1), (cut[1], L - 1)]
+    cost = rng.random(L)
+    n = int(rng.integers(1, L - 3))
+    ver = FakeVerifier(cost)
+    sel = verified_pick(segments=segments, n=n, relative_update=rng.random(L), block_influence=rng.random(L),
+                        verifier=ver, shortlist=L, protect_first=1)
+    value, best = _brute_force(cost, n, segments, {0})
+    greedy = sel.candidates["greedy"]
+    assert greedy["removed"] == best and greedy["calib_loss"] == pytest.approx(value)
+    assert sel.candidates[sel.picked]["calib_loss"] == min(
+        c["calib_loss"] for c in sel.candidates.values() if c["calib_loss"] is not None)
+    assert fits_frame(sel.removed, segments, {0}, False)
+
+
+def test_greedy_avoids_a_pair_the_ranking_would_take():
+    """Blocks 1 and 2 rank lowest and are cheap alone, but expensive together: the loss check splits them."""
+    r = [0.9, 0.1, 0.2, 0.3, 0.8, 0.7]
+    cost = [1.0, 0.1, 0.1, 0.2, 1.0, 1.0]
+    ver = FakeVerifier(cost, pair={(1, 2): 5.0})
+    sel = verified_pick(segments=[(0, 5)], n=2, relative_update=r, block_influence=r, verifier=ver, shortlist=3)
+    assert sel.candidates["greedy"]["removed"] in ([1, 3], [2, 3])
+    assert sel.candidates["relative_update_global"]["removed"] == [1, 2]
+    assert sel.removed in ([1, 3], [2, 3]) and sel.picked == "greedy" and not sel.compensated
+
+
+def test_pick_weighs_compensated_candidates_and_skips_frame_breakers():
+    r = [0.5, 0.1, 0.2, 0.3, 0.4, 0.6]
+    ver = FakeVerifier([1.0, 0.3, 0.2, 0.1, 0.4, 1.0], comp_gain=0.05)
+    hidden = np.random.default_rng(0).normal(size=(7, 3, 4))
+    segments = [(0, 2), (3, 5)]
+    sel = verified_pick(segments=segments, n=3, relative_update=r, block_influence=r, verifier=ver,
+                        last_token_hidden=hidden, compensate=True)
+    assert sel.compensated  # the fake gain makes every compensated plan cheaper
+    assert set(sel.candidates) == set(CANDIDATES)
+    for name, c in sel.candidates.items():
+        if c.get("skipped"):
+            assert not fits_frame(c["removed"], segments, set(), False)
+        else:
+            assert c["calib_loss_compensated"] == pytest.approx(c["calib_loss"] - 0.15)
+    assert all(fits_frame(c["removed"], segments, set(), False) for c in sel.candidates.values() if not c.get("skipped"))
+    with pytest.raises(ValueError, match="shortlist"):
+        verified_pick(segments=segments, n=1, relative_update=r, block_influence=r, verifier=ver, shortlist=0)
+
+
+# ------------------------------------------------------------------------------------ through the public API
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from pipeline_models import save_tiny, single_thread
+
+    with single_thread():
+        yield save_tiny(tmp_path_factory.mktemp("verified") / "tiny", "llama", layers=7, seed=11)
+
+
+API_CALIB = dict(calib_seqs=6, seq_len=20)
+
+
+def test_default_prune_is_verified_without_backward_and_its_loss_is_real(tiny_dir, tmp_path):
+    """The saved model's loss on the check windows equals what the search recorded for the plan it kept."""
+    import transformers as tf
+
+    import sglp_fast
+    from sglp_fast.data import load_calibration
+    from sglp_fast.plan import Plan
+
+    res = sglp_fast.prune(str(tiny_dir), "builtin", remove=3, output=tmp_path / "out", **API_CALIB)
+    plan = res.plan
+    assert plan.scorer == "verified" and res.analysis.calib_result.grad_norm is None  # no backward ran
+    assert "gradnorm" not in plan.scores and "relative_update" in plan.scores
+    sel = plan.extra["selection"]
+    picked = sel["candidates"][sel["picked"]]
+    assert plan.removed == picked["removed"] and sel["verify_windows"] == 4
+    assert res.analysis.verifier.closed  # prune frees the cached inputs
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = load_calibration("builtin", res.tokenizer, n_seqs=6, seq_len=20).input_ids[:4]
+    with torch.no_grad():
+        loss = float(reference_loss(reloaded, "llama", [{"input_ids": w[None]} for w in ids])[0])
+    recorded = picked["calib_loss_compensated" if sel["compensated"] else "calib_loss"]
+    assert loss == pytest.approx(recorded, rel=1e-5)
+    assert (plan.extra.get("compensation") is not None) == sel["compensated"]
+    assert Plan.load(tmp_path / "out").removed == plan.removed
+
+
+def test_compensated_plan_saves_loads_applies_and_streams(tiny_dir, tmp_path):
+    import transformers as tf
+
+    import sglp_fast
+    from sglp_fast.plan import COMPENSATION_FILE, Plan, build_plan
+    from sglp_fast.pruning import apply_plan, prune_checkpoint, save_pruned
+
+    with sglp_fast.analyze(str(tiny_dir), "builtin", **API_CALIB) as an:
+        assert an.compensate and an.plan.removed is None
+        removed = [2, 3, 5]
+        T = an.verifier.transforms(removed)
+        assert sorted(T) == [1, 4]
+        plan = build_plan(model_info=an.model_info, calibration=an.calibration_info, cka=an.cka,
+                          segments=an.plan.segments, k=an.plan.k, k_rule=an.plan.k_rule, scorer="verified",
+                          scores=an.scores, remove=3, selection={"removed": removed, "method": "verified"},
+                          transforms=T, compensation={"alpha": 1.0},
+                          allow_empty_segments=True)
+    assert plan.extra["compensation"]["blocks"] == [1, 4]
+    model = tf.AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    want = _pruned(model, removed, T)
+    out = save_pruned(apply_plan(copy.deepcopy(model), plan), None, plan, tmp_path / "mem")
+    saved = tf.AutoModelForCausalLM.from_pretrained(out).state_dict()
+    for k, v in want.state_dict().items():
+        torch.testing.assert_close(saved[k], v, rtol=0, atol=0)
+    loaded = Plan.load(out)  # reads compensation.safetensors beside plan.json
+    for blk, t in T.items():
+        torch.testing.assert_close(loaded.transforms[blk], t.float().double())
+    again = apply_plan(tf.AutoModelForCausalLM.from_pretrained(tiny_dir).eval(), loaded).state_dict()
+    streamed = prune_checkpoint(tiny_dir, loaded, tmp_path / "stream", max_shard_bytes=20_000)
+    s_state = tf.AutoModelForCausalLM.from_pretrained(streamed).state_dict()
+    for k, v in again.items():
+        assert torch.equal(s_state[k], v), k  # streamed fold == in-memory fold, bit for bit
+        torch.testing.assert_close(v, saved[k], rtol=1e-5, atol=1e-6)  # float32-stored maps: rounding only
+    (out / COMPENSATION_FILE).unlink()
+    with pytest.raises(ValueError, match="compensation.safetensors is missing"):
+        Plan.load(out)
+
+
+def test_compensate_switch(tiny_dir):
+    import sglp_fast
+
+    with pytest.raises(ValueError, match="all 4 calibration windows are used by the loss check"):
+        sglp_fast.analyze(str(tiny_dir), "builtin", calib_seqs=4, seq_len=20, compensate=True)
+    with pytest.raises(ValueError, match="part of the 'verified' scorer"):
+        sglp_fast.analyze(str(tiny_dir), "builtin", scorer="block_influence", compensate=True, **API_CALIB)
+    with pytest.raises(ValueError, match="gradients: scorer 'gradnorm' needs the backward"):
+        sglp_fast.analyze(str(tiny_dir), "builtin", scorer="gradnorm", gradients=False, **API_CALIB)
+    with sglp_fast.analyze(str(tiny_dir), "builtin", remove=2, compensate=False, **API_CALIB) as an:
+        sel = an.plan.extra["selection"]
+        assert not sel["compensated"] and "compensation" not in an.plan.extra
+        assert all("calib_loss_compensated" not in c for c in sel["candidates"].values())
