@@ -31,11 +31,11 @@ import torch
 
 from sglp_fast import __version__, analyze
 from sglp_fast import baselines
-from sglp_fast.compensate import apply_transforms
 from sglp_fast.data import CalibrationData, builtin_text, tokenize_windows
 from sglp_fast.evaluate import perplexity
 from sglp_fast.api import default_model_source
-from sglp_fast.models import get_adapter, load_model
+from sglp_fast.models import load_model
+from sglp_fast.pruning import remove_blocks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEERS = ("shortgpt", "angular", "last", "random")
@@ -89,11 +89,7 @@ class Scorer:
     def __call__(self, removed, transforms=None, tag=None) -> dict[str, float]:
         key = (tuple(removed), tag if transforms else None)
         if key not in self.memo:
-            pruned = copy.deepcopy(self.model)
-            adapter = get_adapter(pruned)
-            if transforms:
-                apply_transforms(adapter, transforms)
-            adapter.remove_blocks(list(removed))
+            pruned = remove_blocks(copy.deepcopy(self.model), removed, transforms)
             self.memo[key] = {name: perplexity(pruned, ids).perplexity for name, ids in self.texts.items()}
             del pruned
             print(f"  eval {key[0]}{' +comp' if key[1] else ''}: "

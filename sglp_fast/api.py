@@ -23,8 +23,7 @@ import numpy as np
 import torch
 
 from .data import CalibrationData, load_calibration
-from .plan import Plan, build_plan, config_fingerprint, resolve_budget
-from .plan import SEARCH_SCORERS
+from .plan import SEARCH_SCORERS, Plan, build_plan, config_fingerprint, resolve_budget
 from .scoring import SCORERS, compute_scores, get_scorer
 from .verified import DEFAULT_SHORTLIST, DEFAULT_VERIFY_WINDOWS, verified_pick
 

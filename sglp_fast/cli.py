@@ -224,7 +224,7 @@ def _analyze_kwargs(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
               seq_len=args.seq_len, seed=args.seed, device=_device(args), dtype=args.dtype,
               max_memory=args.max_memory, offload_dir=args.offload_dir, lazy=args.lazy,
               text_field=args.text_field, progress=not args.quiet, verify_windows=args.verify_windows,
-              shortlist=args.shortlist, compensate=args.compensate if args.scorer == "verified" else False)
+              shortlist=args.shortlist, compensate=args.compensate)
     if hasattr(args, "ratio"):
         kw.update(remove=args.remove, ratio=args.ratio, ratio_of=args.ratio_of, protect_first=args.protect_first,
                   protect_last=args.protect_last, allow_empty_segments=args.allow_empty_segments)

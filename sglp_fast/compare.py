@@ -10,6 +10,8 @@ import torch
 
 from . import baselines
 from .evaluate import perplexity
+from .plan import SEARCH_SCORERS
+from .pruning import remove_blocks
 
 # method name -> what it is; "sglp-<scorer>" = Fisher segments + that scorer inside each segment
 METHODS = {
@@ -40,9 +42,7 @@ def removed_by(method: str, analysis: Any, n: int, seed: int = 0) -> list[int]:
     L = analysis.model_info["num_blocks"]
     if method.startswith("sglp-"):
         scorer = method[len("sglp-"):]
-        if scorer == "verified":  # compensated plans are scored by compare() through plan_of()
-            return list(analysis.plan_for(remove=n, scorer=scorer).removed or [])
-        if scorer not in analysis.scores:
+        if SEARCH_SCORERS.get(scorer, scorer) not in analysis.scores:
             raise ValueError(f"methods: {method!r} needs scores {scorer!r}, computed: {sorted(analysis.scores)}")
         return list(analysis.plan_for(remove=n, scorer=scorer).removed or [])
     if method == "shortgpt":
@@ -69,14 +69,10 @@ def plan_of(method: str, analysis: Any, n: int, seed: int = 0) -> tuple[list[int
 def compare(analysis: Any, removes: Sequence[int], eval_ids: torch.Tensor, methods: Sequence[str] = DEFAULT_METHODS,
             seed: int = 0, batch_size: int = 4, progress: Any = None) -> tuple[float, list[CompareRow]]:
     """(perplexity of the unpruned model, one row per method x budget); identical block sets are scored once."""
-    from .models import get_adapter  # noqa: PLC0415
-
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"methods: unknown method {m!r}; choose from {sorted(METHODS)}")
     base = perplexity(analysis.model, eval_ids, batch_size=batch_size).perplexity
-    from .compensate import apply_transforms  # noqa: PLC0415
-
     cache: dict[tuple, float] = {((), False): base}
     rows = []
     for n in removes:
@@ -85,11 +81,7 @@ def compare(analysis: Any, removes: Sequence[int], eval_ids: torch.Tensor, metho
             removed = tuple(removed_list)
             key = (removed, bool(transforms))
             if key not in cache:
-                pruned = copy.deepcopy(analysis.model)
-                adapter = get_adapter(pruned)
-                if transforms:
-                    apply_transforms(adapter, transforms)
-                adapter.remove_blocks(list(removed))
+                pruned = remove_blocks(copy.deepcopy(analysis.model), removed, transforms)
                 cache[key] = perplexity(pruned, eval_ids, batch_size=batch_size).perplexity
                 del pruned
             rows.append(CompareRow(m, n, removed, cache[key], bool(transforms)))

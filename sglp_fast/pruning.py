@@ -37,22 +37,27 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
 
 def apply_plan(model: Any, plan: Plan, check: bool = True) -> Any:
     """Remove ``plan.removed`` from ``model`` in place (after checking the plan was made for it)."""
-    from .models import get_adapter  # noqa: PLC0415
-
     if plan.removed is None:
         raise ValueError("plan: has no 'removed' blocks (an analysis without a budget); re-run `sglp analyze` "
                          "or `sglp prune` with --remove/--ratio")
     if check:
         plan.check_model(model)
+    if plan.extra.get("compensation") is not None and plan.transforms is None:
+        raise ValueError("plan: compensates removed blocks but carries no maps; load it with Plan.load from "
+                         "the folder holding compensation.safetensors")
+    return remove_blocks(model, plan.removed, plan.transforms)
+
+
+def remove_blocks(model: Any, removed: Any, transforms: Any = None) -> Any:
+    """Fold compensation maps (if any) into the kept blocks, then drop ``removed``, in place; no plan checks."""
+    from .models import get_adapter  # noqa: PLC0415
+
     adapter = get_adapter(model)
-    if plan.extra.get("compensation") is not None:
-        if plan.transforms is None:
-            raise ValueError("plan: compensates removed blocks but carries no maps; load it with Plan.load from "
-                             "the folder holding compensation.safetensors")
+    if transforms:
         from .compensate import apply_transforms  # noqa: PLC0415
 
-        apply_transforms(adapter, plan.transforms)  # folded into the kept blocks before the removal
-    adapter.remove_blocks(plan.removed)
+        apply_transforms(adapter, transforms)  # indices are the original ones: fold before the removal
+    adapter.remove_blocks(list(removed))
     return model
 
 

@@ -36,7 +36,6 @@ class SkipVerifier:
         self._calls = calls            # calls[b][l]: block l's arguments for kept batch b
         self._batches = batches        # the kept batches, on the device
         self._kind = kind
-        self._device = device
         self._non_block = non_block_modules
         self._nv = verify_batches
         self.fit_batches = list(range(verify_batches, len(batches)))
