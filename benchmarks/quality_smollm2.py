@@ -36,6 +36,7 @@ from sglp_fast.evaluate import perplexity
 from sglp_fast.api import default_model_source
 from sglp_fast.models import load_model
 from sglp_fast.pruning import remove_blocks
+from sglp_fast.verified import verified_pick
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEERS = ("shortgpt", "angular", "last", "random")
@@ -150,10 +151,14 @@ def main() -> int:
                 picks[(s, n)] = sel["picked"] + (" + compensation" if sel["compensated"] else "")
                 rows[("default", s, n)] = scorer(plan.removed, plan.transforms, tag=("default", s, n))
                 plans[("default", s, n)] = f"{plan.removed}{' +comp' if plan.transforms else ''}"
-                plain = min((c for c in sel["candidates"].values() if c.get("calib_loss") is not None),
-                            key=lambda c: c["calib_loss"])
-                rows[("verified-plain", s, n)] = scorer(plain["removed"])
-                plans[("verified-plain", s, n)] = str(plain["removed"])
+                # the ablation is what --no-compensate plans on the same check windows: the search with its
+                # greedy on and no compensated candidates (memoized losses are shared with the default's)
+                plain = verified_pick(segments=plan.segments, n=n, relative_update=default.scores["relative_update"],
+                                      block_influence=default.scores["block_influence"], verifier=default.verifier,
+                                      last_token_hidden=default.last_token_hidden, shortlist=default.shortlist,
+                                      compensate=False, greedy=True)
+                rows[("verified-plain", s, n)] = scorer(plain.removed)
+                plans[("verified-plain", s, n)] = str(plain.removed)
         for n in args.remove:
             gp = paper.plan if n == top else paper.plan_for(remove=n)
             rows[("paper", s, n)] = scorer(gp.removed)
@@ -232,7 +237,8 @@ calibration windows. Segments (k = auto) of the default analysis: {", ".join(f"s
 
 The paper's pipeline is calibration forward + backward (GradNorm) + CKA + segmentation; the default is the
 calibration forward (no backward: nothing in it needs a gradient) + CKA + segmentation + the verified search
-(loss checks on 4 windows, compensation fitted on the other {args.calib_seqs - 4}).
+(plain and compensated losses of 4 candidate plans on 4 check windows, compensation fitted on the other
+{args.calib_seqs - 4} for the check, the chosen plan's maps refitted on all {args.calib_seqs}; no greedy while compensating).
 
 | subset | paper (s) | default (s) | default / paper | search work (block-forwards over the calibration set; 1 forward = 30) |
 |---|---|---|---|---|
@@ -254,7 +260,8 @@ reuse the same analysis (`Analysis.plan_for`), each adding its own search.
 {plan_rows}
 
 Methods: default = `sglp prune` with no options (scorer `verified`, compensation on: see docs/quality.md);
-"verified, no compensation" = the same search with the compensated candidates left out; paper = `--scorer
+"verified, no compensation" = what `--no-compensate` plans (the search with its loss-checked greedy and no
+compensated candidates) on the same check windows; paper = `--scorer
 gradnorm` (lowest GradNorm per Fisher segment, budget split proportional to segment sizes); ShortGPT = the n
 lowest block influences (1 - cos) over the whole depth; angular = Gromov et al.'s contiguous run with the
 smallest last-token angular distance; last = the last n blocks; random = n blocks drawn with seeds 0, 1, 2

@@ -63,6 +63,7 @@ class Analysis:
     verifier: Any = None  # SkipVerifier for scorer "verified" (holds cached block inputs until close())
     shortlist: int = DEFAULT_SHORTLIST
     compensate: bool = False  # the verified search also weighs compensated plans (compensate.py)
+    greedy: bool = True  # the verified search runs its loss-checked greedy (verified.py)
 
     def close(self) -> None:
         """Free the cached block inputs the "verified" scorer searches with (plan_for needs them)."""
@@ -120,15 +121,19 @@ def _make_plan(analysis: Analysis, scorer: str, n: int | None, ratio: float | No
                               block_influence=analysis.scores["block_influence"], verifier=analysis.verifier,
                               last_token_hidden=analysis.last_token_hidden, protect_first=protect_first,
                               protect_last=protect_last, allow_empty_segments=allow_empty_segments,
-                              shortlist=analysis.shortlist, compensate=analysis.compensate)
+                              shortlist=analysis.shortlist, compensate=analysis.compensate,
+                              greedy=analysis.greedy)
         selection = {"removed": found.removed, **found.to_dict(), "shortlist": analysis.shortlist,
                      "verify_windows": analysis.verifier.num_windows}
-        if found.compensated:
-            transforms = analysis.verifier.transforms(found.removed)
+        if found.compensated:  # refit the chosen plan's maps on every window, and record its loss
+            transforms = analysis.verifier.transforms(found.removed, all_windows=True)
+            selection["calib_loss_refit"] = analysis.verifier.losses([found.removed], compensated=True,
+                                                                     all_windows=True)[0]
             compensation = {"method": "ridge least squares folded into the MLP output projection (compensate.py)",
                             "module": get_adapter(analysis.model).mlp_output_path(),
                             "alpha": COMPENSATE_ALPHA,
-                            "fit_windows": analysis.calibration.n_seqs - analysis.verifier.num_windows}
+                            "fit_windows": analysis.calibration.n_seqs,
+                            "search_fit_windows": analysis.calibration.n_seqs - analysis.verifier.num_windows}
     seg = analysis.segmentation
     return build_plan(model_info=analysis.model_info, calibration=analysis.calibration_info, cka=analysis.cka,
                       segments=segments, k=seg.k, k_rule=seg.k_rule, scorer=scorer, scores=analysis.scores,
@@ -200,7 +205,7 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
             cka_estimator: str = "unbiased", lazy: bool = False, collect_last_token: bool = False,
             text_field: str = "text", progress: bool = False, gradients: bool | None = None,
             verify_windows: int = DEFAULT_VERIFY_WINDOWS, shortlist: int = DEFAULT_SHORTLIST,
-            compensate: bool | None = None) -> Analysis:
+            compensate: bool | None = None, greedy: bool | None = None) -> Analysis:
     """CKA matrix, Fisher segments, per-block scores (every scorer) and, with a budget, the removed blocks.
 
     ``model``: path / hub name / .gguf / nn.Module / None (default SmolLM2-135M). ``calib``: a source spec
@@ -212,6 +217,8 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     per removal. With scorer "verified" the analysis holds cached block inputs: ``close()`` it when done.
     ``compensate``: let the verified search also weigh compensated plans (``compensate.py``); None = when
     the architecture supports it and calibration has windows beyond ``verify_windows`` to fit on.
+    ``greedy``: run the search's loss-checked greedy; None = only without compensation (with it, the
+    greedy's plain-loss choices rarely survive compensation and it was most of the search's cost).
     """
     from .calibrate import calibrate  # noqa: PLC0415
     from .cka import CKAAccumulator  # noqa: PLC0415
@@ -223,6 +230,8 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     for name, value in (("verify_windows", verify_windows), ("shortlist", shortlist)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if greedy is not None and not isinstance(greedy, bool):
+        raise ValueError(f"greedy: expected True, False or None (auto: only without compensation), got {greedy!r}")
     if gradients is None:
         gradients = needs_gradients(scorer)
     elif not gradients and needs_gradients(scorer):
@@ -280,7 +289,7 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
                         segmentation=seg, scores=scores, plan=None, model_info=model_info, timings=timings,
                         last_token_hidden=None if last_token is None else last_token.hidden_states(),
                         verifier=result.verifier, shortlist=shortlist, calibration_info=calibration_info,
-                        compensate=compensate)
+                        compensate=compensate, greedy=not compensate if greedy is None else greedy)
     t0 = time.perf_counter()
     try:
         analysis.plan = _make_plan(analysis, scorer, n_remove, ratio, ratio_of, protect_first, protect_last,

@@ -116,6 +116,9 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-compensate", dest="compensate", action="store_const", const=False, default=None,
                    help="'verified' scorer: do not weigh compensated plans (default: weigh them where the "
                         "architecture allows; a least-squares map folded into the block before each removed run)")
+    g.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=None,
+                   help="'verified' scorer: run the loss-checked greedy among its candidates (default: only "
+                        "when compensation is off)")
     g.add_argument("--lazy", action="store_true",
                    help="big models (safetensors dirs): load block by block; the output is written by streaming "
                         "the kept shards' tensors, and perplexity is not evaluated")
@@ -224,7 +227,7 @@ def _analyze_kwargs(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
               seq_len=args.seq_len, seed=args.seed, device=_device(args), dtype=args.dtype,
               max_memory=args.max_memory, offload_dir=args.offload_dir, lazy=args.lazy,
               text_field=args.text_field, progress=not args.quiet, verify_windows=args.verify_windows,
-              shortlist=args.shortlist, compensate=args.compensate)
+              shortlist=args.shortlist, compensate=args.compensate, greedy=args.greedy)
     if hasattr(args, "ratio"):
         kw.update(remove=args.remove, ratio=args.ratio, ratio_of=args.ratio_of, protect_first=args.protect_first,
                   protect_last=args.protect_last, allow_empty_segments=args.allow_empty_segments)

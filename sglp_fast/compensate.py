@@ -15,7 +15,9 @@ one d x d solve per run. The row weights w keep the few massive-activation token
 
 Runs are fitted in order on the pruned model's own stream (earlier runs already compensated), on the
 calibration windows the verified search does NOT use for its loss check, so that check is an honest
-held-out test: a fit that does not generalize loses there and the uncompensated plan is kept.
+held-out test: a fit that does not generalize loses there and the uncompensated plan is kept. Once the
+search has chosen, the chosen plan's maps are refitted on every calibration window (the check has done its
+job; a third more data for the same d x d maps).
 A run starting at block 0 has no block before it and stays uncompensated.
 """
 from __future__ import annotations
@@ -106,13 +108,19 @@ def patched(module: nn.Module, T: torch.Tensor | None):
             getattr(module, name).data = value
 
 
-def fit_transforms(verifier: Any, removed: Sequence[int], alpha: float = DEFAULT_ALPHA) -> dict[int, torch.Tensor]:
-    """{block p: T (float64, CPU)} for every removed run a..b with a >= 1 (p = a - 1), fitted in order."""
+def fit_transforms(verifier: Any, removed: Sequence[int], alpha: float = DEFAULT_ALPHA,
+                   batches: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
+    """{block p: T (float64, CPU)} for every removed run a..b with a >= 1 (p = a - 1), fitted in order.
+
+    ``batches``: the cached batches to fit on (default: ``verifier.fit_batches``, those the loss check does
+    not use). After a fit, the block's new output is ``out + m (T - I)`` exactly when the block adds its MLP
+    output straight to the stream; that is checked once, on the first batch, against a real call.
+    """
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
         raise ValueError(f"compensate_alpha: expected a positive number (ridge strength), got {alpha!r}")
     gone = set(int(i) for i in removed)
     target_of = {a - 1: b + 1 for a, b in runs_of(gone) if a >= 1}
-    fit = verifier.fit_batches
+    fit = list(verifier.fit_batches if batches is None else batches)
     if not target_of:
         return {}
     if not fit:
@@ -141,11 +149,17 @@ def fit_transforms(verifier: Any, removed: Sequence[int], alpha: float = DEFAULT
             T = _solve(verifier, fit, outs, mlps, target_of[l], alpha)
             transforms[l] = T
         with verifier.block(l, T) as block:
-            for b in fit:
-                new = verifier.call(block, l, states[b], b)
-                _check_additive(new, outs[b], mlps[b], T, l)
-                states[b] = new
+            real = verifier.call(block, l, states[fit[0]], fit[0])
+        for b in fit:
+            states[b] = _shifted(outs[b], mlps[b], T)
+        _check_additive(real, states[fit[0]], l)
     return transforms
+
+
+def _shifted(out: torch.Tensor, m: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """The block's output with T folded in, out + m (T - I), for a block that adds m to the stream."""
+    D = T.to(m.device, torch.float64) - torch.eye(T.shape[0], dtype=torch.float64, device=m.device)
+    return (out.double() + m.double() @ D).to(out.dtype)
 
 
 def _solve(verifier, fit, outs, mlps, target_slot: int, alpha: float) -> torch.Tensor:
@@ -166,11 +180,10 @@ def _solve(verifier, fit, outs, mlps, target_slot: int, alpha: float) -> torch.T
     return (eye + D).cpu()
 
 
-def _check_additive(new: torch.Tensor, old: torch.Tensor, m: torch.Tensor, T: torch.Tensor, layer: int) -> None:
-    """The folded block must equal out + m @ (T - I); otherwise the architecture is not additive here."""
-    expect = old.double() + m.double() @ (T.to(m.device) - torch.eye(T.shape[0], dtype=T.dtype, device=m.device))
-    err = float((new.double() - expect).norm() / expect.norm().clamp_min(1e-30))
-    tol = 1e-4 if new.dtype in (torch.float32, torch.float64) else 5e-2
+def _check_additive(real: torch.Tensor, expect: torch.Tensor, layer: int) -> None:
+    """The folded block's real output must equal out + m (T - I); otherwise the architecture is not additive."""
+    err = float((real.double() - expect.double()).norm() / expect.double().norm().clamp_min(1e-30))
+    tol = 1e-4 if real.dtype in (torch.float32, torch.float64) else 5e-2
     if not err <= tol:
         raise ValueError(f"compensate: block {layer} does not add its MLP output straight to the residual stream "
                          f"(relative mismatch {err:.2e}); this architecture cannot be compensated, use "

@@ -61,10 +61,31 @@ def loss_sum(kind: str, output, batch: dict) -> torch.Tensor:
     if kind == "mlm_reconstruction_ce":
         logits = at_least_fp32(output.logits)
         return F.cross_entropy(logits[mask], ids[mask], reduction="sum")
-    hidden = at_least_fp32(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
-    w = mask.to(hidden.dtype).unsqueeze(-1)
-    pooled = (hidden * w).sum(1) / w.sum(1).clamp_min(1.0)
+    hidden = at_least_fp32(last_hidden(output))
+    pooled = mean_pooled(hidden, mask)
     return (pooled.pow(2).sum(-1) / hidden.shape[-1]).sum()
+
+
+def last_hidden(output) -> torch.Tensor:
+    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+
+def mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the real tokens of each sequence (the sentence embedding of mean-pooling encoders)."""
+    w = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
+def embedding_distortion_sum(output, dense_pooled: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Sum over sequences of 1 - cos(pooled embedding, the dense model's pooled embedding).
+
+    Why: for an encoder without a head the pooled-energy proxy gives GradNorm a gradient, but it is not a
+    quality to minimize (a pruned model that shrinks its embeddings would "win"); a plan is judged by how far
+    it moves the sentence embeddings the model exists to produce. Same count of terms (one per sequence).
+    """
+    mask = token_mask(batch).to(dense_pooled.device)
+    pooled = mean_pooled(at_least_fp32(last_hidden(output)), mask)
+    return (1.0 - F.cosine_similarity(pooled, at_least_fp32(dense_pooled), dim=-1)).sum()
 
 
 class BlockGradStats:

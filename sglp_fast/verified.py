@@ -5,19 +5,23 @@ correlation +0.08 with the measured skip loss), and every single-block score mis
 removed neighbours (docs/quality.md). The relative update r = mean ||h_out - h_in|| / ||h_in|| tracks the skip
 loss well (+0.89), so it proposes; the loss decides:
 
-1. greedy: n times, shortlist the ``shortlist`` lowest-r blocks that may still go (unprotected, and their
-   Fisher segment keeps >= 1 block), and remove the one whose removal (with those already removed) gives the
-   lowest calibration loss (``SkipVerifier``: a partial forward on a few calibration windows).
+1. greedy (``greedy=True``; the API runs it only without compensation): n times, shortlist the
+   ``shortlist`` lowest-r blocks that may still go (unprotected, and their Fisher segment keeps >= 1 block),
+   and remove the one whose removal (with those already removed) gives the lowest calibration loss
+   (``SkipVerifier``: a partial forward on a few calibration windows).
 2. pick: the plan with the lowest calibration loss among the greedy plan and a few whole plans proposed by
    other rules (r per segment with the proportional split, the n lowest r overall, ShortGPT's n lowest block
    influence, Gromov's contiguous angular run); a proposal that breaks the frame (empties a segment, removes
    a protected block) is left out. Ties go to the earlier name in ``CANDIDATES``.
 3. with ``compensate=True`` every candidate is also scored compensated (``compensate.py``: a least-squares
    map folded into the block before each removed run, fitted on the calibration windows the loss check does
-   not use), and the pick is over plain and compensated candidates together (plain first on ties).
+   not use), and the pick is over plain and compensated candidates together (plain first on ties). The
+   greedy is off then by default: its choices are made on plain losses, compensation reverses them (it
+   picks the blocks right after the massive-activation block, which compensation cannot repair), it won
+   1 of 9 benchmark picks and was over half of the search's work.
 
-No gradient is needed, so the calibration skips the backward and the whole analysis costs about what the
-paper's pipeline does (measured in benchmarks/results/quality_smollm2.md).
+No gradient is needed, so the calibration skips the backward and the whole analysis costs less than the
+paper's pipeline plus its backward would suggest (measured in benchmarks/results/quality_smollm2.md).
 """
 from __future__ import annotations
 
@@ -87,7 +91,8 @@ def _lowest_in_frame(score: Sequence[float], n: int, segments, protected, allow_
 def verified_pick(*, segments: Sequence[Sequence[int]], n: int, relative_update: Sequence[float],
                   block_influence: Sequence[float], verifier: Any, last_token_hidden: np.ndarray | None = None,
                   protect_first: int = 0, protect_last: int = 0, allow_empty_segments: bool = False,
-                  shortlist: int = DEFAULT_SHORTLIST, compensate: bool = False) -> VerifiedSelection:
+                  shortlist: int = DEFAULT_SHORTLIST, compensate: bool = False,
+                  greedy: bool = True) -> VerifiedSelection:
     """Remove ``n`` blocks by the verified rule above; ``verifier.losses(plans)`` gives calibration losses."""
     r = np.asarray(relative_update, dtype=np.float64)
     L = len(r)
@@ -101,7 +106,7 @@ def verified_pick(*, segments: Sequence[Sequence[int]], n: int, relative_update:
 
     removed: list[int] = []
     steps: list[dict[str, Any]] = []
-    for _ in range(n):
+    for _ in range(n if greedy else 0):
         allowed = [i for i in range(L) if i not in removed and i not in protected and left[seg_of[i]] > 0]
         cand = sorted(allowed, key=lambda i: (r[i], i))[:shortlist]
         losses = verifier.losses([removed + [i] for i in cand], base=removed)
@@ -111,7 +116,7 @@ def verified_pick(*, segments: Sequence[Sequence[int]], n: int, relative_update:
         left[seg_of[cand[best]]] -= 1
 
     proposals: dict[str, list[int] | None] = {
-        "greedy": sorted(removed),
+        "greedy": sorted(removed) if greedy else None,
         "relative_update_per_segment": select_removed(segments, r, per_segment, protected),
         "relative_update_global": _lowest_in_frame(r, n, segments, protected, allow_empty_segments),
         "block_influence": baselines.shortgpt(block_influence, n),
@@ -124,7 +129,8 @@ def verified_pick(*, segments: Sequence[Sequence[int]], n: int, relative_update:
     candidates = {name: {"removed": valid[name], "calib_loss": float(loss)} for name, loss in zip(names, losses)}
     for name in CANDIDATES:
         if name not in valid:
-            why = "not available (no last-token states)" if proposals[name] is None else "breaks the frame"
+            why = ("not run" if name == "greedy" else "not available (no last-token states)") \
+                if proposals[name] is None else "breaks the frame"
             candidates[name] = {"removed": proposals[name], "calib_loss": None, "skipped": why}
     options = [(name, False) for name in names]
     if compensate:

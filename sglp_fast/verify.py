@@ -7,7 +7,9 @@ at block min(R) from its cached input, runs the kept blocks after it and the hea
 calibration windows only. Several plans are evaluated in one layer-major pass (each block's weights are
 brought to the device once per pass, as in calibration), and results are memoized per removed set.
 With ``compensated=True`` the plan is first compensated (``compensate.py``, fitted on the other cached
-windows) and the loss is that of the compensated model.
+windows) and the loss is that of the compensated model. For an encoder without a head the "loss" is the
+embedding distortion against the dense model (mean 1 - cos of the pooled embeddings), not the pooled-energy
+proxy GradNorm backpropagates: a plan is judged by how far it moves what the model outputs.
 """
 from __future__ import annotations
 
@@ -41,9 +43,10 @@ class SkipVerifier:
         self.fit_batches = list(range(verify_batches, len(batches)))
         self._terms = sum(G.loss_count(kind, b) for b in batches[:verify_batches])
         self._windows = [int(b["input_ids"].shape[0]) for b in batches]
-        self._transforms: dict[frozenset[int], dict[int, torch.Tensor]] = {}
+        self._transforms: dict[tuple[frozenset[int], bool], dict[int, torch.Tensor]] = {}
         self._total_windows = total_windows
-        self._memo: dict[tuple[frozenset[int], bool], float] = {}
+        self._memo: dict[tuple[frozenset[int], bool, bool], float] = {}
+        self._dense_pooled: dict[int, torch.Tensor] = {}  # headless encoders: the dense sentence embeddings
         self.window_block_forwards = 0  # block calls x windows, the work spent so far
         self.closed = False
 
@@ -79,14 +82,21 @@ class SkipVerifier:
         self.window_block_forwards += self._windows[batch]
         return self.adapter.call_block(block, hidden, self._calls[batch][layer])
 
-    def transforms(self, removed: Iterable[int], alpha: float | None = None) -> dict[int, torch.Tensor]:
-        """The compensation maps of a plan (fitted once, memoized)."""
+    def transforms(self, removed: Iterable[int], alpha: float | None = None,
+                   all_windows: bool = False) -> dict[int, torch.Tensor]:
+        """The compensation maps of a plan (fitted once, memoized).
+
+        Fitted on the windows the loss check does not use, so the check stays a held-out test; with
+        ``all_windows`` (the chosen plan, once the check has done its job) on every cached window.
+        """
         from .compensate import DEFAULT_ALPHA, fit_transforms  # noqa: PLC0415
 
-        key = self._check(removed)
+        key = (self._check(removed), bool(all_windows))
         if key not in self._transforms:
+            batches = range(len(self._batches)) if all_windows else self.fit_batches
             with self._eval_mode(), torch.no_grad():
-                self._transforms[key] = fit_transforms(self, sorted(key), DEFAULT_ALPHA if alpha is None else alpha)
+                self._transforms[key] = fit_transforms(self, sorted(key[0]), DEFAULT_ALPHA if alpha is None else alpha,
+                                                       batches=list(batches))
         return self._transforms[key]
 
     @property
@@ -110,18 +120,19 @@ class SkipVerifier:
 
     @torch.no_grad()
     def losses(self, plans: Sequence[Iterable[int]], compensated: bool = False,
-               base: Iterable[int] | None = None) -> list[float]:
+               base: Iterable[int] | None = None, all_windows: bool = False) -> list[float]:
         """The loss of each plan (a set of removed blocks); new plans share one pass over the blocks.
 
         ``base``: plans that add one block to it (the greedy's candidates) reuse its stream (same values).
+        ``all_windows``: compensated with the maps fitted on every window (the final model; not held out).
         """
-        keys = [(self._check(p), bool(compensated)) for p in plans]
+        keys = [(self._check(p), bool(compensated), bool(compensated and all_windows)) for p in plans]
         todo = list(dict.fromkeys(k for k in keys if k not in self._memo))
         if todo:
-            fixes = [self.transforms(p) if comp else {} for p, comp in todo]
+            fixes = [self.transforms(p, all_windows=final) if comp else {} for p, comp, final in todo]
             with self._eval_mode():
                 shared = None if base is None else self._check(base)
-                for key, value in zip(todo, self._run([p for p, _ in todo], fixes, shared)):
+                for key, value in zip(todo, self._run([p for p, _, _ in todo], fixes, shared)):
                     self._memo[key] = value
         return [self._memo[k] for k in keys]
 
@@ -173,14 +184,29 @@ class SkipVerifier:
                 total = 0.0
                 for b in range(nb):
                     h = states.pop((i, b)) if (i, b) in states else self._cache.get(L, b)
-                    s = G.loss_sum(self._kind, self.adapter.head_output(h, self._batches[b]), self._batches[b])
-                    total += float(s)
+                    total += float(self._loss_sum(h, b))
                 value = total / max(self._terms, 1)
                 if value != value or value in (float("inf"), float("-inf")):
                     raise ValueError(f"verifier: the calibration loss with blocks {sorted(p)} removed is {value}; "
                                      "the pruned model overflows (use dtype float32)")
                 out.append(value)
         return out
+
+    def _loss_sum(self, hidden: torch.Tensor, batch: int) -> torch.Tensor:
+        """Batch ``batch``'s loss terms when the last block returns ``hidden``.
+
+        The calibration loss, except for encoders without a head: there the embedding distortion against
+        the dense model (``gradients.embedding_distortion_sum``), not the pooled-energy proxy.
+        """
+        data = self._batches[batch]
+        output = self.adapter.head_output(hidden, data)
+        if self._kind != "pooled_energy":
+            return G.loss_sum(self._kind, output, data)
+        if batch not in self._dense_pooled:
+            dense = self.adapter.head_output(self._cache.get(self.num_blocks, batch), data)
+            self._dense_pooled[batch] = G.mean_pooled(G.at_least_fp32(G.last_hidden(dense)),
+                                                      G.token_mask(data).to(hidden.device))
+        return G.embedding_distortion_sum(output, self._dense_pooled[batch], data)
 
     @contextlib.contextmanager
     def _eval_mode(self):
@@ -198,6 +224,7 @@ class SkipVerifier:
             self.closed = True
             self._memo.clear()
             self._transforms.clear()
+            self._dense_pooled.clear()
 
     def __enter__(self) -> SkipVerifier:
         return self

@@ -13,7 +13,7 @@ import torch
 import transformers as tf
 from pipeline_models import one_thread, save_tiny  # noqa: F401
 
-from sglp_fast.cli import build_parser, main, parse_size
+from sglp_fast.cli import _analyze_kwargs, build_parser, main, parse_size
 from sglp_fast.data import load_calibration
 from sglp_fast.evaluate import count_parameters, perplexity
 from sglp_fast.plan import Plan
@@ -239,6 +239,10 @@ def test_parse_size_and_defaults():
     assert args.segments == "auto" and args.scorer == "verified" and args.eval_text == "builtin:heldout"
     assert args.compensate is None and (args.verify_windows, args.shortlist) == (4, 4)
     assert build_parser().parse_args(["prune", "--ratio", "0.25", "--output", "o", "--no-compensate"]).compensate is False
+    assert args.greedy is None
+    for flag, value in (("--greedy", True), ("--no-greedy", False)):
+        assert build_parser().parse_args(["prune", "--ratio", "0.25", "--output", "o", flag]).greedy is value
+    assert _analyze_kwargs(build_parser().parse_args(["prune", "--ratio", "0.25", "--output", "o", "--greedy"]))["greedy"]
 
 
 def test_console_script_entry_point():

@@ -70,6 +70,31 @@ def test_verifier_loss_equals_the_pruned_model(setup, removed):
     assert abs(got - want) <= 1e-10 * max(1.0, abs(want)), (removed, got, want)
 
 
+@pytest.mark.parametrize("removed", [(0,), (1, 2), (3,)])
+def test_headless_encoder_is_judged_by_embedding_distortion(removed):
+    """BERT without a head: the search's loss is mean 1 - cos(pooled, dense pooled), not the energy proxy."""
+    model = tiny_model("bert", layers=4, seed=int(torch.randint(0, 10**6, ()))).double().eval()
+    batches = tiny_batches("bert", seed=int(torch.randint(0, 10**6, ())), shapes=((1, 17), (3, 5), (2, 9), (1, 2)))
+    res = calibrate(model, batches, gradients=False, progress=False, keep_inputs=7)  # every window
+    try:
+        got = res.verifier.loss(removed)
+        assert res.verifier.loss(()) == pytest.approx(0.0, abs=1e-12)  # the dense model is not distorted
+    finally:
+        res.verifier.close()
+    pruned = _pruned(model, removed)
+
+    def pooled(m, batch):
+        with torch.no_grad():
+            h = m(**batch).last_hidden_state
+        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+        return [h[i][mask[i]].mean(0) for i in range(h.shape[0])]
+
+    dist = [1 - torch.nn.functional.cosine_similarity(a, b, dim=0)
+            for batch in batches for a, b in zip(pooled(pruned, batch), pooled(model, batch))]
+    want = float(sum(dist) / len(dist))
+    assert want > 1e-6 and abs(got - want) <= 1e-10 * max(1.0, abs(want)), (got, want)
+
+
 def test_verifier_work_counter_and_memo(setup):
     _, _, ver = setup
     before = ver.window_block_forwards
@@ -146,26 +171,49 @@ def _hooked_run(model, batches, stop_after: int):
     return rec
 
 
-def test_compensation_map_equals_numpy_ridge_solution(setup):
-    model, batches, ver = setup
-    removed = [2, 3]  # one run 2..3: fitted on block 1's MLP output, target = dense input of block 4
-    T = ver.transforms(removed)
-    assert list(T) == [1]
-    fit = [batches[i] for i in ver.fit_batches]
-    rec = _hooked_run(model, fit, stop_after=1)
+def _numpy_ridge(model, fit, stop_after: int, target: list[np.ndarray], alpha: float = 1.0) -> np.ndarray:
+    """T = I + D of compensate.py's ridge problem, from activations recorded on ``model`` (numpy, float64)."""
+    rec = _hooked_run(model, fit, stop_after=stop_after)
     X, Y = [], []
     for b, batch in enumerate(fit):
         mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
         m = rec["mlp"][b][mask].numpy()
         h_mid = rec["out"][b][mask].numpy() - m
-        need = rec["ins"][4][b][mask].numpy() - h_mid
+        need = target[b][mask.numpy()] - h_mid
         w = 1.0 / np.linalg.norm(need, axis=1, keepdims=True)
         X.append(m * w)
         Y.append((need - m) * w)
     X, Y = np.concatenate(X), np.concatenate(Y)
     G = X.T @ X
-    D = np.linalg.solve(G + 1.0 * np.trace(G) / G.shape[0] * np.eye(G.shape[0]), X.T @ Y)
-    np.testing.assert_allclose(T[1].numpy(), np.eye(D.shape[0]) + D, rtol=1e-8, atol=1e-10)
+    D = np.linalg.solve(G + alpha * np.trace(G) / G.shape[0] * np.eye(G.shape[0]), X.T @ Y)
+    return np.eye(D.shape[0]) + D
+
+
+@pytest.mark.parametrize("all_windows", [False, True])
+def test_compensation_map_equals_numpy_ridge_solution(setup, all_windows):
+    model, batches, ver = setup
+    removed = [2, 3]  # one run 2..3: fitted on block 1's MLP output, target = dense input of block 4
+    T = ver.transforms(removed, all_windows=all_windows)
+    assert list(T) == [1]
+    fit = batches if all_windows else [batches[i] for i in ver.fit_batches]
+    dense = [x.numpy() for x in _hooked_run(model, fit, stop_after=1)["ins"][4]]
+    np.testing.assert_allclose(T[1].numpy(), _numpy_ridge(model, fit, 1, dense), rtol=1e-8, atol=1e-10)
+    if not all_windows:  # the check windows stay out of the fit the check is judged on
+        assert not set(ver.fit_batches) & set(range(2))
+
+
+def test_second_run_is_fitted_on_the_compensated_pruned_stream(setup):
+    """Runs 1 and 3..4: block 2's map is fitted on the model with block 0's map folded in and block 1 gone."""
+    model, batches, ver = setup
+    T = ver.transforms([1, 3, 4])
+    assert sorted(T) == [0, 2]
+    fit = [batches[i] for i in ver.fit_batches]
+    dense = _hooked_run(model, fit, stop_after=0)["ins"]
+    np.testing.assert_allclose(T[0].numpy(), _numpy_ridge(model, fit, 0, [x.numpy() for x in dense[2]]),
+                               rtol=1e-8, atol=1e-10)
+    first = _pruned(model, [1], {0: T[0]})  # blocks 0, 2, 3, 4, 5: the old block 2 is now block 1
+    np.testing.assert_allclose(T[2].numpy(), _numpy_ridge(first, fit, 1, [x.numpy() for x in dense[5]]),
+                               rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("removed", [(2, 3), (1, 3, 4), (0, 2)])
@@ -322,8 +370,10 @@ def test_default_prune_is_verified_without_backward_and_its_loss_is_real(tiny_di
     ids = load_calibration("builtin", res.tokenizer, n_seqs=6, seq_len=20).input_ids[:4]
     with torch.no_grad():
         loss = float(reference_loss(reloaded, "llama", [{"input_ids": w[None]} for w in ids])[0])
-    recorded = picked["calib_loss_compensated" if sel["compensated"] else "calib_loss"]
+    # compensated: the maps were refitted on every window once the check had picked; that model's loss
+    recorded = sel["calib_loss_refit"] if sel["compensated"] else picked["calib_loss"]
     assert loss == pytest.approx(recorded, rel=1e-5)
+    assert sel["candidates"]["greedy"]["skipped"] == "not run"  # compensation on: no greedy by default
     assert (plan.extra.get("compensation") is not None) == sel["compensated"]
     assert Plan.load(tmp_path / "out").removed == plan.removed
 
@@ -375,7 +425,25 @@ def test_compensate_switch(tiny_dir):
         sglp_fast.analyze(str(tiny_dir), "builtin", scorer="block_influence", compensate=True, **API_CALIB)
     with pytest.raises(ValueError, match="gradients: scorer 'gradnorm' needs the backward"):
         sglp_fast.analyze(str(tiny_dir), "builtin", scorer="gradnorm", gradients=False, **API_CALIB)
+    with pytest.raises(ValueError, match="greedy: expected True, False or None"):
+        sglp_fast.analyze(str(tiny_dir), "builtin", greedy="yes", **API_CALIB)
     with sglp_fast.analyze(str(tiny_dir), "builtin", remove=2, compensate=False, **API_CALIB) as an:
         sel = an.plan.extra["selection"]
         assert not sel["compensated"] and "compensation" not in an.plan.extra
         assert all("calib_loss_compensated" not in c for c in sel["candidates"].values())
+        assert len(sel["greedy_steps"]) == 2 and sel["candidates"]["greedy"]["calib_loss"] is not None
+    with sglp_fast.analyze(str(tiny_dir), "builtin", remove=2, greedy=True, **API_CALIB) as an:
+        sel = an.plan.extra["selection"]
+        assert len(sel["greedy_steps"]) == 2 and "calib_loss_compensated" in sel["candidates"]["greedy"]
+
+
+def test_chosen_plan_maps_are_refitted_on_every_window(tiny_dir):
+    """The search compares maps fitted without the check windows; the saved ones use every window."""
+    import sglp_fast
+
+    with sglp_fast.analyze(str(tiny_dir), "builtin", **API_CALIB) as an:
+        ver, removed = an.verifier, [2, 3, 5]
+        search, final = ver.transforms(removed), ver.transforms(removed, all_windows=True)
+        assert sorted(search) == sorted(final) == [1, 4]
+        assert all(not torch.equal(search[b], final[b]) for b in search)
+        assert ver.losses([removed], compensated=True, all_windows=True)[0] != ver.loss(removed, compensated=True)
