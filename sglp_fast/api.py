@@ -204,7 +204,7 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
             device: Any = None, dtype: Any = None, max_memory: int | None = None, offload_dir: str | None = None,
             cka_estimator: str = "unbiased", lazy: bool = False, collect_last_token: bool = False,
             text_field: str = "text", progress: bool = False, gradients: bool | None = None,
-            verify_windows: int = DEFAULT_VERIFY_WINDOWS, shortlist: int = DEFAULT_SHORTLIST,
+            verify_windows: int | None = None, shortlist: int = DEFAULT_SHORTLIST,
             compensate: bool | None = None, greedy: bool | None = None) -> Analysis:
     """CKA matrix, Fisher segments, per-block scores (every scorer) and, with a budget, the removed blocks.
 
@@ -214,7 +214,8 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     ``scorer``: "verified" (default; see ``verified.py``), or a ranking scorer of ``scoring.SCORERS``
     ("gradnorm" is the paper's). ``gradients``: run the backward (GradNorm/Taylor scores); None = only when
     the scorer needs it. ``verify_windows``/``shortlist``: the verified search's loss windows and candidates
-    per removal. With scorer "verified" the analysis holds cached block inputs: ``close()`` it when done.
+    per removal; ``verify_windows`` None = 4 for token losses (about a thousand loss terms), every
+    calibration window for sentence-embedding encoders (one term per window: 4 would be 4 numbers). With scorer "verified" the analysis holds cached block inputs: ``close()`` it when done.
     ``compensate``: let the verified search also weigh compensated plans (``compensate.py``); None = when
     the architecture supports it and calibration has windows beyond ``verify_windows`` to fit on.
     ``greedy``: run the search's loss-checked greedy; None = only without compensation (with it, the
@@ -228,6 +229,8 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     check_scorer(scorer)  # fail before loading anything
     verified = scorer in SEARCH_SCORERS
     for name, value in (("verify_windows", verify_windows), ("shortlist", shortlist)):
+        if name == "verify_windows" and value is None:
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
     if greedy is not None and not isinstance(greedy, bool):
@@ -249,6 +252,11 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     adapter = get_adapter(loaded)
     L = adapter.num_blocks
     n_remove = _budget(loaded, L, remove, ratio, ratio_of)
+    from .gradients import loss_kind  # noqa: PLC0415
+
+    check_every_window = verify_windows is None and loss_kind(adapter) == "pooled_energy"
+    if verify_windows is None:
+        verify_windows = calib_seqs if check_every_window else DEFAULT_VERIFY_WINDOWS
     compensate = _resolve_compensate(compensate, verified, adapter, calib_seqs, verify_windows)
     if isinstance(segments, int) and segments > L:
         raise ValueError(f"segments: k={segments} exceeds the {L} blocks of the model; use k <= {L} or 'auto'")
@@ -256,6 +264,8 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     t0 = time.perf_counter()
     data = load_calibration(calib, tokenizer, n_seqs=calib_seqs, seq_len=seq_len, seed=seed, text_field=text_field)
     timings["tokenize_s"] = time.perf_counter() - t0
+    if check_every_window:
+        verify_windows = data.n_seqs
 
     acc = CKAAccumulator(num_layers=L, estimator=cka_estimator, device=device, cache_dir=offload_dir)
     observers: list[Any] = [_CKAObserver(acc)]

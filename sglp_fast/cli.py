@@ -109,8 +109,9 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
                         "on the relative update, no backward pass; docs/quality.md), or the lowest of one score "
                         "per segment: 'gradnorm' (the SGLP paper's), taylor, block_influence, relative_update, "
                         "random")
-    g.add_argument("--verify-windows", type=_positive_int, default=4, metavar="M",
-                   help="calibration windows the 'verified' scorer checks the loss on (default 4)")
+    g.add_argument("--verify-windows", type=_positive_int, default=None, metavar="M",
+                   help="calibration windows the 'verified' scorer checks the loss on (default 4; every window "
+                        "for sentence-embedding encoders, whose loss has one term per window)")
     g.add_argument("--shortlist", type=_positive_int, default=4, metavar="C",
                    help="candidates the 'verified' scorer checks per removed block (default 4)")
     g.add_argument("--no-compensate", dest="compensate", action="store_const", const=False, default=None,

@@ -18,10 +18,10 @@ loss well (+0.89), so it proposes; the loss decides:
    not use), and the pick is over plain and compensated candidates together (plain first on ties). The
    greedy is off then by default: its choices are made on plain losses, compensation reverses them (it
    picks the blocks right after the massive-activation block, which compensation cannot repair), it won
-   1 of 9 benchmark picks and was over half of the search's work.
+   1 of 9 picks of the stop-8 benchmark and was over half of the search's work.
 
-No gradient is needed, so the calibration skips the backward and the whole analysis costs less than the
-paper's pipeline plus its backward would suggest (measured in benchmarks/results/quality_smollm2.md).
+No gradient is needed, so the calibration skips the backward; on SmolLM2 the whole default analysis takes
+1.2x the paper's pipeline (benchmarks/results/quality_smollm2.md).
 """
 from __future__ import annotations
 

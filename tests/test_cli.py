@@ -110,11 +110,18 @@ def test_prune_lazy_streams_the_checkpoint(model_dir, tmp_path, capsys):
 
 def test_prune_encoder_skips_perplexity(tmp_path, capsys):
     src = save_tiny(tmp_path / "bert", "bert", layers=4)
-    rc, text, err = run(capsys, "prune", src, "--remove", 1, *FAST, "--output", tmp_path / "o")
+    rc, text, err = run(capsys, "prune", src, "--remove", 1, *FAST, "--calib-seqs", 6, "--output", tmp_path / "o")
     assert rc == 0, err
     assert "perplexity: skipped (an encoder" in text
     model = tf.AutoModel.from_pretrained(tmp_path / "o")
     assert model.config.num_hidden_layers == 3 and len(model.encoder.layer) == 3
+    # a sentence-embedding encoder's loss has one term per window: the search checks every window
+    plan = json.loads((tmp_path / "o" / "plan.json").read_text())
+    assert plan["selection"]["verify_windows"] == plan["calibration"]["n_seqs"] > 4
+    rc, text, err = run(capsys, "prune", src, "--remove", 1, *FAST, "--calib-seqs", 6, "--verify-windows", 2,
+                        "--output", tmp_path / "o2")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "o2" / "plan.json").read_text())["selection"]["verify_windows"] == 2
 
 
 def test_analyze_json(model_dir, tmp_path, capsys):
@@ -237,7 +244,7 @@ def test_parse_size_and_defaults():
     args = build_parser().parse_args(["prune", "--ratio", "0.25", "--output", "o"])
     assert args.model is None and args.calib == "builtin" and (args.calib_seqs, args.seq_len) == (16, 256)
     assert args.segments == "auto" and args.scorer == "verified" and args.eval_text == "builtin:heldout"
-    assert args.compensate is None and (args.verify_windows, args.shortlist) == (4, 4)
+    assert args.compensate is None and (args.verify_windows, args.shortlist) == (None, 4)
     assert build_parser().parse_args(["prune", "--ratio", "0.25", "--output", "o", "--no-compensate"]).compensate is False
     assert args.greedy is None
     for flag, value in (("--greedy", True), ("--no-greedy", False)):

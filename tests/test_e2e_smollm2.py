@@ -39,7 +39,7 @@ def test_default_model_prune_reload_generate(smollm2_file, tmp_path, capsys):
     assert reloaded.config.num_hidden_layers == 24 and "quantization_config" not in reloaded.config.to_dict()
 
     # the in-memory reference: the original GGUF model with the same blocks removed by hand (after folding
-    # the compensation maps, when the verified search kept a compensated plan: 2 fit windows here)
+    # the compensation maps, when the verified search kept a compensated plan: refitted on all 6 windows)
     ref = tf.AutoModelForCausalLM.from_pretrained(smollm2_file.parent, gguf_file=smollm2_file.name,
                                                   dtype=torch.float32).eval()
     sel = plan.extra["selection"]
