@@ -270,8 +270,9 @@ def _print_segments(plan: Any) -> None:
         _say(f"removed blocks ({len(plan.removed)} of {plan.num_blocks}, scorer {plan.scorer}): {plan.removed}")
     sel = plan.extra.get("selection")
     if plan.removed is not None and sel:
-        losses = ", ".join(f"{name} {c['calib_loss']:.4f}" for name, c in sel["candidates"].items()
-                           if c.get("calib_loss") is not None)
+        losses = ", ".join(f"{name} {c['calib_loss']:.4f}"
+                           + (f" (compensated {c['calib_loss_compensated']:.4f})" if "calib_loss_compensated" in c else "")
+                           for name, c in sel["candidates"].items() if c.get("calib_loss") is not None)
         _say(f"verified: kept the '{sel['picked']}' plan{' with compensation' if sel.get('compensated') else ''}; "
              f"calibration loss on {sel['verify_windows']} windows: {losses} "
              f"({sel['block_forwards']:.1f} block-forwards of search)")

@@ -62,6 +62,9 @@ def test_prune_prints_and_saves(model_dir, tmp_path, capsys):
     assert f"removed blocks (2 of 6, scorer verified): {plan.removed}" in text
     sel = plan.extra["selection"]
     assert f"verified: kept the '{sel['picked']}' plan" in text
+    for name, c in sel["candidates"].items():  # every checked candidate's loss is printed
+        if c.get("calib_loss") is not None:
+            assert f"{name} {c['calib_loss']:.4f}" in text
     assert plan.removed == sel["candidates"][sel["picked"]]["removed"]
     for i, rem in enumerate(plan.removed_per_segment()):
         assert f"segment {i + 1}: blocks" in text and f"removed {len(rem)}: {rem}" in text
