@@ -148,7 +148,8 @@ def main() -> int:
             for n in args.remove:
                 plan = default.plan if n == top else default.plan_for(remove=n)
                 sel = plan.extra["selection"]
-                picks[(s, n)] = sel["picked"] + (" + compensation" if sel["compensated"] else "")
+                picks[(s, n)] = (sel["picked"] + (" + compensation" if sel["compensated"] else "")
+                                 + f" | {sel['lowest_loss']}")
                 rows[("default", s, n)] = scorer(plan.removed, plan.transforms, tag=("default", s, n))
                 plans[("default", s, n)] = f"{plan.removed}{' +comp' if plan.transforms else ''}"
                 # the ablation is what --no-compensate plans on the same check windows: the search with its
@@ -249,8 +250,8 @@ reuse the same analysis (`Analysis.plan_for`), each adding its own search.
 
 ## What the verified search kept
 
-| subset | remove | kept plan (lowest calibration loss on the 4 check windows) |
-|---|---|---|
+| subset | remove | kept plan (the simplest within one standard error of the lowest check loss) | lowest check loss |
+|---|---|---|---|
 {pick_rows}
 
 ## Blocks removed

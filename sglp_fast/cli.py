@@ -273,7 +273,10 @@ def _print_segments(plan: Any) -> None:
         losses = ", ".join(f"{name} {c['calib_loss']:.4f}"
                            + (f" (compensated {c['calib_loss_compensated']:.4f})" if "calib_loss_compensated" in c else "")
                            for name, c in sel["candidates"].items() if c.get("calib_loss") is not None)
-        _say(f"verified: kept the '{sel['picked']}' plan{' with compensation' if sel.get('compensated') else ''}; "
+        kept = sel["picked"] + (" + compensation" if sel.get("compensated") else "")
+        why = (f" (simplest within one standard error of the lowest, '{sel['lowest_loss']}')"
+               if sel.get("lowest_loss") and sel["lowest_loss"] != kept else "")
+        _say(f"verified: kept the '{sel['picked']}' plan{' with compensation' if sel.get('compensated') else ''}{why}; "
              f"calibration loss on {sel['verify_windows']} windows: {losses} "
              f"({sel['block_forwards']:.1f} block-forwards of search)")
 

@@ -9,10 +9,12 @@ loss well (+0.89), so it proposes; the loss decides:
    ``shortlist`` lowest-r blocks that may still go (unprotected, and their Fisher segment keeps >= 1 block),
    and remove the one whose removal (with those already removed) gives the lowest calibration loss
    (``SkipVerifier``: a partial forward on a few calibration windows).
-2. pick: the plan with the lowest calibration loss among the greedy plan and a few whole plans proposed by
-   other rules (r per segment with the proportional split, the n lowest r overall, ShortGPT's n lowest block
-   influence, Gromov's contiguous angular run); a proposal that breaks the frame (empties a segment, removes
-   a protected block) is left out. Ties go to the earlier name in ``CANDIDATES``.
+2. pick: among the greedy plan and a few whole plans proposed by other rules (r per segment with the
+   proportional split, the n lowest r overall, ShortGPT's n lowest block influence, Gromov's contiguous
+   angular run), the plan with the fewest removed runs whose check loss is within one standard error
+   (paired, over the check windows) of the lowest; a proposal that breaks the frame (empties a segment,
+   removes a protected block) is left out. Ties go to the lower loss, then the earlier name in
+   ``CANDIDATES``.
 3. with ``compensate=True`` every candidate is also scored compensated (``compensate.py``: a least-squares
    map folded into the block before each removed run, fitted on the calibration windows the loss check does
    not use), and the pick is over plain and compensated candidates together (plain first on ties). The
@@ -32,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import baselines
+from .compensate import runs_of
 from .plan import protected_blocks, select_removed, split_budget
 
 CANDIDATES = ("greedy", "relative_update_per_segment", "relative_update_global", "block_influence", "angular")
@@ -49,10 +52,11 @@ class VerifiedSelection:
     candidates: dict[str, dict[str, Any]]
     greedy_steps: list[dict[str, Any]]
     block_forwards: float
+    lowest_loss: str = ""  # the option with the lowest check loss (the pick may be a simpler one within 1 SE)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": "verified", "picked": self.picked, "compensated": self.compensated,
-                "candidates": self.candidates,
+                "rule": "one standard error", "lowest_loss": self.lowest_loss, "candidates": self.candidates,
                 "greedy_steps": self.greedy_steps, "block_forwards": round(self.block_forwards, 3)}
 
 
@@ -142,6 +146,28 @@ def verified_pick(*, segments: Sequence[Sequence[int]], n: int, relative_update:
     def loss_of(option):
         name, comp = option
         return candidates[name]["calib_loss_compensated" if comp else "calib_loss"]
-    picked, comp = min(options, key=lambda o: (loss_of(o), options.index(o)))
+    lowest = min(options, key=lambda o: (loss_of(o), options.index(o)))
+    per_batch = {o: np.asarray(verifier.batch_losses([valid[o[0]]], compensated=o[1])[0]) for o in options}
+    picked, comp = one_standard_error_pick(options, loss_of, per_batch, lowest,
+                                           complexity=lambda o: len(runs_of(valid[o[0]])))
     return VerifiedSelection(removed=list(valid[picked]), picked=picked, compensated=comp, candidates=candidates,
-                             greedy_steps=steps, block_forwards=verifier.block_forwards - work0)
+                             greedy_steps=steps, block_forwards=verifier.block_forwards - work0,
+                             lowest_loss=lowest[0] + (" + compensation" if lowest[1] else ""))
+
+
+def one_standard_error_pick(options, loss_of, per_batch, lowest, complexity):
+    """The simplest option whose loss is within one standard error of the lowest (Breiman's 1-SE rule).
+
+    Why: on 4 check windows several compensated plans are within noise of each other, and the lowest can be
+    the one that fits the calibration text best by using more fitted maps. The standard error is that of the
+    paired per-window differences to the lowest option; simpler = fewer removed runs (fewer maps, fewer
+    breaks in the residual stream); ties go to the lower loss, then to the earlier option.
+    """
+    base = per_batch[lowest]
+
+    def within(o):
+        d = per_batch[o] - base
+        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+        return float(d.mean()) <= se
+
+    return min((o for o in options if within(o)), key=lambda o: (complexity(o), loss_of(o), options.index(o)))

@@ -46,6 +46,7 @@ class SkipVerifier:
         self._transforms: dict[tuple[frozenset[int], bool], dict[int, torch.Tensor]] = {}
         self._total_windows = total_windows
         self._memo: dict[tuple[frozenset[int], bool, bool], float] = {}
+        self._memo_batches: dict[tuple[frozenset[int], bool, bool], list[float]] = {}  # per check batch
         self._dense_pooled: dict[int, torch.Tensor] = {}  # headless encoders: the dense sentence embeddings
         self.window_block_forwards = 0  # block calls x windows, the work spent so far
         self.closed = False
@@ -132,12 +133,19 @@ class SkipVerifier:
             fixes = [self.transforms(p, all_windows=final) if comp else {} for p, comp, final in todo]
             with self._eval_mode():
                 shared = None if base is None else self._check(base)
-                for key, value in zip(todo, self._run([p for p, _, _ in todo], fixes, shared)):
-                    self._memo[key] = value
+                for key, (value, per_batch) in zip(todo, self._run([p for p, _, _ in todo], fixes, shared)):
+                    self._memo[key], self._memo_batches[key] = value, per_batch
         return [self._memo[k] for k in keys]
 
+    def batch_losses(self, plans: Sequence[Iterable[int]], compensated: bool = False,
+                     all_windows: bool = False) -> list[list[float]]:
+        """Each plan's mean loss per check batch (the spread the pick's one-standard-error rule needs)."""
+        self.losses(plans, compensated, all_windows=all_windows)
+        return [list(self._memo_batches[(self._check(p), bool(compensated), bool(compensated and all_windows))])
+                for p in plans]
+
     def _run(self, plans: list[frozenset[int]], fixes: list[dict[int, torch.Tensor]],
-             base: frozenset[int] | None = None) -> list[float]:
+             base: frozenset[int] | None = None) -> list[tuple[float, list[float]]]:
         L, nb = self.num_blocks, self._nv
         start = [min(list(p) + list(f)) if (p or f) else L for p, f in zip(plans, fixes)]
         # plans base | {l} with l past base's first block branch off base's own stream at l instead of
@@ -181,15 +189,16 @@ class SkipVerifier:
         out = []
         with self._non_block():
             for i, p in enumerate(plans):
-                total = 0.0
+                sums = []
                 for b in range(nb):
                     h = states.pop((i, b)) if (i, b) in states else self._cache.get(L, b)
-                    total += float(self._loss_sum(h, b))
-                value = total / max(self._terms, 1)
+                    sums.append(float(self._loss_sum(h, b)))
+                value = sum(sums) / max(self._terms, 1)
                 if value != value or value in (float("inf"), float("-inf")):
                     raise ValueError(f"verifier: the calibration loss with blocks {sorted(p)} removed is {value}; "
                                      "the pruned model overflows (use dtype float32)")
-                out.append(value)
+                out.append((value, [x / max(G.loss_count(self._kind, self._batches[b]), 1)
+                                    for b, x in enumerate(sums)]))
         return out
 
     def _loss_sum(self, hidden: torch.Tensor, batch: int) -> torch.Tensor:
@@ -223,6 +232,7 @@ class SkipVerifier:
             self._cache.close()
             self.closed = True
             self._memo.clear()
+            self._memo_batches.clear()
             self._transforms.clear()
             self._dense_pooled.clear()
 

@@ -68,6 +68,12 @@ def test_verifier_loss_equals_the_pruned_model(setup, removed):
     got = ver.loss(removed)
     want = _reference(model, removed, batches[:2])
     assert abs(got - want) <= 1e-10 * max(1.0, abs(want)), (removed, got, want)
+    # per check batch: each batch's own mean loss (the reference on that batch alone)
+    per = ver.batch_losses([removed])[0]
+    assert len(per) == 2
+    for b, value in enumerate(per):
+        ref = _reference(model, removed, batches[b:b + 1])
+        assert abs(value - ref) <= 1e-10 * max(1.0, abs(ref)), (removed, b, value, ref)
 
 
 @pytest.mark.parametrize("removed", [(0,), (1, 2), (3,)])
@@ -275,6 +281,38 @@ class FakeVerifier:
             value = float(self.cost[p].sum()) + sum(self.pair.get((a, b), 0.0) for a, b in itertools.combinations(p, 2))
             out.append(value - (self.comp_gain * len(p) if compensated else 0.0))
         return out
+
+    def batch_losses(self, plans, compensated=False):  # one check batch: the 1-SE rule reduces to the lowest
+        return [[x] for x in self.losses(plans, compensated)]
+
+
+class NoisyFakeVerifier(FakeVerifier):
+    """Four check batches: the fake loss plus a per-batch offset ``noise[plan][b]`` (mean zero)."""
+
+    def __init__(self, cost, noise):
+        super().__init__(cost)
+        self.noise = {tuple(sorted(k)): np.asarray(v, float) for k, v in noise.items()}
+
+    def batch_losses(self, plans, compensated=False):
+        return [list(x + self.noise.get(tuple(sorted(set(p))), np.zeros(4)))
+                for p, x in zip(plans, self.losses(plans, compensated))]
+
+
+def test_one_standard_error_rule_prefers_the_simpler_plan_within_noise():
+    """Lowest loss: two runs [1], [3]; the one-run plan [2, 3] is 0.01 worse with paired SE 0.05: it is kept.
+    With a spread too small to cover the gap, the lowest plan is kept."""
+    r = [0.9, 0.1, 0.3, 0.2, 0.8]
+    cost = [5.0, 1.0, 1.01, 1.0, 5.0]
+    for spread, want in ((0.1, [2, 3]), (0.001, [1, 3])):
+        noise = {(2, 3): [spread, -spread, spread, -spread]}
+        ver = NoisyFakeVerifier(cost, noise)
+        sel = verified_pick(segments=[(0, 4)], n=2, relative_update=r, block_influence=[0.9, 0.3, 0.1, 0.2, 0.8],
+                            verifier=ver, greedy=False)
+        lowest = min((c for c in sel.candidates.values() if c.get("calib_loss") is not None),
+                     key=lambda c: c["calib_loss"])
+        assert lowest["removed"] == [1, 3] and sel.removed == want, (spread, sel.removed)
+        assert sel.to_dict()["rule"] == "one standard error"
+        assert (sel.lowest_loss == sel.picked) == (want == [1, 3])
 
 
 def _brute_force(cost, n, segments, protected):
