@@ -56,10 +56,13 @@ def test_default_model_prune_reload_generate(smollm2_file, tmp_path, capsys):
     ids = tok("The tokenizer splits a string into tokens, and the", return_tensors="pt").input_ids
     with torch.no_grad():
         # exact without compensation; with it the plan's maps are stored in float32 (the saved model used
-        # the float64 maps), so rounding only
-        tol = 1e-4 if plan.transforms else 0.0
-        torch.testing.assert_close(reloaded(ids, use_cache=False).logits, ref(ids, use_cache=False).logits,
-                                   rtol=tol, atol=tol)
+        # the float64 maps), so rounding only: float32 rounding of T through 24 blocks, on logits of size ~10
+        got, want = reloaded(ids, use_cache=False).logits, ref(ids, use_cache=False).logits
+        if plan.transforms:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+            assert float((got - want).norm() / want.norm()) < 1e-5
+        else:
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
     with_cache = reloaded.generate(ids, max_new_tokens=12, do_sample=False, use_cache=True)
     without = reloaded.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False)
     assert torch.equal(with_cache, without) and with_cache.shape[1] == ids.shape[1] + 12
