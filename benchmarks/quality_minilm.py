@@ -37,7 +37,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from quality_smollm2 import machine, readme_text  # noqa: E402
+from quality_smollm2 import fmt, machine, readme_text  # noqa: E402
 
 from sglp_fast import __version__, analyze, baselines  # noqa: E402
 from sglp_fast.data import CalibrationData, builtin_text, tokenize_windows  # noqa: E402
@@ -145,15 +145,10 @@ def main() -> int:
 
     S, methods = args.subsets, ["default", "paper", *PEERS]
 
-    def fmt3(values):  # fidelity and ranking live near 1: three decimals
-        if len(set(round(v, 6) for v in values)) == 1:
-            return f"{values[0]:.3f}"
-        return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} [{min(values):.3f}–{max(values):.3f}]"
-
     def table(metric: str) -> str:
         out = ["| method | " + " | ".join(f"remove {n}" for n in args.remove) + " |", "|---|" + "---|" * len(args.remove)]
         for m in methods:
-            out.append(f"| {LABEL[m]} | " + " | ".join(fmt3([rows[(m, s, n)][metric] for s in S]) for n in args.remove) + " |")
+            out.append(f"| {LABEL[m]} | " + " | ".join(fmt([rows[(m, s, n)][metric] for s in S], digits=3) for n in args.remove) + " |")
         return "\n".join(out)
 
     def verdict(metric: str) -> str:

@@ -98,10 +98,13 @@ class Scorer:
         return self.memo[key]
 
 
-def fmt(values: list[float]) -> str:
+def fmt(values: list[float], digits: int = 1) -> str:
+    """Mean ± sd [min–max] over subsets, or the one value when every subset gave it."""
     if len(set(round(v, 6) for v in values)) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} [{min(values):.1f}–{max(values):.1f}]"
+        return f"{values[0]:.{digits}f}"
+    f = f".{digits}f"
+    return (f"{statistics.mean(values):{f}} ± {statistics.stdev(values):{f}} "
+            f"[{min(values):{f}}–{max(values):{f}}]")
 
 
 def main() -> int:

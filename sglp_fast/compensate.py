@@ -150,16 +150,11 @@ def fit_transforms(verifier: Any, removed: Sequence[int], alpha: float = DEFAULT
             transforms[l] = T
         with verifier.block(l, T) as block:
             real = verifier.call(block, l, states[fit[0]], fit[0])
-        for b in fit:
-            states[b] = _shifted(outs[b], mlps[b], T)
+        D = T - torch.eye(T.shape[0], dtype=T.dtype)
+        for b in fit:  # a block that adds m to the stream outputs out + m (T - I) with T folded in
+            states[b] = (outs[b].double() + mlps[b].double() @ D.to(mlps[b].device)).to(outs[b].dtype)
         _check_additive(real, states[fit[0]], l)
     return transforms
-
-
-def _shifted(out: torch.Tensor, m: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-    """The block's output with T folded in, out + m (T - I), for a block that adds m to the stream."""
-    D = T.to(m.device, torch.float64) - torch.eye(T.shape[0], dtype=torch.float64, device=m.device)
-    return (out.double() + m.double() @ D).to(out.dtype)
 
 
 def _solve(verifier, fit, outs, mlps, target_slot: int, alpha: float) -> torch.Tensor:

@@ -68,6 +68,11 @@ def _segment_of(segments: Sequence[Sequence[int]], num_blocks: int) -> list[int]
     return seg_of
 
 
+def _capacity(segments: Sequence[Sequence[int]], allow_empty_segments: bool) -> list[int]:
+    """Blocks each segment may still give up (all but one unless empty segments are allowed)."""
+    return [b - a + 1 - (0 if allow_empty_segments else 1) for a, b in segments]
+
+
 def fits_frame(removed: Sequence[int], segments: Sequence[Sequence[int]], protected: set[int],
                allow_empty_segments: bool) -> bool:
     """True when ``removed`` spares every protected block and (unless allowed) leaves each segment a block."""
@@ -80,7 +85,7 @@ def fits_frame(removed: Sequence[int], segments: Sequence[Sequence[int]], protec
 def _lowest_in_frame(score: Sequence[float], n: int, segments, protected, allow_empty_segments) -> list[int] | None:
     """The n lowest-score blocks overall (ties: lower index), skipping those the frame forbids."""
     seg_of = _segment_of(segments, len(score))
-    left = [b - a + 1 - (0 if allow_empty_segments else 1) for a, b in segments]
+    left = _capacity(segments, allow_empty_segments)
     out: list[int] = []
     for i in sorted(range(len(score)), key=lambda i: (score[i], i)):
         if len(out) == n:
@@ -106,7 +111,7 @@ def verified_pick(*, segments: Sequence[Sequence[int]], n: int, relative_update:
     per_segment = split_budget(segments, n, protected=protected, allow_empty_segments=allow_empty_segments)
     work0 = verifier.block_forwards
     seg_of = _segment_of(segments, L)
-    left = [b - a + 1 - (0 if allow_empty_segments else 1) for a, b in segments]
+    left = _capacity(segments, allow_empty_segments)
 
     removed: list[int] = []
     steps: list[dict[str, Any]] = []

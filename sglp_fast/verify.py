@@ -45,8 +45,7 @@ class SkipVerifier:
         self._windows = [int(b["input_ids"].shape[0]) for b in batches]
         self._transforms: dict[tuple[frozenset[int], bool], dict[int, torch.Tensor]] = {}
         self._total_windows = total_windows
-        self._memo: dict[tuple[frozenset[int], bool, bool], float] = {}
-        self._memo_batches: dict[tuple[frozenset[int], bool, bool], list[float]] = {}  # per check batch
+        self._memo: dict[tuple[frozenset[int], bool, bool], tuple[float, list[float]]] = {}  # loss, per batch
         self._dense_pooled: dict[int, torch.Tensor] = {}  # headless encoders: the dense sentence embeddings
         self.window_block_forwards = 0  # block calls x windows, the work spent so far
         self.closed = False
@@ -127,22 +126,24 @@ class SkipVerifier:
         ``base``: plans that add one block to it (the greedy's candidates) reuse its stream (same values).
         ``all_windows``: compensated with the maps fitted on every window (the final model; not held out).
         """
+        return [value for value, _ in self._evaluated(plans, compensated, base, all_windows)]
+
+    def batch_losses(self, plans: Sequence[Iterable[int]], compensated: bool = False,
+                     all_windows: bool = False) -> list[list[float]]:
+        """Each plan's mean loss per check batch (the spread the pick's one-standard-error rule needs)."""
+        return [list(per_batch) for _, per_batch in self._evaluated(plans, compensated, None, all_windows)]
+
+    def _evaluated(self, plans, compensated, base, all_windows) -> list[tuple[float, list[float]]]:
+        """(loss, loss per check batch) of each plan, run once per plan and memoized."""
         keys = [(self._check(p), bool(compensated), bool(compensated and all_windows)) for p in plans]
         todo = list(dict.fromkeys(k for k in keys if k not in self._memo))
         if todo:
             fixes = [self.transforms(p, all_windows=final) if comp else {} for p, comp, final in todo]
             with self._eval_mode():
                 shared = None if base is None else self._check(base)
-                for key, (value, per_batch) in zip(todo, self._run([p for p, _, _ in todo], fixes, shared)):
-                    self._memo[key], self._memo_batches[key] = value, per_batch
+                for key, result in zip(todo, self._run([p for p, _, _ in todo], fixes, shared)):
+                    self._memo[key] = result
         return [self._memo[k] for k in keys]
-
-    def batch_losses(self, plans: Sequence[Iterable[int]], compensated: bool = False,
-                     all_windows: bool = False) -> list[list[float]]:
-        """Each plan's mean loss per check batch (the spread the pick's one-standard-error rule needs)."""
-        self.losses(plans, compensated, all_windows=all_windows)
-        return [list(self._memo_batches[(self._check(p), bool(compensated), bool(compensated and all_windows))])
-                for p in plans]
 
     def _run(self, plans: list[frozenset[int]], fixes: list[dict[int, torch.Tensor]],
              base: frozenset[int] | None = None) -> list[tuple[float, list[float]]]:
@@ -232,7 +233,6 @@ class SkipVerifier:
             self._cache.close()
             self.closed = True
             self._memo.clear()
-            self._memo_batches.clear()
             self._transforms.clear()
             self._dense_pooled.clear()
 
