@@ -43,7 +43,7 @@ def run_variant(directory: str, variant: str, gradients: bool) -> dict:
     """One calibration run; returns timings and this process's peak RSS."""
     import torch
 
-    from sglp_fast.calibrate import calibrate
+    from sglp_fast.calibration.runtime import calibrate
     from sglp_fast.models import load_model
     from test_memory_depth import peak_rss
 

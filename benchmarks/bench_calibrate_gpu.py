@@ -45,7 +45,7 @@ def _batches():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("variant", ["resident", "streamed", "lazy+disk"])
 def test_calibrate_gpu(benchmark, saved, variant, dtype):
-    from sglp_fast.calibrate import calibrate
+    from sglp_fast.calibration.runtime import calibrate
     from sglp_fast.models import load_model
 
     if variant == "resident":

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from sglp_fast.cka import CKAAccumulator
+from sglp_fast.similarity.accumulator import CKAAccumulator
 
 # One thread for both providers: this box has 2 cores shared by several jobs, and with 2 threads under that
 # contention every small parallel elementwise op waits ~16 ms at an OpenMP barrier (measured on a 256×576

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from sglp_fast.segment import fisher_segment, fisher_segment_costs
+from sglp_fast.segmentation.fisher import fisher_segment, fisher_segment_costs
 
 LENGTHS = (32, 80, 128, 512, 2048)
 KS = (4, 16, 64)

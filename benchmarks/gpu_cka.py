@@ -95,7 +95,7 @@ def main() -> int:
         return 2
     import triton.testing
 
-    from sglp_fast.cka import CKAAccumulator
+    from sglp_fast.similarity.accumulator import CKAAccumulator
     from sglp_fast.kernels.gram import gram_panel
 
     dev = torch.device("cuda")

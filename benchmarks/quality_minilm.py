@@ -40,7 +40,7 @@ sys.path.insert(0, HERE)
 from quality_smollm2 import fmt, machine, readme_text  # noqa: E402
 
 from sglp_fast import __version__, analyze, baselines  # noqa: E402
-from sglp_fast.data import CalibrationData, builtin_text, tokenize_windows  # noqa: E402
+from sglp_fast.calibration.text import CalibrationData, builtin_text, tokenize_windows  # noqa: E402
 from sglp_fast.models import load_model  # noqa: E402
 from sglp_fast.pruning import remove_blocks  # noqa: E402
 

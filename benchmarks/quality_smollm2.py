@@ -30,13 +30,13 @@ import time
 import torch
 
 from sglp_fast import __version__, analyze
-from sglp_fast import baselines
-from sglp_fast.data import CalibrationData, builtin_text, tokenize_windows
+from sglp_fast.selection import baselines
+from sglp_fast.calibration.text import CalibrationData, builtin_text, tokenize_windows
 from sglp_fast.evaluate import perplexity
 from sglp_fast.api import default_model_source
 from sglp_fast.models import load_model
 from sglp_fast.pruning import remove_blocks
-from sglp_fast.verified import verified_pick
+from sglp_fast.selection.verified import verified_pick
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEERS = ("shortgpt", "angular", "last", "random")

@@ -1,8 +1,10 @@
 """sglp-fast: similarity-guided layer-partition pruning (SGLP) of large pretrained models.
 
-Data flow, one module per stage:
-calibration (calibrate.py, offload.py, models/) -> similarity (cka.py, kernels/) -> segments (segment.py,
-csrc/) -> scores (scoring.py) -> plan (plan.py) -> pruned model (pruning.py); evaluate.py, cli.py, api.py on top.
+Data flow, one sub-package per stage, in order:
+models/ (adapters, loading) -> calibration/ (layer-by-layer pass) -> similarity/ (CKA; Triton kernels in
+kernels/) -> segmentation/ (Fisher, C++ in csrc/) -> selection/ (scores, selectors, verified search,
+compensation) -> plan.py (the JSON plan) -> pruning/ (apply, save); api.py, cli.py, compare.py, evaluate.py
+are the interfaces on top. No module imports one of a later stage (tests/test_layout.py).
 
 Heavy modules (torch, transformers) load on first use, so ``from sglp_fast import fisher_segment`` stays cheap.
 """
@@ -14,11 +16,12 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _LAZY = {
-    "fisher_segment": "segment",
-    "fisher_segment_costs": "segment",
-    "Segmentation": "segment",
-    "CKAAccumulator": "cka",
-    "cka_matrix": "cka",
+    "fisher_segment": "segmentation",
+    "fisher_segment_costs": "segmentation",
+    "Segmentation": "segmentation",
+    "CKAAccumulator": "similarity",
+    "cka_matrix": "similarity",
+    "calibrate": "calibration",
     "Plan": "plan",
     "analyze": "api",
     "prune": "api",

@@ -5,7 +5,7 @@
     result.model.generate(...); result.plan.removed; result.plan.save("plan.json")
 
 Both take a model path / hub name (local cache) / GGUF file / loaded ``nn.Module`` (then pass
-``tokenizer=`` unless ``calib`` is already token ids), and a calibration source (see ``sglp_fast.data``).
+``tokenizer=`` unless ``calib`` is already token ids), and a calibration source (see ``sglp_fast.calibration.text``).
 The pipeline: calibration (one pass gives block outputs for CKA and forward statistics; the backward only
 when a gradient scorer is asked for) -> CKA matrix -> Fisher segmentation of the blocks -> per-block scores
 -> plan (default "verified": loss-checked greedy inside the segments, ``verified.py``; or the budget split
@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import CalibrationData, load_calibration
+from .calibration.text import CalibrationData, load_calibration
 from .plan import SEARCH_SCORERS, Plan, build_plan, config_fingerprint, resolve_budget
-from .scoring import SCORERS, compute_scores, get_scorer
-from .verified import DEFAULT_SHORTLIST, DEFAULT_VERIFY_WINDOWS, verified_pick
+from .selection.scores import SCORERS, compute_scores, get_scorer
+from .selection.verified import DEFAULT_SHORTLIST, DEFAULT_VERIFY_WINDOWS, verified_pick
 
 DEFAULT_SCORER = "verified"
 
@@ -106,7 +106,7 @@ class Analysis:
 def _make_plan(analysis: Analysis, scorer: str, n: int | None, ratio: float | None, ratio_of: str,
                protect_first: int, protect_last: int, allow_empty_segments: bool, extra: dict) -> Plan:
     """The plan for budget ``n`` (None: analysis only); runs the search for scorer "verified"."""
-    from .compensate import DEFAULT_ALPHA as COMPENSATE_ALPHA  # noqa: PLC0415
+    from .selection.compensation import DEFAULT_ALPHA as COMPENSATE_ALPHA  # noqa: PLC0415
     from .models import get_adapter  # noqa: PLC0415
 
     selection = transforms = compensation = None
@@ -221,10 +221,10 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     ``greedy``: run the search's loss-checked greedy; None = only without compensation (with it, the
     greedy's plain-loss choices rarely survive compensation and it was most of the search's cost).
     """
-    from .calibrate import calibrate  # noqa: PLC0415
-    from .cka import CKAAccumulator  # noqa: PLC0415
+    from .calibration.runtime import calibrate  # noqa: PLC0415
+    from .similarity.accumulator import CKAAccumulator  # noqa: PLC0415
     from .models import get_adapter, load_model  # noqa: PLC0415
-    from .segment import fisher_segment  # noqa: PLC0415
+    from .segmentation.fisher import fisher_segment  # noqa: PLC0415
 
     check_scorer(scorer)  # fail before loading anything
     verified = scorer in SEARCH_SCORERS
@@ -252,7 +252,7 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     adapter = get_adapter(loaded)
     L = adapter.num_blocks
     n_remove = _budget(loaded, L, remove, ratio, ratio_of)
-    from .gradients import loss_kind  # noqa: PLC0415
+    from .calibration.losses import loss_kind  # noqa: PLC0415
 
     check_every_window = verify_windows is None and loss_kind(adapter) == "pooled_energy"
     if verify_windows is None:
@@ -271,7 +271,7 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     observers: list[Any] = [_CKAObserver(acc)]
     last_token = None
     if collect_last_token or verified:  # the verified search also weighs Gromov's angular run
-        from .baselines import LastTokenObserver  # noqa: PLC0415
+        from .selection.baselines import LastTokenObserver  # noqa: PLC0415
 
         last_token = LastTokenObserver()
         observers.append(last_token)

@@ -92,7 +92,7 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
 
 def _add_calib(p: argparse.ArgumentParser) -> None:
     from .plan import SEARCH_SCORERS  # noqa: PLC0415
-    from .scoring import SCORERS  # noqa: PLC0415
+    from .selection.scores import SCORERS  # noqa: PLC0415
 
     g = p.add_argument_group("calibration and analysis")
     g.add_argument("--calib", default="builtin", metavar="SOURCE",
@@ -237,7 +237,7 @@ def _analyze_kwargs(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
 
 
 def _eval_ids(args: argparse.Namespace, tokenizer: Any):
-    from .data import load_calibration  # noqa: PLC0415
+    from .calibration.text import load_calibration  # noqa: PLC0415
 
     return load_calibration(args.eval_text, tokenizer, n_seqs=args.eval_seqs, seq_len=args.seq_len,
                             text_field=getattr(args, "text_field", "text")).input_ids
@@ -331,7 +331,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .api import analyze  # noqa: PLC0415
-    from .heatmap import save_cka_heatmap  # noqa: PLC0415
+    from .similarity.heatmap import save_cka_heatmap  # noqa: PLC0415
 
     t0 = time.perf_counter()
     analysis = analyze(args.model, args.calib, **_analyze_kwargs(args))

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from . import baselines
+from .selection import baselines
 from .evaluate import perplexity
 from .plan import SEARCH_SCORERS
 from .pruning import remove_blocks

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from .selection.frame import check_segments, protected_blocks, select_removed, split_budget
+
 SCHEMA_VERSION = 1
 PLAN_FORMAT = "sglp-plan"
 COMPENSATION_FILE = "compensation.safetensors"
@@ -73,73 +75,6 @@ def resolve_budget(num_blocks: int, *, remove: int | None = None, ratio: float |
         raise ValueError(f"ratio: {ratio} of the {ratio_of} means removing {n} of {num_blocks} blocks, but at "
                          "least one block must stay; use a smaller ratio")
     return n
-
-
-def protected_blocks(num_blocks: int, protect_first: int = 0, protect_last: int = 0) -> set[int]:
-    for name, m in (("protect_first", protect_first), ("protect_last", protect_last)):
-        if not isinstance(m, int) or isinstance(m, bool) or m < 0:
-            raise ValueError(f"{name}: expected a non-negative int, got {m!r}")
-    return set(range(min(protect_first, num_blocks))) | set(range(max(num_blocks - protect_last, 0), num_blocks))
-
-
-def _check_segments(segments: Sequence[Sequence[int]], num_blocks: int | None = None) -> list[tuple[int, int]]:
-    segs = [tuple(int(x) for x in s) for s in segments]
-    if not segs or any(len(s) != 2 for s in segs):
-        raise ValueError(f"segments: expected a non-empty list of [first, last] pairs, got {segments!r}")
-    expected_first = 0
-    for a, b in segs:
-        if a != expected_first or b < a:
-            raise ValueError(f"segments: expected contiguous inclusive ranges covering 0..L-1 in order, got "
-                             f"{segs}; segment [{a}, {b}] should start at {expected_first}")
-        expected_first = b + 1
-    if num_blocks is not None and expected_first != num_blocks:
-        raise ValueError(f"segments: cover blocks 0..{expected_first - 1}, but the model has {num_blocks}")
-    return segs  # type: ignore[return-value]
-
-
-def split_budget(segments: Sequence[Sequence[int]], remove: int, *, protected: set[int] | frozenset = frozenset(),
-                 allow_empty_segments: bool = False) -> list[int]:
-    """Blocks to remove per segment: proportional to segment size, largest remainders, capped by capacity."""
-    segs = _check_segments(segments)
-    sizes = [b - a + 1 for a, b in segs]
-    caps = []
-    for (a, b), size in zip(segs, sizes):
-        free = sum(1 for i in range(a, b + 1) if i not in protected)
-        caps.append(min(free, size if allow_empty_segments else size - 1))
-    if remove > sum(caps):
-        raise ValueError(
-            f"remove: {remove} blocks do not fit; the {len(segs)} segments {segs} can give at most {sum(caps)} "
-            f"(a segment keeps one block{' ' if allow_empty_segments else ' unless allow_empty_segments'}, "
-            "protected blocks stay); remove fewer blocks, use fewer segments, protect fewer blocks"
-            + ("" if allow_empty_segments else ", or allow empty segments"))
-    alloc = [0] * len(segs)
-    left = remove
-    active = list(range(len(segs)))  # the first round splits over all segments, later rounds over the open ones
-    while left > 0:
-        total = sum(sizes[i] for i in active)
-        share = {i: divmod(left * sizes[i], total) for i in active}  # (floor, remainder numerator)
-        give = {i: share[i][0] for i in active}
-        leftover = left - sum(give.values())
-        for i in sorted(active, key=lambda i: (-share[i][1], i))[:leftover]:
-            give[i] += 1
-        for i in active:
-            take = min(give[i], caps[i] - alloc[i])
-            alloc[i] += take
-            left -= take
-        active = [i for i in range(len(segs)) if alloc[i] < caps[i]]
-    return alloc
-
-
-def select_removed(segments: Sequence[Sequence[int]], scores: Sequence[float], per_segment: Sequence[int],
-                   protected: set[int] | frozenset = frozenset()) -> list[int]:
-    """The ``per_segment[i]`` lowest-scoring unprotected blocks of each segment, sorted (ties: lower index)."""
-    removed: list[int] = []
-    for (a, b), n in zip(_check_segments(segments), per_segment):
-        candidates = sorted((i for i in range(a, b + 1) if i not in protected), key=lambda i: (scores[i], i))
-        if n > len(candidates):
-            raise ValueError(f"per_segment: segment [{a}, {b}] has {len(candidates)} removable blocks, asked {n}")
-        removed.extend(candidates[:n])
-    return sorted(removed)
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -199,7 +134,7 @@ class Plan:
         if self.cka.shape != (L, L) or not np.all(np.isfinite(self.cka)):
             raise ValueError(f"plan: 'cka' must be a finite {L}x{L} matrix (num_blocks={L}), got shape "
                              f"{self.cka.shape}")
-        _check_segments(self.segments, L)
+        check_segments(self.segments, L)
         if self.k != len(self.segments):
             raise ValueError(f"plan: k={self.k} but there are {len(self.segments)} segments")
         for name, values in self.scores.items():
@@ -362,7 +297,7 @@ def build_plan(*, model_info: Mapping[str, Any], calibration: Mapping[str, Any],
                 raise ValueError(f"scorer {scorer!r}: needs its search result for {remove} blocks (selection=...); "
                                  "use Analysis.plan_for, which runs the search")
             removed = sorted(int(i) for i in selection["removed"])
-            per_segment = [sum(1 for i in removed if a <= i <= b) for a, b in _check_segments(segments, L)]
+            per_segment = [sum(1 for i in removed if a <= i <= b) for a, b in check_segments(segments, L)]
             extra["selection"] = {k: v for k, v in selection.items() if k != "removed"}
         else:
             removed = select_removed(segments, scores[scorer], per_segment, protected)

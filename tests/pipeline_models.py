@@ -20,7 +20,7 @@ TOKENIZER_VOCAB = 320
 def tiny_tokenizer() -> tf.PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from sglp_fast.data import builtin_text
+    from sglp_fast.calibration.text import builtin_text
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

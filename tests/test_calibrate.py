@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from sglp_fast.calibrate import NonFiniteActivationError, calibrate
+from sglp_fast.calibration.runtime import NonFiniteActivationError, calibrate
 from sglp_fast.models import get_adapter
 from tiny_models import FAMILIES, RecordingObserver, reference_loss, rel, tiny_batches, tiny_model
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from sglp_fast.cka import CKAAccumulator, cka_matrix
+from sglp_fast.similarity.accumulator import CKAAccumulator, cka_matrix
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["torch", "triton"]
@@ -306,7 +306,7 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
 
 
 def test_auto_backend_uses_torch_on_cpu():
-    from sglp_fast.cka import _resolve_backend
+    from sglp_fast.similarity.accumulator import _resolve_backend
 
     assert _resolve_backend("auto", torch.device("cpu")) == "torch"
     assert _resolve_backend("auto", torch.device("cuda", 0)) == "triton"

@@ -12,7 +12,7 @@ SCRIPT = textwrap.dedent(
     """
     import json, resource, sys
     import torch
-    from sglp_fast.cka import CKAAccumulator
+    from sglp_fast.similarity.accumulator import CKAAccumulator
 
     torch.set_num_threads(1)  # a shared 2-core box: 2 threads under contention are slower, not faster
     L, n, d = 24, 4096, 64

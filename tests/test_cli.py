@@ -14,7 +14,7 @@ import transformers as tf
 from pipeline_models import one_thread, save_tiny  # noqa: F401
 
 from sglp_fast.cli import _analyze_kwargs, build_parser, main, parse_size
-from sglp_fast.data import load_calibration
+from sglp_fast.calibration.text import load_calibration
 from sglp_fast.evaluate import count_parameters, perplexity
 from sglp_fast.plan import Plan
 

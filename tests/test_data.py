@@ -7,7 +7,7 @@ import pytest
 import torch
 from pipeline_models import one_thread, tiny_tokenizer  # noqa: F401
 
-from sglp_fast.data import (
+from sglp_fast.calibration.text import (
     CalibrationData,
     builtin_text,
     load_calibration,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from sglp_fast.calibrate import calibrate
+from sglp_fast.calibration.runtime import calibrate
 from tiny_models import (FAMILIES, RecordingObserver, reference_block_grads, reference_loss, rel, tiny_batches,
                          tiny_model)
 

@@ -47,7 +47,7 @@ def measure(mode: str, directory: str) -> dict:
     import torch
     import transformers as tf
 
-    from sglp_fast.calibrate import calibrate
+    from sglp_fast.calibration.runtime import calibrate
     from sglp_fast.models import load_model
 
     base = _rss_now()

@@ -62,7 +62,7 @@ class ToyBlock(nn.Module):
 
 
 def test_generic_mode_on_request_only():
-    from sglp_fast.calibrate import calibrate
+    from sglp_fast.calibration.runtime import calibrate
     from tiny_models import RecordingObserver
 
     torch.manual_seed(0)

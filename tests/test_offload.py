@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import sglp_fast.offload as offload
-from sglp_fast.calibrate import calibrate
+import sglp_fast.calibration.store as offload
+from sglp_fast.calibration.runtime import calibrate
 from sglp_fast.models import get_adapter, load_model
-from sglp_fast.offload import ActivationCache, parse_bytes
+from sglp_fast.calibration.store import ActivationCache
+from sglp_fast.sizes import parse_bytes
+from sglp_fast.calibration.weights import module_bytes
 from tiny_models import RecordingObserver, tiny_batches, tiny_model
 
 
@@ -108,7 +110,7 @@ def test_lazy_safetensors_equals_in_memory(family, tmp_path):
 def test_lazy_materialize_then_save(tmp_path):
     import transformers as tf
 
-    from sglp_fast.lazy_weights import materialize
+    from sglp_fast.calibration.lazy_weights import materialize
 
     model = tiny_model("llama", layers=3, seed=45)
     model.save_pretrained(tmp_path / "ckpt")
@@ -181,7 +183,7 @@ def test_cuda_paths_agree(family, tmp_path):
     model.save_pretrained(tmp_path / "ckpt", max_shard_size="30KB")
     with pytest.warns(UserWarning) if family == "bert" else contextlib.nullcontext():
         lazy, _ = load_model(tmp_path / "ckpt", lazy=True)
-    block = max(offload.module_bytes(b) for b in get_adapter(model).blocks)
+    block = max(module_bytes(b) for b in get_adapter(model).blocks)
     # room for one block + its gradients only: the whole activation cache goes to disk
     tiered = _run(lazy, batches, device="cuda", max_device_memory=2 * block + 1024, max_cpu_memory=0,
                   offload_dir=tmp_path / "off")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from sglp_fast import baselines
+from sglp_fast.selection import baselines
 from sglp_fast.compare import markdown_table, CompareRow
-from sglp_fast.scoring import SCORERS, compute_scores, get_scorer
+from sglp_fast.selection.scores import SCORERS, compute_scores, get_scorer
 
 
 def _result(L=7, seed=0, gradients=True):

@@ -11,8 +11,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from sglp_fast import _segment_ref
-from sglp_fast.segment import fisher_segment, fisher_segment_costs
+from sglp_fast.segmentation import reference as _segment_ref
+from sglp_fast.segmentation.fisher import fisher_segment, fisher_segment_costs
 
 IMPLS = ("cpp", "numpy")
 

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from sglp_fast.segment import fisher_segment, fisher_segment_costs, knee_k
+from sglp_fast.segmentation.fisher import fisher_segment, fisher_segment_costs, knee_k
 
 GOOD = np.random.default_rng(0).standard_normal((6, 3))
 IMPLS = ("cpp", "numpy")

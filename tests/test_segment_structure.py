@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sglp_fast.segment import fisher_segment, knee_k
+from sglp_fast.segmentation.fisher import fisher_segment, knee_k
 
 
 def planted_similarity(sizes, rng, within=0.85, between=0.25, noise=0.03):

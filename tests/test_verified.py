@@ -14,10 +14,10 @@ import pytest
 import torch
 from tiny_models import VOCAB, reference_loss, tiny_batches, tiny_model
 
-from sglp_fast.calibrate import calibrate
-from sglp_fast.compensate import apply_transforms, fold_state_tensor, folded, module_kind, runs_of
+from sglp_fast.calibration.runtime import calibrate
+from sglp_fast.selection.compensation import apply_transforms, fold_state_tensor, folded, module_kind, runs_of
 from sglp_fast.models import get_adapter
-from sglp_fast.verified import CANDIDATES, fits_frame, verified_pick
+from sglp_fast.selection.verified import CANDIDATES, fits_frame, verified_pick
 
 torch.set_grad_enabled(True)
 
@@ -239,7 +239,7 @@ def test_fold_matches_multiplying_the_output(family):
     """Folding T into the projection equals applying T to its output (Linear with bias, GPT-2 Conv1D)."""
     model = tiny_model(family, layers=1, seed=8).double()
     adapter = get_adapter(model)
-    proj = __import__("sglp_fast.compensate", fromlist=["x"]).mlp_output_module(adapter, adapter.blocks[0])
+    proj = __import__("sglp_fast.selection.compensation", fromlist=["x"]).mlp_output_module(adapter, adapter.blocks[0])
     d = 32
     T = torch.eye(d, dtype=torch.float64) + 0.1 * torch.randn(d, d, dtype=torch.float64)
     x = torch.randn(5, proj.weight.shape[0 if module_kind(proj) == "conv1d" else 1], dtype=torch.float64)
@@ -393,7 +393,7 @@ def test_default_prune_is_verified_without_backward_and_its_loss_is_real(tiny_di
     import transformers as tf
 
     import sglp_fast
-    from sglp_fast.data import load_calibration
+    from sglp_fast.calibration.text import load_calibration
     from sglp_fast.plan import Plan
 
     res = sglp_fast.prune(str(tiny_dir), "builtin", remove=3, output=tmp_path / "out", **API_CALIB)

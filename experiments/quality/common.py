@@ -73,7 +73,7 @@ def readme_text() -> str:
 
 
 def texts():
-    from sglp_fast.data import builtin_text
+    from sglp_fast.calibration.text import builtin_text
     return {"calib": builtin_text("calib"), "heldA": builtin_text("heldout"), "heldB": readme_text()}
 
 

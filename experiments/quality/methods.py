@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sglp_fast.segment import fisher_segment
+from sglp_fast.segmentation.fisher import fisher_segment
 
 L = 30
 

@@ -3,8 +3,8 @@ import os, sys, json, torch, torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
 import quality_smollm2 as Q
 from sglp_fast import analyze
-import sglp_fast.gradients as G
-from sglp_fast.data import CalibrationData, builtin_text, tokenize_windows
+import sglp_fast.calibration.losses as G
+from sglp_fast.calibration.text import CalibrationData, builtin_text, tokenize_windows
 from sglp_fast.api import default_model_source
 from sglp_fast.models import load_model
 model, tok = load_model(default_model_source(), dtype=torch.float32, device="cpu")

@@ -3,9 +3,9 @@ import os, sys, json, torch, numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
 import quality_smollm2 as Q
 from sglp_fast import analyze
-from sglp_fast.segment import fisher_segment
+from sglp_fast.segmentation.fisher import fisher_segment
 from sglp_fast.plan import select_removed, split_budget
-from sglp_fast.data import CalibrationData, builtin_text, tokenize_windows
+from sglp_fast.calibration.text import CalibrationData, builtin_text, tokenize_windows
 from sglp_fast.api import default_model_source
 from sglp_fast.models import load_model
 model, tok = load_model(default_model_source(), dtype=torch.float32, device="cpu")

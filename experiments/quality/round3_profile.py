@@ -1,10 +1,10 @@
 """Round 3: where the default analysis spends its time (usage: python round3_profile.py 0 verified gradnorm)."""
 import time, sys, torch, functools
 from sglp_fast import analyze
-from sglp_fast.data import CalibrationData, builtin_text, tokenize_windows
+from sglp_fast.calibration.text import CalibrationData, builtin_text, tokenize_windows
 from sglp_fast.api import default_model_source
 from sglp_fast.models import load_model
-import sglp_fast.compensate as C, sglp_fast.verify as V
+import sglp_fast.selection.compensation as C, sglp_fast.selection.verifier as V
 model, tok = load_model(default_model_source(), dtype=torch.float32, device="cpu")
 s = int(sys.argv[1]) if len(sys.argv) > 1 else 0
 calib_all = tokenize_windows(tok, builtin_text("calib"), 48, 256)

@@ -123,7 +123,7 @@ def load_model(source=None, dtype: torch.dtype = torch.float32, device="cpu", la
     config = AutoConfig.from_pretrained(directory)
     auto = _auto_class(config)
     if lazy:
-        from ..lazy_weights import build_lazy_model
+        from ..calibration.lazy_weights import build_lazy_model
         from . import get_adapter
 
         model = build_lazy_model(directory, auto, dtype, lambda m: get_adapter(m).blocks_path)

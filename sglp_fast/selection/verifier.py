@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from . import gradients as G
+from ..calibration import losses as G
 
 
 class SkipVerifier:
@@ -66,7 +66,7 @@ class SkipVerifier:
     @contextlib.contextmanager
     def block(self, layer: int, transform: torch.Tensor | None = None):
         """Block ``layer`` on the device (with ``transform`` folded into its MLP output), released after."""
-        from .compensate import mlp_output_module, patched  # noqa: PLC0415
+        from .compensation import mlp_output_module, patched  # noqa: PLC0415
 
         block = self._weights.acquire(layer)
         try:
@@ -89,7 +89,7 @@ class SkipVerifier:
         Fitted on the windows the loss check does not use, so the check stays a held-out test; with
         ``all_windows`` (the chosen plan, once the check has done its job) on every cached window.
         """
-        from .compensate import DEFAULT_ALPHA, fit_transforms  # noqa: PLC0415
+        from .compensation import DEFAULT_ALPHA, fit_transforms  # noqa: PLC0415
 
         key = (self._check(removed), bool(all_windows))
         if key not in self._transforms:

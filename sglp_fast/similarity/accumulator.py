@@ -23,7 +23,7 @@ The gram space streams row panels: the L×panel×n stack of Gram rows is the onl
 
 Orders. ``update(batch)`` receives all layers of one batch. ``update_layer(l, x, batch_id)`` receives one
 layer at a time in any order (the offloaded calibration runs layer-major). Each (batch, layer) leaves its
-K̃ or centered X in a cache (device -> CPU -> disk, :mod:`sglp_fast.cka_cache`); when a batch's last layer
+K̃ or centered X in a cache (device -> CPU -> disk, :mod:`sglp_fast.similarity.item_cache`); when a batch's last layer
 arrives, its L×L terms are formed from the cache in one streamed pass and the cache entries are freed. This
 reads each cached item once (L·n² bytes per batch) instead of once per later layer (L²·n²/2).
 """
@@ -34,7 +34,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .cka_cache import CACHE_TIERS, BatchItemCache
+from .item_cache import CACHE_TIERS, BatchItemCache
 
 ESTIMATORS = ("unbiased", "biased")
 KERNELS = ("linear", "rbf")
@@ -46,7 +46,7 @@ STATE_VERSION = 1
 # ------------------------------------------------------------------------------------------------- helpers
 def _triton_kernels():
     """Import the kernels lazily: torch-only users never pay for importing triton."""
-    from .kernels import gram, hsic
+    from ..kernels import gram, hsic
 
     return gram, hsic
 

@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 
 from . import baselines
-from .compensate import runs_of
-from .plan import protected_blocks, select_removed, split_budget
+from .compensation import runs_of
+from .frame import capacity, fits_frame, lowest_in_frame, protected_blocks, segment_of, select_removed, split_budget
 
 CANDIDATES = ("greedy", "relative_update_per_segment", "relative_update_global", "block_influence", "angular")
 DEFAULT_SHORTLIST = 4
@@ -60,43 +60,6 @@ class VerifiedSelection:
                 "greedy_steps": self.greedy_steps, "block_forwards": round(self.block_forwards, 3)}
 
 
-def _segment_of(segments: Sequence[Sequence[int]], num_blocks: int) -> list[int]:
-    seg_of = [0] * num_blocks
-    for s, (a, b) in enumerate(segments):
-        for i in range(a, b + 1):
-            seg_of[i] = s
-    return seg_of
-
-
-def _capacity(segments: Sequence[Sequence[int]], allow_empty_segments: bool) -> list[int]:
-    """Blocks each segment may still give up (all but one unless empty segments are allowed)."""
-    return [b - a + 1 - (0 if allow_empty_segments else 1) for a, b in segments]
-
-
-def fits_frame(removed: Sequence[int], segments: Sequence[Sequence[int]], protected: set[int],
-               allow_empty_segments: bool) -> bool:
-    """True when ``removed`` spares every protected block and (unless allowed) leaves each segment a block."""
-    gone = set(removed)
-    if gone & protected:
-        return False
-    return allow_empty_segments or all(any(i not in gone for i in range(a, b + 1)) for a, b in segments)
-
-
-def _lowest_in_frame(score: Sequence[float], n: int, segments, protected, allow_empty_segments) -> list[int] | None:
-    """The n lowest-score blocks overall (ties: lower index), skipping those the frame forbids."""
-    seg_of = _segment_of(segments, len(score))
-    left = _capacity(segments, allow_empty_segments)
-    out: list[int] = []
-    for i in sorted(range(len(score)), key=lambda i: (score[i], i)):
-        if len(out) == n:
-            break
-        if i in protected or left[seg_of[i]] == 0:
-            continue
-        out.append(i)
-        left[seg_of[i]] -= 1
-    return sorted(out) if len(out) == n else None
-
-
 def verified_pick(*, segments: Sequence[Sequence[int]], n: int, relative_update: Sequence[float],
                   block_influence: Sequence[float], verifier: Any, last_token_hidden: np.ndarray | None = None,
                   protect_first: int = 0, protect_last: int = 0, allow_empty_segments: bool = False,
@@ -110,8 +73,8 @@ def verified_pick(*, segments: Sequence[Sequence[int]], n: int, relative_update:
     protected = protected_blocks(L, protect_first, protect_last)
     per_segment = split_budget(segments, n, protected=protected, allow_empty_segments=allow_empty_segments)
     work0 = verifier.block_forwards
-    seg_of = _segment_of(segments, L)
-    left = _capacity(segments, allow_empty_segments)
+    seg_of = segment_of(segments, L)
+    left = capacity(segments, allow_empty_segments)
 
     removed: list[int] = []
     steps: list[dict[str, Any]] = []
@@ -127,7 +90,7 @@ def verified_pick(*, segments: Sequence[Sequence[int]], n: int, relative_update:
     proposals: dict[str, list[int] | None] = {
         "greedy": sorted(removed) if greedy else None,
         "relative_update_per_segment": select_removed(segments, r, per_segment, protected),
-        "relative_update_global": _lowest_in_frame(r, n, segments, protected, allow_empty_segments),
+        "relative_update_global": lowest_in_frame(r, n, segments, protected, allow_empty_segments),
         "block_influence": baselines.shortgpt(block_influence, n),
         "angular": None if last_token_hidden is None else baselines.angular_contiguous(last_token_hidden, n),
     }

@@ -28,7 +28,7 @@ from typing import Literal
 
 import numpy as np
 
-from . import _segment_ref
+from . import reference as _segment_ref
 
 __all__ = ["Segmentation", "fisher_segment", "fisher_segment_costs", "knee_k", "KNEE_RULE"]
 
@@ -175,7 +175,7 @@ def _check_options(k, k_max, min_size, impl, threads, num_rows: int):
 
 def _extension():
     try:
-        from . import _fisher
+        from .. import _fisher
     except ImportError as exc:
         raise ImportError(_BUILD_HINT) from exc
     if not hasattr(_fisher, "fisher_dp_profiles"):  # a stale placeholder build

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models.base import resolve_path
+from ..models.base import resolve_path
 
 DEFAULT_ALPHA = 1.0
 

@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import gradients as G
-from .models import get_adapter
-from .models.base import BlockAdapter, BlockCall
-from .verify import SkipVerifier
-from .offload import (ActivationCache, BlockWeights, MemoryPlan, available_cpu_bytes, check_offload_dir,
-                      module_bytes, parse_bytes, project_tiers)
+from . import losses as G
+from ..models import get_adapter
+from ..models.base import BlockAdapter, BlockCall
+from ..selection.verifier import SkipVerifier
+from .memory import plan_memory
+from .store import ActivationCache
+from .weights import BlockWeights
 
 
 class NonFiniteActivationError(ValueError):
@@ -141,57 +142,6 @@ def _check_finite(t: torch.Tensor, what: str, dtype: torch.dtype) -> None:
         raise NonFiniteActivationError(f"{what} produced NaN/inf{hint}")
 
 
-# --- planning --------------------------------------------------------------------------------------------
-def _plan(adapter, weights: BlockWeights, batches, gradients, act_dtype, device, max_device_memory, max_cpu_memory,
-          offload_dir, kept_batches: int = 0) -> tuple[MemoryPlan, dict[str, int], str | None]:
-    hidden = int(getattr(adapter.config, "hidden_size", 0) or getattr(adapter.config, "n_embd", 0) or 0)
-    itemsize = torch.tensor([], dtype=act_dtype).element_size()
-    tokens_padded = sum(b["input_ids"].numel() for b in batches)
-    slot = tokens_padded * hidden * itemsize
-    grad = tokens_padded * hidden * 4 if gradients else 0
-    n_slots = adapter.num_blocks + 1 if gradients else 2
-    if kept_batches and not gradients:  # every block's input stays cached for the kept batches (the verifier)
-        kept_tokens = sum(b["input_ids"].numel() for b in batches[:kept_batches])
-        n_slots += (adapter.num_blocks - 1) * kept_tokens / max(tokens_padded, 1)
-    block_bytes = max(weights.block_bytes(i) for i in range(adapter.num_blocks))
-    all_bytes = module_bytes(adapter.model, weights.dtype)
-    blocks_total = sum(weights.block_bytes(i) for i in range(adapter.num_blocks))
-    dev_budget = parse_bytes(max_device_memory, "max_device_memory")
-    cpu_budget = parse_bytes(max_cpu_memory, "max_cpu_memory")
-    if device.type == "cpu":
-        given = [b for b in (dev_budget, cpu_budget) if b is not None]
-        cache_cpu = min(given) if given else available_cpu_bytes() // 2
-        cache_dev = 0
-    else:
-        if dev_budget is None:
-            free, _ = torch.cuda.mem_get_info(device) if device.type == "cuda" else (0, 0)
-            dev_budget = int(free * 0.9)
-        resident = all_bytes if weights.mode == "resident" else block_bytes * 2  # weights + their gradients
-        if dev_budget < resident:
-            raise ValueError(
-                f"max_device_memory: {dev_budget} bytes cannot hold {'the model' if weights.mode == 'resident' else 'one block'} "
-                f"({resident} bytes with gradients); raise it, or load the model to CPU / lazily to stream blocks"
-            )
-        cache_dev = max(0, dev_budget - resident - 4 * (slot // max(len(batches), 1)))
-        cache_cpu = cpu_budget if cpu_budget is not None else available_cpu_bytes() // 2
-    budgets = {"device": cache_dev, "cpu": cache_cpu}
-    tiers = project_tiers(int(n_slots * slot) + grad, budgets)
-    checked_dir = check_offload_dir(offload_dir, tiers["disk"])
-    if tiers["disk"] > 0 and checked_dir is None:
-        raise ValueError(
-            f"offload_dir: the activation cache needs {int(n_slots * slot) + grad} bytes but max_device_memory/"
-            f"max_cpu_memory leave room for {cache_dev + cache_cpu}; pass offload_dir=<folder on a disk with "
-            f"{tiers['disk']} bytes free>, raise the budgets, or use fewer/shorter batches"
-        )
-    plan = MemoryPlan(
-        device=str(device), weights_mode=weights.describe(), max_block_bytes=block_bytes,
-        other_weight_bytes=all_bytes - blocks_total, activation_slot_bytes=slot, num_slots=n_slots,
-        grad_bytes=grad, tiers=tiers,
-        budgets={"device": cache_dev if device.type != "cpu" else 0, "cpu": cache_cpu, "disk": None if checked_dir else 0},
-    )
-    return plan, budgets, checked_dir
-
-
 # --- the driver ------------------------------------------------------------------------------------------
 def calibrate(model_or_adapter, batches, *, observers=(), gradients: bool = True, device=None, dtype=None,
               max_device_memory=None, max_cpu_memory=None, offload_dir=None, seed: int = 0,
@@ -223,7 +173,7 @@ def calibrate(model_or_adapter, batches, *, observers=(), gradients: bool = True
     cache = None
     try:
         act_dtype = dtype or next((p.dtype for p in adapter.blocks.parameters() if p.is_floating_point()), torch.float32)
-        plan, budgets, checked_dir = _plan(adapter, weights, batches, gradients, act_dtype, device,
+        plan, budgets, checked_dir = plan_memory(adapter, weights, batches, gradients, act_dtype, device,
                                            max_device_memory, max_cpu_memory, offload_dir, kept_batches)
         if progress:
             print(plan, file=sys.stderr)

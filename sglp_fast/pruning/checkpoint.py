@@ -1,0 +1,146 @@
+"""Prune a checkpoint too big to load: stream the safetensors shards, kept blocks only, renamed.
+
+It copies only the kept blocks' tensors, renamed to their new indices, one tensor at a time (folding the
+compensation maps into the tensors they change), and fixes the config through the model adapter applied to
+a weightless (meta-device) skeleton.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..plan import Plan
+from .save import commit_dir, temporary_sibling, heatmap_title, check_output_dir
+
+def _block_key_regex(blocks_path: str, keys: list[str]) -> re.Pattern:
+    """The pattern of block tensor names in a checkpoint (with or without the base-model prefix)."""
+    candidates = [blocks_path]
+    if "." in blocks_path:
+        candidates.append(blocks_path.split(".", 1)[1])
+    for prefix in candidates:
+        pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.+)$")
+        if any(pattern.match(k) for k in keys):
+            return pattern
+    raise ValueError(f"checkpoint: no tensor names under '{blocks_path}.<i>.'; not a checkpoint of this "
+                     "architecture")
+
+
+def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, output_dir: str | os.PathLike,
+                     overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Prune a safetensors checkpoint on disk without loading the model: kept tensors only, renamed."""
+    import torch  # noqa: PLC0415
+    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors.torch import save_file  # noqa: PLC0415
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    from ..similarity.heatmap import save_cka_heatmap  # noqa: PLC0415
+    from ..models import get_adapter  # noqa: PLC0415
+
+    if plan.removed is None:
+        raise ValueError("plan: has no 'removed' blocks; it cannot be applied")
+    src = Path(src_dir)
+    shards = sorted(src.glob("*.safetensors"))
+    if not shards:
+        raise ValueError(f"src_dir: {str(src)!r} holds no .safetensors files; prune_checkpoint needs a "
+                         "safetensors checkpoint (load smaller models and use save_pruned instead)")
+    out = check_output_dir(output_dir, overwrite)
+    config = AutoConfig.from_pretrained(src)
+    auto = AutoModelForCausalLM
+    if "ForMaskedLM" in "".join(getattr(config, "architectures", None) or []) or not (
+            getattr(config, "architectures", None)):
+        auto = AutoModel
+    with torch.device("meta"):
+        skeleton = auto.from_config(config)
+    plan.check_model(skeleton)
+    adapter = get_adapter(skeleton)
+    blocks_path = adapter.blocks_path
+    folds: dict[tuple[int, str], tuple[str, Any]] = {}  # (block, tensor name in block) -> (kind, T)
+    if plan.extra.get("compensation") is not None:
+        from ..selection.compensation import mlp_output_module, module_kind  # noqa: PLC0415
+
+        if plan.transforms is None:
+            raise ValueError("plan: compensates removed blocks but carries no maps; load it with Plan.load")
+        path = adapter.mlp_output_path()
+        for blk, T in plan.transforms.items():
+            kind = module_kind(mlp_output_module(adapter, adapter.blocks[blk]))
+            for name in ("weight", "bias"):
+                folds[(blk, f"{path}.{name}")] = (kind, T)
+    kept = adapter.remove_blocks(plan.removed)  # fixes the skeleton's config
+    new_index = {old: new for new, old in enumerate(kept)}
+    tmp = temporary_sibling(out)
+    try:
+        keys_by_shard = {}
+        for shard in shards:
+            with safe_open(shard, framework="pt") as f:
+                keys_by_shard[shard] = list(f.keys())
+        pattern = _block_key_regex(blocks_path, [k for ks in keys_by_shard.values() for k in ks])
+        weight_map: dict[str, str] = {}
+        part, part_bytes, n_written = {}, 0, 0
+        files: list[str] = []
+
+        def flush():
+            nonlocal part, part_bytes, n_written
+            if part:
+                name = f"model-part-{n_written:05d}.safetensors"
+                save_file(part, tmp / name, metadata={"format": "pt"})
+                files.append(name)
+                for k in part:
+                    weight_map[k] = name
+                n_written += 1
+                part, part_bytes = {}, 0
+
+        for shard, keys in keys_by_shard.items():
+            with safe_open(shard, framework="pt") as f:
+                for key in keys:
+                    m = pattern.match(key)
+                    if m:
+                        old = int(m.group(1))
+                        if old not in new_index:
+                            continue
+                        new_key = key[:m.start(1)] + str(new_index[old]) + key[m.end(1):]
+                    else:
+                        new_key = key
+                    tensor = f.get_tensor(key)
+                    if m and (old, m.group(2)) in folds:
+                        from ..selection.compensation import fold_state_tensor  # noqa: PLC0415
+
+                        kind, T = folds[(old, m.group(2))]
+                        tensor = fold_state_tensor(kind, m.group(2).rsplit(".", 1)[1], tensor, T)
+                    size = tensor.numel() * tensor.element_size()
+                    if part and part_bytes + size > max_shard_bytes:
+                        flush()
+                    part[new_key] = tensor.contiguous()
+                    part_bytes += size
+        flush()
+        if len(files) == 1:
+            os.rename(tmp / files[0], tmp / "model.safetensors")
+        else:
+            total = 0
+            for i, name in enumerate(files):
+                final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+                os.rename(tmp / name, tmp / final)
+                for k, v in list(weight_map.items()):
+                    if v == name:
+                        weight_map[k] = final
+                total += (tmp / final).stat().st_size
+            with open(tmp / "model.safetensors.index.json", "w") as fh:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=1)
+        skeleton.config.save_pretrained(tmp)
+        for extra in ("generation_config.json",):
+            if (src / extra).is_file():
+                shutil.copy2(src / extra, tmp / extra)
+        try:
+            AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+        except (OSError, ValueError, TypeError):
+            pass  # a checkpoint without a tokenizer stays without one
+        plan.save(tmp / "plan.json")
+        save_cka_heatmap(tmp / "cka.png", plan.cka, plan.segments, plan.removed, title=heatmap_title(plan))
+        commit_dir(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
