@@ -10,7 +10,8 @@ Times, on one batch (all L layers, batch-major ``update``):
            extrapolated to all L(L-1)/2 pairs (said so in the table)
 and the Gram kernel alone against cuBLAS: the same panel shape through torch.mm in bf16, and an
 8192³ bf16 matmul (the device's measured peak-ish rate). FLOPs: Gram 2·rows·n·d per layer panel,
-stacked products 2·L²·n² (the kernel skips the lower block triangle; counted in full).
+stacked products 2·L²·n² (the kernel skips the lower block triangle; counted in full). It also checks that
+a second triton run gives bit-identical HSIC sums (the split-K reduction uses no atomics).
 
 Usage: python3 benchmarks/gpu_cka.py [--out results.md]   (needs CUDA; exits 2 without it)
 """
@@ -147,7 +148,9 @@ def main() -> int:
 
         t_prep = sync_time(lambda: acc_t._prepare_all(xs, "triton"), reps=3)
         t_triton = sync_time(lambda: run("triton"), reps=3)
-        res_triton = run("triton").result()
+        first = run("triton")
+        res_triton = first.result()
+        repeat_same = bool((run("triton").hsic() == first.hsic()).all())  # no atomics: the same bits
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 
@@ -178,22 +181,23 @@ def main() -> int:
         flops = L * 2 * n * n * d + 2 * L * L * n * n
         rows_out.append((n, rows, gram_tflops, cub_tflops, t_triton, flops / t_triton / 1e12, t_torch,
                          t_naive,
-                         max_diff, t_prep))
+                         max_diff, t_prep, repeat_same))
         print(f"n={n}: gram {gram_tflops:.0f} TFLOP/s (cuBLAS same shape {cub_tflops:.0f}); triton "
               f"{t_triton*1e3:.1f} ms (centering/checks {t_prep*1e3:.1f} ms), torch {t_torch*1e3:.1f} ms, "
-              f"naive ~{t_naive:.2f} s; |Δ| {max_diff:.2e}",
+              f"naive ~{t_naive:.2f} s; |Δ| {max_diff:.2e}; repeat bit-identical {repeat_same}",
               flush=True)
         del xs
         torch.cuda.empty_cache()
 
     lines += ["| n | panel rows | Triton Gram TFLOP/s | cuBLAS bf16 same shape | Gram vs 8192³ cuBLAS | "
               "triton end-to-end | of which centering+checks | e2e TFLOP/s | torch (fp32) end-to-end | "
-              "naive pairwise (extrap.) | triton vs torch | triton vs naive | max abs ΔCKA triton-torch |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for n, rows, gt, ct, tt, et, to, tn, md, tp in rows_out:
+              "naive pairwise (extrap.) | triton vs torch | triton vs naive | max abs ΔCKA triton-torch | "
+              "triton rerun bit-identical |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n, rows, gt, ct, tt, et, to, tn, md, tp, same in rows_out:
         lines.append(f"| {n} | {rows} | {gt:.0f} | {ct:.0f} | {gt / cublas_peak:.0%} | {tt*1e3:.1f} ms | "
                      f"{tp*1e3:.1f} ms | {et:.0f} | "
-                     f"{to*1e3:.1f} ms | {tn:.2f} s | {to / tt:.1f}x | {tn / tt:.0f}x | {md:.1e} |")
+                     f"{to*1e3:.1f} ms | {tn:.2f} s | {to / tt:.1f}x | {tn / tt:.0f}x | {md:.1e} | {same} |")
     big = check_large_offsets()  # after the timings: its 10 GB buffers must not heat the card before them
     lines += ["", *big]
     text = "\n".join(lines) + "\n"

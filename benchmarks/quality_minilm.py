@@ -39,10 +39,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from quality_smollm2 import fmt, machine, readme_text  # noqa: E402
 
-from sglp_fast import __version__, analyze, baselines  # noqa: E402
+from sglp_fast import __version__, analyze  # noqa: E402
 from sglp_fast.calibration.text import CalibrationData, builtin_text, tokenize_windows  # noqa: E402
 from sglp_fast.models import load_model  # noqa: E402
 from sglp_fast.pruning import remove_blocks  # noqa: E402
+from sglp_fast.selection import baselines  # noqa: E402
 
 PEERS = ("shortgpt", "angular", "last", "random")
 LABEL = {"default": "**sglp-fast default** (verified, embedding distortion)", "paper": "SGLP paper (GradNorm per segment)",

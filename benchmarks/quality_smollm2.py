@@ -33,8 +33,8 @@ from sglp_fast import __version__, analyze
 from sglp_fast.selection import baselines
 from sglp_fast.calibration.text import CalibrationData, builtin_text, tokenize_windows
 from sglp_fast.evaluate import perplexity
-from sglp_fast.api import default_model_source
 from sglp_fast.models import load_model
+from sglp_fast.models.loading import default_model_path
 from sglp_fast.pruning import remove_blocks
 from sglp_fast.selection.verified import verified_pick
 
@@ -126,7 +126,7 @@ def main() -> int:
     scorer = dense = seg_text = None
     for s in args.subsets:
         if scorer is None:  # the model, tokenizer and texts once
-            model, tok = load_model(default_model_source(), dtype=torch.float32, device="cpu")
+            model, tok = load_model(default_model_path(), dtype=torch.float32, device="cpu")
             calib_all = tokenize_windows(tok, builtin_text("calib"), args.calib_seqs * (max(args.subsets) + 1),
                                          args.seq_len)
             texts = {"A": tokenize_windows(tok, builtin_text("heldout"), args.eval_seqs, args.seq_len),

@@ -14,11 +14,14 @@ replaces the three passes (matmul, fill_diagonal_, sum) the torch backend does.
 Design trade-off: the panel is a full row block (rows × n), not a symmetric triangle. Computing both
 triangles doubles the Gram FLOPs but keeps every K̃ row complete inside one panel, so the row sums and the
 stacked HSIC products (kernels/hsic.py) stream panel by panel without a second pass or atomics. Row sums
-are written as one partial per column tile (``[n_col_tiles, rows]``) and reduced by the launcher: no
-atomics, deterministic.
+are written as one partial per column tile (``[n_col_tiles, rows]``) and reduced by the launcher in a fixed
+order: no atomics, so a given config gives the same bits every run. The launcher picks the config first
+(interpreter: one small config; small problems: one fixed config; else the autotuner, whose pick is cached
+per shape and, where Triton supports it, on disk), then launches once.
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -38,6 +41,12 @@ INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
 # below this many multiply-adds per layer a fixed config is used: tuning would cost more than it saves
 SMALL_PROBLEM = 1 << 27
 SMALL_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3)
+
+
+def autotune_options() -> dict:
+    """Extra ``triton.autotune`` options: cache the pick on disk where supported (Triton >= 3.3), so a new
+    process reuses the config (and so the summation order, i.e. the bits) of the last one."""
+    return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
 @triton.jit
@@ -94,7 +103,8 @@ def _gram_kernel(
     tl.store(RS_ptr + pid_n * stride_rt + offs_p, tl.sum(acc, axis=1), mask=row_ok)
 
 
-_gram_kernel_tuned = triton.autotune(configs=GRAM_CONFIGS, key=["n", "d", "rows"])(_gram_kernel)
+_gram_kernel_tuned = triton.autotune(configs=GRAM_CONFIGS, key=["n", "d", "rows"],
+                                     **autotune_options())(_gram_kernel)
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -166,39 +176,32 @@ def gram_panel(
     wide = span >= 2**31 - 1
     strides = (x3.stride(0), x3.stride(1), x3.stride(2), out3.stride(0), out3.stride(1), out3.stride(2),
                diag.stride(0))
+    # choose the config, then launch once
     if interpreter_active() or x.device.type != "cuda":
         # the interpreter computes 16-bit dots wrongly (Triton 3.9); upcasting in-register is exact and
         # gives the numbers the tensor cores give (bf16/fp16 products are exact in fp32)
-        cfg = INTERPRETER_CONFIG
-        n_col_tiles = triton.cdiv(n, cfg["BLOCK_N"])
-        partial = torch.empty((num_layers, n_col_tiles, rows), device=x.device, dtype=torch.float32)
-        grid = (triton.cdiv(rows, cfg["BLOCK_M"]), n_col_tiles, num_layers)
-        _gram_kernel[grid](
-            x3, out3, diag, partial, n, d, row_start, rows, *strides, partial.stride(0), partial.stride(1),
-            ZERO_DIAG=zero_diag, PRECISION="ieee", UPCAST=x.dtype != torch.float32, WIDE_INDEX=wide, **cfg,
-        )
+        kernel, cfg, launch = _gram_kernel, INTERPRETER_CONFIG, {}
+        precision, upcast = "ieee", x.dtype != torch.float32
     elif rows * n * d < SMALL_PROBLEM:
-        cfg = SMALL_CONFIG.kwargs
-        n_col_tiles = triton.cdiv(n, cfg["BLOCK_N"])
-        partial = torch.empty((num_layers, n_col_tiles, rows), device=x.device, dtype=torch.float32)
-        grid = (triton.cdiv(rows, cfg["BLOCK_M"]), n_col_tiles, num_layers)
-        _gram_kernel[grid](
-            x3, out3, diag, partial, n, d, row_start, rows, *strides, partial.stride(0), partial.stride(1),
-            ZERO_DIAG=zero_diag, PRECISION=precision, UPCAST=False, WIDE_INDEX=wide, **cfg,
-            num_warps=SMALL_CONFIG.num_warps, num_stages=SMALL_CONFIG.num_stages,
-        )
-    else:
-        min_bn = min(c.kwargs["BLOCK_N"] for c in GRAM_CONFIGS)
-        partial = torch.zeros((num_layers, triton.cdiv(n, min_bn), rows), device=x.device,
-                              dtype=torch.float32)
+        kernel, cfg = _gram_kernel, SMALL_CONFIG.kwargs
+        launch = {"num_warps": SMALL_CONFIG.num_warps, "num_stages": SMALL_CONFIG.num_stages}
+        upcast = False
+    else:  # the autotuner picks BLOCK_*: size the row-sum partials for the narrowest column tile
+        kernel, cfg, launch, upcast = _gram_kernel_tuned, {}, {}, False
+    max_tiles = triton.cdiv(n, cfg["BLOCK_N"] if cfg else min(c.kwargs["BLOCK_N"] for c in GRAM_CONFIGS))
+    partial = torch.empty((num_layers, max_tiles, rows), device=x.device, dtype=torch.float32)
 
-        def grid(meta):
-            return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), num_layers)
+    def grid(meta):
+        return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), num_layers)
 
-        _gram_kernel_tuned[grid](
-            x3, out3, diag, partial, n, d, row_start, rows, *strides, partial.stride(0), partial.stride(1),
-            ZERO_DIAG=zero_diag, PRECISION=precision, UPCAST=False, WIDE_INDEX=wide,
-        )
+    kernel[grid](
+        x3, out3, diag, partial, n, d, row_start, rows, *strides, partial.stride(0), partial.stride(1),
+        ZERO_DIAG=zero_diag, PRECISION=precision, UPCAST=upcast, WIDE_INDEX=wide, **cfg, **launch,
+    )
+    # only the chosen config's column tiles hold this call's partials (tuning runs of narrower configs may
+    # have written more slots): reduce exactly those, in a fixed order
+    block_n = cfg["BLOCK_N"] if cfg else kernel.best_config.kwargs["BLOCK_N"]
+    partial = partial[:, : triton.cdiv(n, block_n)]
     rowsum = partial.sum(1)
     if not stacked:
         return out, diag[0], rowsum[0]

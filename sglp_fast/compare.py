@@ -10,16 +10,15 @@ import torch
 
 from .selection import baselines
 from .evaluate import perplexity
-from .plan import SEARCH_SCORERS
+from .selection.registry import SELECTORS, get_selector
 from .pruning import remove_blocks
 
-# method name -> what it is; "sglp-<scorer>" = Fisher segments + that scorer inside each segment
+# method name -> what it is; "sglp-<selector>" = Fisher segments + that selector of selection.registry
+# (every selector but "random", which the peer "random" below already covers), then the peers
 METHODS = {
-    "sglp-verified": "sglp-fast default: Fisher segments, loss-checked greedy on the relative update (verified.py)",
-    "sglp-gradnorm": "SGLP (paper): Fisher segments of the CKA matrix, least GradNorm removed per segment",
-    "sglp-taylor": "Fisher segments, least Taylor |W*dL/dW| removed per segment",
-    "sglp-block_influence": "Fisher segments, least ShortGPT block influence removed per segment",
-    "sglp-relative_update": "Fisher segments, least relative update ||h_out-h_in||/||h_in|| removed per segment",
+    **{f"sglp-{s.name}": f"Fisher segments of the CKA matrix, "
+       + (f"lowest per segment: {s.description}" if s.kind == "ranking" else s.description)
+       for s in SELECTORS.values() if s.name != "random"},
     "shortgpt": "ShortGPT: least block influence (1 - cos(h_in, h_out)) over the whole depth",
     "angular": "Gromov et al.: contiguous run with the smallest last-token angular distance",
     "last": "drop the last n blocks",
@@ -37,14 +36,19 @@ class CompareRow:
     compensated: bool = False
 
 
+def _sglp_plan(method: str, analysis: Any, n: int) -> Any:
+    """The plan of selector ``method`` = "sglp-<selector>" for ``n`` blocks."""
+    scorer = method[len("sglp-"):]
+    if get_selector(scorer).score not in analysis.scores:
+        raise ValueError(f"methods: {method!r} needs scores {scorer!r}, computed: {sorted(analysis.scores)}")
+    return analysis.plan_for(remove=n, scorer=scorer)
+
+
 def removed_by(method: str, analysis: Any, n: int, seed: int = 0) -> list[int]:
     """The blocks ``method`` removes for a budget of ``n`` blocks, from one analysis."""
     L = analysis.model_info["num_blocks"]
     if method.startswith("sglp-"):
-        scorer = method[len("sglp-"):]
-        if SEARCH_SCORERS.get(scorer, scorer) not in analysis.scores:
-            raise ValueError(f"methods: {method!r} needs scores {scorer!r}, computed: {sorted(analysis.scores)}")
-        return list(analysis.plan_for(remove=n, scorer=scorer).removed or [])
+        return list(_sglp_plan(method, analysis, n).removed or [])
     if method == "shortgpt":
         return baselines.shortgpt(analysis.scores["block_influence"], n)
     if method == "angular":
@@ -59,9 +63,9 @@ def removed_by(method: str, analysis: Any, n: int, seed: int = 0) -> list[int]:
 
 
 def plan_of(method: str, analysis: Any, n: int, seed: int = 0) -> tuple[list[int], dict | None]:
-    """(removed blocks, compensation maps or None): the verified default may also compensate."""
-    if method == "sglp-verified":
-        plan = analysis.plan_for(remove=n, scorer="verified")
+    """(removed blocks, compensation maps or None): an sglp selector's plan may also compensate."""
+    if method.startswith("sglp-"):
+        plan = _sglp_plan(method, analysis, n)
         return list(plan.removed or []), plan.transforms
     return removed_by(method, analysis, n, seed), None
 

@@ -1,6 +1,6 @@
-"""Perplexity on token windows, parameter counts, and forward speed/memory of a (pruned) model.
+"""Perplexity on token windows, parameter counts and process memory of a (pruned) model.
 
-Perplexity uses the same windows as calibration (``data.tokenize_windows``): every window is scored on its
+Perplexity uses the same windows as calibration (``calibration.text.tokenize_windows``): every window is scored on its
 own (no context carried over), each of its tokens 1..s-1 is predicted from the ones before it, and
 PPL = exp(sum of NLL / number of predicted tokens) over all windows, accumulated in float64.
 """
@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Any
 
 import torch
+
+from .checks import check_int
+from .models import get_adapter
+
+try:
+    import psutil
+except ImportError:  # pragma: no cover - psutil is a dev dependency
+    psutil = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,8 +30,6 @@ class PerplexityResult:
 
 def is_causal_lm(model: Any) -> bool:
     """True for decoder-only LMs (next-token perplexity is defined), False for encoders and seq2seq."""
-    from .models import get_adapter  # noqa: PLC0415
-
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         return False
     try:
@@ -51,8 +56,7 @@ def perplexity(model: Any, input_ids: torch.Tensor, batch_size: int = 4, device:
                          f"{tuple(getattr(input_ids, 'shape', ()))}")
     if input_ids.shape[1] < 2:
         raise ValueError(f"input_ids: windows need at least 2 tokens to predict one, got seq_len={input_ids.shape[1]}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+    batch_size = check_int("batch_size", batch_size, 1)
     if not is_causal_lm(model):
         raise ValueError(f"model: perplexity needs a decoder-only causal LM, got {type(model).__name__} (an "
                          "encoder); evaluate encoders on their downstream task instead")
@@ -88,51 +92,13 @@ def count_parameters(model: Any) -> int:
 
 
 def block_parameter_counts(model: Any) -> list[int]:
-    from .models import get_adapter  # noqa: PLC0415
-
     return [sum(p.numel() for p in block.parameters()) for block in get_adapter(model).blocks]
 
 
-@dataclasses.dataclass(frozen=True)
-class SpeedResult:
-    tokens_per_s: float
-    seconds: float
-    tokens: int
-    peak_memory_bytes: int
-    memory_kind: str  # "cuda-allocated" or "cpu-rss"
-
-
-def _rss_bytes() -> int:
-    try:
-        import psutil  # noqa: PLC0415
-
+def rss_bytes() -> int:
+    """This process's resident memory now (psutil), or its peak RSS where psutil is missing."""
+    if psutil is not None:
         return int(psutil.Process().memory_info().rss)
-    except ImportError:  # pragma: no cover - psutil is a dev dependency
-        import resource  # noqa: PLC0415
+    import resource  # noqa: PLC0415  (POSIX only: imported where psutil is missing)
 
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-@torch.no_grad()
-def forward_speed(model: Any, input_ids: torch.Tensor, batch_size: int = 4, warmup: int = 1) -> SpeedResult:
-    """Forward throughput on ``input_ids`` and the peak memory seen (CUDA allocator, or process RSS on CPU)."""
-    device = next(model.parameters()).device
-    model.eval()
-    cuda = device.type == "cuda"
-    for _ in range(warmup):
-        _logits(model, input_ids[:batch_size].to(device))
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    peak = _rss_bytes()
-    t0 = time.perf_counter()
-    for i in range(0, input_ids.shape[0], batch_size):
-        _logits(model, input_ids[i:i + batch_size].to(device))
-        if not cuda:
-            peak = max(peak, _rss_bytes())
-    if cuda:
-        torch.cuda.synchronize(device)
-        peak = int(torch.cuda.max_memory_allocated(device))
-    seconds = time.perf_counter() - t0
-    tokens = int(input_ids.numel())
-    return SpeedResult(tokens / seconds, seconds, tokens, peak, "cuda-allocated" if cuda else "cpu-rss")
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # pragma: no cover

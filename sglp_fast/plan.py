@@ -1,18 +1,11 @@
-"""Which blocks to drop: the budget split over segments, protection rules, and the versioned JSON plan.
+"""Stage 5, the plan: how many blocks go (the budget), which went and how they were chosen, as versioned JSON.
 
-Budget rules (stated once, tested exhaustively in tests/test_plan.py):
-- ``remove=N`` blocks, or ``ratio=r`` of the blocks (N = floor(r*L + 1/2)), or ``ratio=r, ratio_of="params"``:
-  N = floor(r*P_total / P_block + 1/2), P_total = all model parameters, P_block = mean parameters of a block.
-- N is split over the segments in proportion to their sizes by largest remainders (Hamilton): segment i
-  gets floor(N*size_i/L), then the leftover blocks go one each to the largest fractional remainders (ties:
-  lower segment index). A segment never gets more than its capacity: its unprotected blocks, minus one
-  unless ``allow_empty_segments`` (a segment is never emptied otherwise). What a full segment cannot take is
-  split again over the others by the same rule. A budget larger than the total capacity is an error.
-- Inside a segment the blocks with the lowest score of the chosen scorer go (ties: lower index first).
-- ``protect_first=m`` / ``protect_last=m`` keep the first/last m blocks whatever their score.
-- Scorer ``"verified"`` (the default) is not a ranking: ``verified.py`` chooses the blocks with the calibration
-  loss inside the same frame (segments keep a block, protected blocks stay); the plan records how in
-  ``selection`` and the per-segment counts it ended with.
+Budget (``resolve_budget``): ``remove=N`` blocks, or ``ratio=r`` of the blocks (N = floor(r*L + 1/2)), or
+``ratio=r, ratio_of="params"``: N = floor(r*P_total / P_block + 1/2), P_total = all model parameters, P_block
+= mean parameters of a block. The split over segments and the protection rules are the selection stage's
+frame (``selection/frame.py``); the selectors are in ``selection/registry.py``. A ranking's plan records the
+per-segment counts of the split; a search's plan (``"verified"``, the default) records in ``selection`` every
+candidate and how the pick was made, and in ``compensation`` the folded maps (``compensation.safetensors``).
 """
 from __future__ import annotations
 
@@ -25,13 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from .selection.frame import check_segments, protected_blocks, select_removed, split_budget
+from .selection.frame import check_segments
+from .selection.registry import SELECTORS, Evidence, Frame, get_selector
 
 SCHEMA_VERSION = 1
 PLAN_FORMAT = "sglp-plan"
 COMPENSATION_FILE = "compensation.safetensors"
-# scorers that choose blocks by a search, not by ranking one score: name -> the score they rank candidates by
-SEARCH_SCORERS = {"verified": "relative_update"}
 
 # Config keys that say nothing about the architecture (paths, versions, load-time dtype/quantization).
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "dtype", "torch_dtype", "quantization_config", "use_cache",
@@ -140,11 +132,13 @@ class Plan:
         for name, values in self.scores.items():
             if len(values) != L or not all(math.isfinite(v) for v in values):
                 raise ValueError(f"plan: scores[{name!r}] must hold {L} finite numbers, got {len(values)}")
-        ranked_by = SEARCH_SCORERS.get(self.scorer, self.scorer)
+        selector = SELECTORS.get(self.scorer)
+        ranked_by = selector.score if selector is not None else self.scorer
         if ranked_by not in self.scores:
             raise ValueError(f"plan: scorer {self.scorer!r} needs the scores {ranked_by!r}, which 'scores' lacks "
                              f"({sorted(self.scores)})")
-        if self.scorer in SEARCH_SCORERS and self.removed is not None and "selection" not in self.extra:
+        if selector is not None and selector.kind == "search" and self.removed is not None \
+                and "selection" not in self.extra:
             raise ValueError(f"plan: scorer {self.scorer!r} removed blocks but the plan has no 'selection' "
                              "record of how they were chosen")
         if self.removed is not None:
@@ -282,17 +276,16 @@ def build_plan(*, model_info: Mapping[str, Any], calibration: Mapping[str, Any],
     with compensation its maps (``transforms``) and their description (``compensation``).
     """
     L = int(model_info["num_blocks"])
-    ranked_by = SEARCH_SCORERS.get(scorer, scorer)
-    if ranked_by not in scores:
+    selector = get_selector(scorer)
+    if selector.score not in scores:
         raise ValueError(f"scorer: {scorer!r} has no scores (computed: {sorted(scores)}); gradient scorers "
                          "need calibration with gradients: analyze(..., gradients=True)")
     removed = budget = None
     extra = dict(extra or {})
     if remove is not None:
-        protected = protected_blocks(L, protect_first, protect_last)
-        per_segment = split_budget(segments, remove, protected=protected,
-                                   allow_empty_segments=allow_empty_segments)
-        if scorer in SEARCH_SCORERS:
+        frame = Frame(segments, L, protect_first, protect_last, allow_empty_segments)
+        per_segment = frame.per_segment(remove)
+        if selector.kind == "search":
             if selection is None or len(selection.get("removed", ())) != remove:
                 raise ValueError(f"scorer {scorer!r}: needs its search result for {remove} blocks (selection=...); "
                                  "use Analysis.plan_for, which runs the search")
@@ -300,7 +293,7 @@ def build_plan(*, model_info: Mapping[str, Any], calibration: Mapping[str, Any],
             per_segment = [sum(1 for i in removed if a <= i <= b) for a, b in check_segments(segments, L)]
             extra["selection"] = {k: v for k, v in selection.items() if k != "removed"}
         else:
-            removed = select_removed(segments, scores[scorer], per_segment, protected)
+            removed = selector.select(remove, frame, Evidence(scores=scores)).removed
         budget = {"remove": remove, **dict(budget_info or {}), "protect_first": protect_first,
                   "protect_last": protect_last, "allow_empty_segments": allow_empty_segments,
                   "per_segment": per_segment}

@@ -10,18 +10,18 @@ import contextlib
 import functools
 from pathlib import Path
 
+import pytest
 import torch
 import transformers as tf
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from sglp_fast.calibration.text import builtin_text
 
 TOKENIZER_VOCAB = 320
 
 
 @functools.lru_cache(maxsize=1)
 def tiny_tokenizer() -> tf.PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from sglp_fast.calibration.text import builtin_text
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -64,9 +64,6 @@ def save_tiny(directory: Path, family: str = "llama", layers: int = 6, seed: int
     model.save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return Path(directory)
-
-
-import pytest  # noqa: E402
 
 
 @contextlib.contextmanager

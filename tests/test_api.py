@@ -10,7 +10,7 @@ from pipeline_models import one_thread, save_tiny, single_thread, tiny_model, ti
 import sglp_fast
 from sglp_fast.api import Analysis, PruneResult, default_model_source
 from sglp_fast.calibration.text import load_calibration
-from sglp_fast.plan import split_budget
+from sglp_fast.selection.frame import split_budget
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CALIB = dict(calib_seqs=5, seq_len=20)

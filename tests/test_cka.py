@@ -215,7 +215,7 @@ def test_cache_tiers_give_the_same_numbers(tier, tmp_path):
     acc = run(batches, "layer", backend="torch", cache=tier, cache_dir=str(tmp_path),
               cache_budget_bytes=budget)
     assert np.array_equal(acc.hsic(), ref)
-    assert acc._cache.bytes_in_memory == 0 and acc._cache.bytes_on_disk == 0  # freed after each batch
+    assert acc._store.bytes_in_memory == 0 and acc._store.bytes_on_disk == 0  # freed after each batch
     if tier in ("disk", "auto"):
         assert not any(tmp_path.rglob("*.bin"))
 
@@ -226,7 +226,7 @@ def test_auto_cache_spills_to_disk_under_budget(tmp_path):
     xs = [torch.randn(12, 40) for _ in range(3)]
     acc.update_layer(0, xs[0], 0)
     acc.update_layer(1, xs[1], 0)
-    assert acc._cache.bytes_in_memory == 12 * 12 * 4 and acc._cache.bytes_on_disk == 12 * 12 * 4
+    assert acc._store.bytes_in_memory == 12 * 12 * 4 and acc._store.bytes_on_disk == 12 * 12 * 4
     assert len(list(tmp_path.rglob("*.bin"))) == 1
 
 
@@ -310,3 +310,133 @@ def test_auto_backend_uses_torch_on_cpu():
 
     assert _resolve_backend("auto", torch.device("cpu")) == "torch"
     assert _resolve_backend("auto", torch.device("cuda", 0)) == "triton"
+
+
+# ------------------------------------------------------------------------------- the HSIC-terms formula
+def gram_stats(xs):
+    """float64 G (L×L), D and R (L×n) of a batch, written from the definitions (no streaming)."""
+    ks = [x.double() @ x.double().T for x in xs]
+    kts = [k - torch.diag(torch.diagonal(k)) for k in ks]
+    g = torch.stack([torch.stack([(ki * kj).sum() for kj in kts]) for ki in kts])
+    return ks, g, torch.stack([torch.diagonal(k) for k in ks]), torch.stack([k.sum(1) for k in kts])
+
+
+@pytest.mark.parametrize("estimator", ["unbiased", "biased"])
+@pytest.mark.parametrize("num_layers,n,d", [(3, 4, 1), (4, 5, 3), (2, 5, 1), (5, 17, 6), (3, 33, 40)])
+def test_hsic_terms_match_spec_and_pairwise_reference(estimator, num_layers, n, d):
+    from sglp_fast.similarity.hsic_terms import hsic_terms, hsic_terms_ref
+
+    g_ = torch.Generator().manual_seed(num_layers * 1000 + n * 10 + d)
+    xs = [torch.randn(n, d, generator=g_, dtype=torch.float64) + 2.0 for _ in range(num_layers)]
+    ks, g, diags, rowsums = gram_stats(xs)
+    fast = hsic_terms(g, diags, rowsums, n, estimator)
+    spec = hsic_terms_ref(g.numpy(), diags.numpy(), rowsums.numpy(), n, estimator)
+    pairs = np.array([[ref_hsic(ki.numpy(), kj.numpy(), estimator) for kj in ks] for ki in ks])
+    scale = np.abs(pairs).max()
+    assert fast.dtype == np.float64 and fast.shape == (num_layers, num_layers)
+    assert np.array_equal(fast, fast.T)
+    assert np.abs(fast - spec).max() <= 1e-12 * scale
+    assert np.abs(fast - pairs).max() <= 1e-10 * scale
+    assert np.abs(pairs - np.diag(np.diag(pairs))).max() > 1e-3 * scale  # off-diagonal terms really differ
+
+
+def test_hsic_terms_reject_too_few_tokens_and_bad_shapes():
+    from sglp_fast.similarity.hsic_terms import hsic_terms, hsic_terms_ref
+
+    for n in (1, 2, 3):
+        ks, g, dg, rs = gram_stats([torch.randn(n, 2, dtype=torch.float64) for _ in range(2)])
+        for fn in (hsic_terms, hsic_terms_ref):
+            with pytest.raises(ValueError, match="n: the unbiased estimator needs n >= 4"):
+                fn(g, dg, rs, n, "unbiased")
+        if n >= 2:
+            assert np.isfinite(hsic_terms(g, dg, rs, n, "biased")).all()
+        else:
+            with pytest.raises(ValueError, match="n >= 2"):
+                hsic_terms(g, dg, rs, n, "biased")
+    _, g, dg, rs = gram_stats([torch.randn(6, 2, dtype=torch.float64) for _ in range(2)])
+    with pytest.raises(ValueError, match="g/diags/rowsums: expected shapes"):
+        hsic_terms(g, dg[:, :5], rs, 6)
+    with pytest.raises(ValueError, match="estimator"):
+        hsic_terms(g, dg, rs, 6, "debiased")
+
+
+# ------------------------------------------------------------------------------------------------ RBF
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("n,d", [(4, 1), (17, 3), (130, 5)])
+def test_rbf_from_linear_matches_reference(n, d, dtype, tol):
+    from sglp_fast.similarity.rbf import rbf_from_linear_, rbf_gram_from_linear_, rbf_kernel_ref
+
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(n + d), dtype=torch.float64) + 1.5
+    ref, ref_sigma2 = rbf_kernel_ref(x)
+    xw = x.to(dtype)
+    k = xw @ xw.T
+    sq = torch.diagonal(k).clone()
+    rowsum, diag, sigma2, shift = rbf_gram_from_linear_(k, sq)
+    got = k.double().numpy() + float(shift)  # undo the shift: the plain RBF kernel off the diagonal
+    off = ~np.eye(n, dtype=bool)
+    assert abs(float(sigma2) - ref_sigma2) <= tol * ref_sigma2
+    assert np.linalg.norm((got - ref)[off]) <= tol * np.linalg.norm(ref[off])
+    assert bool((torch.diagonal(k) == 0).all())
+    assert np.allclose(diag.double().numpy(), 1.0 - float(shift), rtol=0, atol=tol)
+    assert np.allclose(rowsum.double().numpy(), (ref - np.eye(n) - float(shift) * off).sum(1), atol=tol * n)
+    # one row panel [start, stop) converted on its own gives the same rows as the full conversion
+    start, stop = n // 3, n - n // 4
+    panel = xw[start:stop] @ xw.T
+    panel_sums = rbf_from_linear_(panel, sq[start:stop], sq, start, sigma2, shift)
+    assert rel_close(panel, k[start:stop], tol)
+    assert torch.allclose(panel_sums.double(), rowsum[start:stop].double(), rtol=0, atol=tol * n)
+
+
+def rel_close(a, b, tol):
+    return float((a.double() - b.double()).norm()) <= tol * float(b.double().norm())
+
+
+def test_rbf_bandwidth_errors():
+    from sglp_fast.similarity.rbf import rbf_gram_from_linear_, rbf_sigma2
+
+    with pytest.raises(ValueError, match="n >= 2"):
+        rbf_sigma2(torch.zeros(1, 1))
+    x = torch.zeros(6, 3)
+    x[0] = 1.0  # 5 of 6 tokens coincide: the median distance is 0
+    k = x @ x.T
+    with pytest.raises(ValueError, match="layer 2: the median pairwise distance is 0"):
+        rbf_gram_from_linear_(k, torch.diagonal(k).clone(), "layer 2")
+
+
+# ------------------------------------------------------------------------------ close / context manager
+def test_context_manager_frees_the_store(tmp_path):
+    xs = [torch.randn(12, 40) for _ in range(3)]
+    with pytest.warns(RuntimeWarning, match="discarding 1 incomplete batch"):
+        with CKAAccumulator(num_layers=3, backend="torch", cache="disk", cache_dir=str(tmp_path)) as acc:
+            acc.update_layer(0, xs[0], "a")
+            acc.update_layer(1, xs[1], "a")
+            assert len(list(tmp_path.rglob("*.bin"))) == 2
+    assert list(tmp_path.iterdir()) == []  # files and the store's folder are gone
+    assert acc.pending_batches == {} and acc._store is None
+    # an error inside the block: everything freed, the error propagates unchanged (no extra warning)
+    with pytest.raises(KeyError, match="boom"):
+        with CKAAccumulator(num_layers=3, backend="torch", cache="disk", cache_dir=str(tmp_path)) as acc:
+            acc.update_layer(0, xs[0], "a")
+            raise KeyError("boom")
+    assert list(tmp_path.iterdir()) == []
+    # complete batches' sums outlive close(); close() is idempotent; the accumulator keeps working after it
+    with CKAAccumulator(num_layers=3, backend="torch", cache="disk", cache_dir=str(tmp_path)) as acc:
+        for layer in range(3):
+            acc.update_layer(layer, xs[layer], 0)
+    before = acc.result()
+    acc.close()
+    for layer in range(3):
+        acc.update_layer(layer, xs[layer], 1)
+    acc.close()
+    assert np.abs(acc.result() - before).max() <= 1e-6 and acc.num_batches == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("order", ["batch", "layer"])
+def test_triton_backend_is_bit_reproducible(order):
+    """Same inputs, same bits (no atomics in the kernels). Meaningful on a GPU, where atomics reorder;
+    tests/test_kernels.py also checks the kernels with the interpreter's program order reversed."""
+    batches = make_batches(2, 5, 45, 7, seed=31)
+    a = run(batches, order, backend="triton", space="gram", panel_rows=16).hsic()
+    b = run(batches, order, backend="triton", space="gram", panel_rows=16).hsic()
+    assert np.array_equal(a, b)

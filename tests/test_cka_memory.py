@@ -10,9 +10,18 @@ import pytest
 
 SCRIPT = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     import torch
     from sglp_fast.similarity.accumulator import CKAAccumulator
+
+    def peak_rss():
+        # this process's own high-water mark (VmHWM); not ru_maxrss, which Linux carries across fork+exec,
+        # so a child of a big pytest process would report the parent's peak and every bound would pass
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmHWM in /proc/self/status")
 
     torch.set_num_threads(1)  # a shared 2-core box: 2 threads under contention are slower, not faster
     L, n, d = 24, 4096, 64
@@ -21,7 +30,7 @@ SCRIPT = textwrap.dedent(
     for l in range(1, L):
         xs[l] += xs[l - 1]
     torch.zeros(n, d) @ torch.zeros(d, n)  # warm up the BLAS / allocator
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = peak_rss()
     mode = sys.argv[1]
     if mode == "gram-batch":  # Gram space forced: row panels of 256 × n per layer
         acc = CKAAccumulator(num_layers=L, backend="torch", space="gram", panel_rows=256)
@@ -36,7 +45,7 @@ SCRIPT = textwrap.dedent(
         for l in range(L):
             acc.update_layer(l, xs[l], 0)
     cka = acc.result()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     print(json.dumps({"base": base, "peak": peak, "offdiag_min": float(cka.min())}))
     """
 )

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -13,7 +14,7 @@ import torch
 import transformers as tf
 from pipeline_models import one_thread, save_tiny  # noqa: F401
 
-from sglp_fast.cli import _analyze_kwargs, build_parser, main, parse_size
+from sglp_fast.cli import _analyze_kwargs, build_parser, configure_logging, main, parse_size
 from sglp_fast.calibration.text import load_calibration
 from sglp_fast.evaluate import count_parameters, perplexity
 from sglp_fast.plan import Plan
@@ -253,6 +254,24 @@ def test_parse_size_and_defaults():
     for flag, value in (("--greedy", True), ("--no-greedy", False)):
         assert build_parser().parse_args(["prune", "--ratio", "0.25", "--output", "o", flag]).greedy is value
     assert _analyze_kwargs(build_parser().parse_args(["prune", "--ratio", "0.25", "--output", "o", "--greedy"]))["greedy"]
+
+
+def test_diagnostics_go_to_stderr_through_logging(capsys):
+    package_log = logging.getLogger("sglp_fast")
+    before = list(package_log.handlers)
+    try:
+        for _ in range(2):  # idempotent: one handler however often main() runs
+            configure_logging(quiet=False)
+        logging.getLogger("sglp_fast.calibration.runtime").info("calibrated %d blocks", 6)
+        cap = capsys.readouterr()
+        assert cap.err == "calibrated 6 blocks\n" and cap.out == ""
+        configure_logging(quiet=True)  # -q: warnings only
+        logging.getLogger("sglp_fast.cli").info("progress")
+        logging.getLogger("sglp_fast.cli").warning("careful")
+        assert capsys.readouterr().err == "careful\n"
+        assert sum(type(h).__name__ == "_StderrHandler" for h in package_log.handlers) == 1
+    finally:
+        package_log.handlers[:] = before
 
 
 def test_console_script_entry_point():

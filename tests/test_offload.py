@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 import sglp_fast.calibration.store as offload
 from sglp_fast.calibration.runtime import calibrate
 from sglp_fast.models import get_adapter, load_model
-from sglp_fast.calibration.store import ActivationCache
+from sglp_fast.calibration.store import TieredStore
 from sglp_fast.sizes import parse_bytes
 from sglp_fast.calibration.weights import module_bytes
 from tiny_models import RecordingObserver, tiny_batches, tiny_model
@@ -37,7 +38,7 @@ def test_cache_roundtrip_every_tier(dtype, tmp_path):
     g = torch.Generator().manual_seed(0)
     tensors = [(torch.randn(2, 7, 5, generator=g) * 100).to(dtype) for _ in range(4)]
     one = tensors[0].numel() * tensors[0].element_size()
-    cache = ActivationCache("cpu", device_budget=0, cpu_budget=2 * one, offload_dir=str(tmp_path))
+    cache = TieredStore("cpu", device_budget=0, cpu_budget=2 * one, offload_dir=str(tmp_path))
     for b, t in enumerate(tensors):
         cache.put(3, b, t)
     assert cache.used == {"device": 0, "cpu": 2 * one, "disk": 2 * one}  # first fit: two in RAM, two on disk
@@ -52,6 +53,79 @@ def test_cache_roundtrip_every_tier(dtype, tmp_path):
     d = cache._dir
     cache.close()
     assert not os.path.exists(d) and cache.used["disk"] == 0 and cache.peak["disk"] == 2 * one
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
+def test_store_row_slices_from_memory_and_disk(dtype, tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    t = [(torch.randn(37, 5, 3, generator=g) * 100).to(dtype) for _ in range(2)]
+    one = t[0].numel() * t[0].element_size()
+    store = TieredStore("cpu", 0, one, tmp_path)
+    store.put("k", 0, t[0])
+    store.put("k", 1, t[1])
+    assert (store.tier("k", 0), store.tier("k", 1)) == ("cpu", "disk")
+    assert store.bytes_in_memory == one and store.bytes_on_disk == one
+    (path,) = [os.path.join(store._dir, f) for f in os.listdir(store._dir)]
+    assert os.path.getsize(path) == one  # raw data, no header
+    if dtype == torch.bfloat16:  # bf16 travels as its int16 bits
+        assert np.array_equal(np.fromfile(path, dtype=np.int16), t[1].view(torch.int16).reshape(-1).numpy())
+    maps = []
+    real = offload.np.memmap
+
+    def spy(*args, **kwargs):
+        maps.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(offload.np, "memmap", spy)
+    row = 5 * 3 * t[0].element_size()
+    for start, stop in [(0, 1), (5, 17), (36, 37), (0, 37), (4, 4)]:
+        for b in (0, 1):
+            got = store.rows("k", b, start, stop)
+            assert got.dtype == dtype and torch.equal(got, t[b][start:stop])
+        if stop > start:  # the disk read mapped exactly the requested rows
+            assert maps[-1]["offset"] == start * row and maps[-1]["shape"] == (stop - start, 5, 3)
+    assert torch.equal(store.get("k", 1), t[1])
+    for b in (0, 1):
+        with pytest.raises(IndexError, match=r"rows: \[30, 38\) is outside the 37 rows"):
+            store.rows("k", b, 30, 38)
+    with store:
+        pass
+    assert store.used == {"device": 0, "cpu": 0, "disk": 0} and store._dir is None
+
+
+def test_store_policies_and_budgets(tmp_path):
+    x = torch.randn(12, 40)
+    nbytes = 12 * 40 * 4
+    with pytest.raises(ValueError, match="policy: expected one of"):
+        TieredStore.for_policy("gpu", "cpu")
+    for policy in ("device", "cpu"):  # memory only: an overflow is an error the caller words
+        store = TieredStore.for_policy(policy, "cpu", nbytes, tmp_path)
+        store.put(0, 0, x)
+        assert store.tier(0, 0) == "cpu" and store.used["cpu"] == nbytes
+        with pytest.raises(offload.StoreFullError, match="budgets are full"):
+            store.put(1, 0, x)
+        assert store.used["cpu"] == nbytes and not store.has(1, 0)
+        unbounded = TieredStore.for_policy(policy, "cpu")
+        for b in range(5):
+            unbounded.put(0, b, x)
+        assert unbounded.used == {"device": 0, "cpu": 5 * nbytes, "disk": 0}
+    store = TieredStore.for_policy("disk", "cpu")  # no folder given: a private one in the system temp folder
+    store.put(0, 0, x)
+    assert store.tier(0, 0) == "disk"
+    assert os.path.realpath(os.path.dirname(store._dir)) == os.path.realpath(tempfile.gettempdir())
+    folder = store._dir
+    store.close()
+    assert not os.path.exists(folder)
+    store = TieredStore.for_policy("auto", "cpu", nbytes, tmp_path)  # first fit: memory, then disk
+    store.put(0, 0, x)
+    store.put(1, 0, x)
+    assert (store.tier(0, 0), store.tier(1, 0)) == ("cpu", "disk")
+    assert TieredStore.for_policy("auto", "cpu").budgets["cpu"] > 0  # default: half the free RAM
+    store.close()
+    with pytest.raises(ValueError, match="offload_dir: the activation cache exceeds"):
+        TieredStore("cpu", 0, 0, None).put(0, 0, x)  # the calibration store needs an offload_dir for disk
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 0 < offload.free_memory_bytes("cpu") <= total
 
 
 def _run(model, batches, **kw):
@@ -202,7 +276,7 @@ def test_cuda_paths_agree(family, tmp_path):
 def test_cuda_cache_tiers_device_pinned_disk(tmp_path):
     t = [torch.randn(3, 5, 7, device="cuda") for _ in range(3)]
     one = t[0].numel() * 4
-    cache = ActivationCache("cuda", device_budget=one, cpu_budget=one, offload_dir=str(tmp_path))
+    cache = TieredStore("cuda", device_budget=one, cpu_budget=one, offload_dir=str(tmp_path))
     for b, x in enumerate(t):
         cache.put(0, b, x)
     assert cache.used == {"device": one, "cpu": one, "disk": one}

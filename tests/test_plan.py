@@ -9,15 +9,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from sglp_fast.plan import (
-    Plan,
-    build_plan,
-    config_fingerprint,
-    protected_blocks,
-    resolve_budget,
-    select_removed,
-    split_budget,
-)
+from sglp_fast.plan import Plan, build_plan, config_fingerprint, resolve_budget
+from sglp_fast.selection.frame import protected_blocks, select_removed, split_budget
 
 
 def layouts(L):

@@ -18,6 +18,7 @@ from sglp_fast.calibration.runtime import calibrate
 from sglp_fast.selection.compensation import apply_transforms, fold_state_tensor, folded, module_kind, runs_of
 from sglp_fast.models import get_adapter
 from sglp_fast.selection.verified import CANDIDATES, fits_frame, verified_pick
+from sglp_fast.selection.verifier import SkipVerifier
 
 torch.set_grad_enabled(True)
 
@@ -50,14 +51,27 @@ def _reference(model, removed, batches, transforms=None) -> float:
         return float(reference_loss(_pruned(model, removed, transforms), "llama", batches)[0])
 
 
+def _verifier(model, batches, verify_windows, keep_all=False, **kw):
+    """calibrate() keeps the block inputs (of every window, or of the check windows only); the selection
+    stage builds its verifier from that handle."""
+    keep = sum(int(b["input_ids"].shape[0]) for b in batches) if keep_all else verify_windows
+    res = calibrate(model, batches, gradients=False, progress=False, keep_inputs=keep, **kw)
+    return SkipVerifier(res.kept_inputs, verify_windows)
+
+
+def _seeds(n, seed=0):
+    """Seeds for tiny models and batches from a local generator (the global RNG is neither read nor reset)."""
+    return [int(x) for x in np.random.default_rng(seed).integers(0, 10**6, n)]
+
+
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
-    model = tiny_model("llama", layers=6, seed=int(torch.randint(0, 10**6, ()))).double()
-    batches = _batches(seed=int(torch.randint(0, 10**6, ())))
-    res = calibrate(model, batches, gradients=False, progress=False, keep_inputs=3, keep_fit_inputs=True)
-    yield model, batches, res.verifier
-    res.verifier.close()
+    model_seed, batch_seed = _seeds(2)
+    model = tiny_model("llama", layers=6, seed=model_seed).double()
+    batches = _batches(seed=batch_seed)
+    ver = _verifier(model, batches, 3, keep_all=True)
+    yield model, batches, ver
+    ver.close()
 
 
 @pytest.mark.parametrize("removed", [(), (0,), (5,), (1, 2, 4), (0, 1, 2, 3, 4)])
@@ -79,14 +93,15 @@ def test_verifier_loss_equals_the_pruned_model(setup, removed):
 @pytest.mark.parametrize("removed", [(0,), (1, 2), (3,)])
 def test_headless_encoder_is_judged_by_embedding_distortion(removed):
     """BERT without a head: the search's loss is mean 1 - cos(pooled, dense pooled), not the energy proxy."""
-    model = tiny_model("bert", layers=4, seed=int(torch.randint(0, 10**6, ()))).double().eval()
-    batches = tiny_batches("bert", seed=int(torch.randint(0, 10**6, ())), shapes=((1, 17), (3, 5), (2, 9), (1, 2)))
-    res = calibrate(model, batches, gradients=False, progress=False, keep_inputs=7)  # every window
+    model_seed, batch_seed = _seeds(2, seed=len(removed))
+    model = tiny_model("bert", layers=4, seed=model_seed).double().eval()
+    batches = tiny_batches("bert", seed=batch_seed, shapes=((1, 17), (3, 5), (2, 9), (1, 2)))
+    ver = _verifier(model, batches, 7)  # every window
     try:
-        got = res.verifier.loss(removed)
-        assert res.verifier.loss(()) == pytest.approx(0.0, abs=1e-12)  # the dense model is not distorted
+        got = ver.loss(removed)
+        assert ver.loss(()) == pytest.approx(0.0, abs=1e-12)  # the dense model is not distorted
     finally:
-        res.verifier.close()
+        ver.close()
     pruned = _pruned(model, removed)
 
     def pooled(m, batch):
@@ -116,8 +131,8 @@ def test_verifier_work_counter_and_memo(setup):
 def test_greedy_candidates_branching_off_the_base_stream_give_the_same_losses():
     model = tiny_model("llama", layers=7, seed=12).double()
     batches = _batches(13)
-    direct = calibrate(model, batches, gradients=False, progress=False, keep_inputs=3).verifier
-    shared = calibrate(model, batches, gradients=False, progress=False, keep_inputs=3).verifier
+    direct = _verifier(model, batches, 3)
+    shared = _verifier(model, batches, 3)
     try:
         base = [2, 5]
         cands = [[*base, l] for l in (0, 1, 3, 4, 6)]
@@ -134,9 +149,8 @@ def test_greedy_candidates_branching_off_the_base_stream_give_the_same_losses():
 
 def test_verifier_refuses_bad_plans_and_use_after_close():
     model = tiny_model("llama", layers=3, seed=3).double()
-    res = calibrate(model, _batches(4), gradients=False, progress=False, keep_inputs=1)
-    ver = res.verifier
-    assert ver.fit_batches == []  # without keep_fit_inputs only the check windows are kept
+    ver = _verifier(model, _batches(4), 1)
+    assert ver.fit_batches == []  # only the check windows were kept: nothing to fit on
     with pytest.raises(ValueError, match="leaving at least one block"):
         ver.loss([0, 1, 2])
     with pytest.raises(ValueError, match=r"in \[0, 2\]"):
@@ -149,9 +163,8 @@ def test_verifier_refuses_bad_plans_and_use_after_close():
 def test_disk_offloaded_verifier_equals_in_memory(tmp_path):
     model = tiny_model("llama", layers=4, seed=5).double()
     batches = _batches(6)
-    fast = calibrate(model, batches, gradients=False, progress=False, keep_inputs=2).verifier
-    disk = calibrate(model, batches, gradients=False, progress=False, keep_inputs=2, max_cpu_memory=0,
-                     offload_dir=tmp_path).verifier
+    fast = _verifier(model, batches, 2)
+    disk = _verifier(model, batches, 2, max_cpu_memory=0, offload_dir=tmp_path)
     try:
         for removed in ([1], [0, 2], [3]):
             assert fast.loss(removed) == disk.loss(removed)
@@ -255,25 +268,26 @@ def test_fold_matches_multiplying_the_output(family):
 def test_compensation_refused_where_the_mlp_output_is_normalized():
     """Gemma2 normalizes the MLP output before the residual add: no fold, a clear error."""
     model = tiny_model("gemma2", layers=3, seed=9)
-    res = calibrate(model, tiny_batches("gemma2"), gradients=False, progress=False, keep_inputs=1,
-                    keep_fit_inputs=True)
+    ver = _verifier(model, tiny_batches("gemma2"), 1, keep_all=True)
     try:
         with pytest.raises(ValueError, match="compensate: not supported for llama models \\(gemma2\\)"):
-            res.verifier.transforms([1])
+            ver.transforms([1])
     finally:
-        res.verifier.close()
+        ver.close()
 
 
 # ------------------------------------------------------------------------------------------ verified search
 class FakeVerifier:
     """loss(R) = sum of per-block costs + pair penalties; counts calls like the real one."""
 
+    num_windows = 1
+    block_forwards = 0.0
+
     def __init__(self, cost, pair=None, comp_gain=0.0):
         self.cost, self.pair, self.comp_gain = np.asarray(cost, float), dict(pair or {}), comp_gain
-        self.block_forwards = 0.0
         self.calls = []
 
-    def losses(self, plans, compensated=False, base=None):
+    def losses(self, plans, compensated=False, base=None, all_windows=False):
         out = []
         for p in plans:
             p = sorted(set(p))
@@ -282,8 +296,11 @@ class FakeVerifier:
             out.append(value - (self.comp_gain * len(p) if compensated else 0.0))
         return out
 
-    def batch_losses(self, plans, compensated=False):  # one check batch: the 1-SE rule reduces to the lowest
+    def batch_losses(self, plans, compensated=False, all_windows=False):  # one check batch: 1-SE = the lowest
         return [[x] for x in self.losses(plans, compensated)]
+
+    def transforms(self, removed, alpha=None, all_windows=False):
+        return {}
 
 
 class NoisyFakeVerifier(FakeVerifier):
@@ -293,9 +310,29 @@ class NoisyFakeVerifier(FakeVerifier):
         super().__init__(cost)
         self.noise = {tuple(sorted(k)): np.asarray(v, float) for k, v in noise.items()}
 
-    def batch_losses(self, plans, compensated=False):
+    def batch_losses(self, plans, compensated=False, all_windows=False):
         return [list(x + self.noise.get(tuple(sorted(set(p))), np.zeros(4)))
                 for p, x in zip(plans, self.losses(plans, compensated))]
+
+
+@pytest.mark.parametrize("impl", [FakeVerifier, NoisyFakeVerifier, SkipVerifier])
+def test_verifiers_match_the_protocols(impl):
+    """The fakes the search is tested with, and the real verifier, have the protocol's exact signatures."""
+    import inspect
+
+    from sglp_fast.selection.protocols import BlockRunner, Verifier
+
+    def params(fn):  # names, kinds and defaults (annotations aside)
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    protocols = (Verifier, BlockRunner) if impl is SkipVerifier else (Verifier,)
+    for proto in protocols:
+        for name, member in vars(proto).items():
+            if name.startswith("_") or not callable(member):
+                continue
+            assert params(getattr(impl, name)) == params(member), (impl, name)
+        for name in ("num_windows", "block_forwards") if proto is Verifier else ():
+            assert hasattr(impl, name), (impl, name)
 
 
 def test_one_standard_error_rule_prefers_the_simpler_plan_within_noise():

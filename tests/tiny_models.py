@@ -1,8 +1,11 @@
 """Tiny random-init HF models of every supported family, and calibration batches with awkward shapes."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import transformers as tf
+
+from sglp_fast.models import get_adapter
 
 VOCAB = 97
 
@@ -78,8 +81,6 @@ def reference_loss(model, family: str, batches):
     Returns (loss, block_outputs) where block_outputs[l][b] is block l's output on batch b, recorded by
     forward hooks during the full model's ordinary forward.
     """
-    from sglp_fast.models import get_adapter
-
     blocks = get_adapter(model).blocks
     outputs = [[] for _ in blocks]
     hooks = [blk.register_forward_hook(lambda m, a, o, l=l: outputs[l].append(o[0] if isinstance(o, tuple) else o))
@@ -118,8 +119,6 @@ def reference_loss(model, family: str, batches):
 
 def reference_block_grads(model, family: str, batches):
     """(loss, per-block grad norm, per-block weight norm, per-block Σ|W·∇W|, {name: grad norm}) by full autograd."""
-    from sglp_fast.models import get_adapter
-
     adapter = get_adapter(model)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -159,8 +158,6 @@ class RecordingObserver:
 
 def rel(a, b) -> float:
     """Relative Frobenius error ‖a-b‖/‖b‖ in float64."""
-    import numpy as np
-
     a = a.detach().double().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, dtype=np.float64)
     b = b.detach().double().numpy() if isinstance(b, torch.Tensor) else np.asarray(b, dtype=np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))

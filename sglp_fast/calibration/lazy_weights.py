@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -94,12 +95,20 @@ def _read_tensor(fh, info: dict, data_start: int, key: str, path: str) -> torch.
 
 @dataclass
 class LazyWeights:
-    """Attached to a lazily loaded model as ``model._sglp_lazy``: where each parameter's tensor lives."""
+    """Where each parameter of a lazily built model lives, and which checkpoint block each block module is.
+
+    Kept in ``_LAZY_MODELS`` (keyed weakly by the model this module built), not as attributes on the model:
+    the block modules keep their identity when blocks are removed, so the original index follows them.
+    """
 
     checkpoint: SafetensorsCheckpoint
     key_map: dict[str, str]  # model parameter name (original block numbering) -> checkpoint key
     dtype: torch.dtype
-    block_param_bytes: dict[str, int] = field(default_factory=dict)
+    original_index: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)  # block -> i
+
+
+# the models build_lazy_model made -> their lazy weights (weak: a model that is dropped leaves no trace)
+_LAZY_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _checkpoint_key(name: str, keys: set[str], prefix: str) -> str | None:
@@ -160,7 +169,10 @@ def build_lazy_model(directory: str, auto_class, dtype: torch.dtype, blocks_path
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     _init_missing(model, blocks_path, directory)
-    model._sglp_lazy = LazyWeights(checkpoint, key_map, dtype)
+    lazy = LazyWeights(checkpoint, key_map, dtype)
+    for i, block in enumerate(model.get_submodule(blocks_path)):
+        lazy.original_index[block] = i
+    _LAZY_MODELS[model] = lazy
     return model
 
 
@@ -188,12 +200,14 @@ def _init_missing(model: nn.Module, blocks_path: str, directory: str) -> None:
 
 
 def is_lazy(model: nn.Module) -> bool:
-    return getattr(model, "_sglp_lazy", None) is not None
+    """True for a model ``build_lazy_model`` made whose blocks still live on disk."""
+    return model in _LAZY_MODELS
 
 
-def load_block(model: nn.Module, block: nn.Module, original_prefix: str, device, dtype: torch.dtype | None) -> None:
-    """Materialize ``block``'s parameters (on ``device``) from the checkpoint entries of ``original_prefix``."""
-    lazy: LazyWeights = model._sglp_lazy
+def load_block(model: nn.Module, block: nn.Module, blocks_path: str, device, dtype: torch.dtype | None) -> None:
+    """Materialize ``block``'s parameters (on ``device``) from its checkpoint entries (original numbering)."""
+    lazy = _LAZY_MODELS[model]
+    original_prefix = f"{blocks_path}.{lazy.original_index[block]}."
     names = [n for n, _ in block.named_parameters()]
     keys = [lazy.key_map[original_prefix + n] for n in names]
     tensors = lazy.checkpoint.read(keys, dtype or lazy.dtype, device)
@@ -234,8 +248,7 @@ def materialize(model: nn.Module, adapter) -> nn.Module:
     """Load every block to CPU (e.g. before ``save_pretrained`` of a pruned lazy model)."""
     if not is_lazy(model):
         return model
-    origin = getattr(model, "_sglp_block_origin", list(range(adapter.num_blocks)))
-    for i, block in enumerate(adapter.blocks):
-        load_block(model, block, f"{adapter.blocks_path}.{origin[i]}.", "cpu", None)
-    model._sglp_lazy = None
+    for block in adapter.blocks:
+        load_block(model, block, adapter.blocks_path, "cpu", None)
+    del _LAZY_MODELS[model]
     return model

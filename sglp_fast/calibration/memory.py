@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..sizes import fmt_bytes, parse_bytes
-from .store import available_cpu_bytes, check_offload_dir
+from .store import check_offload_dir, free_memory_bytes
 from .weights import BlockWeights, module_bytes
 
 
@@ -71,7 +71,7 @@ def plan_memory(adapter, weights: BlockWeights, batches, gradients, act_dtype, d
     cpu_budget = parse_bytes(max_cpu_memory, "max_cpu_memory")
     if device.type == "cpu":
         given = [b for b in (dev_budget, cpu_budget) if b is not None]
-        cache_cpu = min(given) if given else available_cpu_bytes() // 2
+        cache_cpu = min(given) if given else free_memory_bytes("cpu") // 2
         cache_dev = 0
     else:
         if dev_budget is None:
@@ -84,7 +84,7 @@ def plan_memory(adapter, weights: BlockWeights, batches, gradients, act_dtype, d
                 f"({resident} bytes with gradients); raise it, or load the model to CPU / lazily to stream blocks"
             )
         cache_dev = max(0, dev_budget - resident - 4 * (slot // max(len(batches), 1)))
-        cache_cpu = cpu_budget if cpu_budget is not None else available_cpu_bytes() // 2
+        cache_cpu = cpu_budget if cpu_budget is not None else free_memory_bytes("cpu") // 2
     budgets = {"device": cache_dev, "cpu": cache_cpu}
     tiers = project_tiers(int(n_slots * slot) + grad, budgets)
     checked_dir = check_offload_dir(offload_dir, tiers["disk"])

@@ -8,33 +8,31 @@ the loss on the final hidden states, and the top-down backward (see ``gradients.
 """
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..checks import check_int
+from ..progress import shown
 from . import losses as G
 from ..models import get_adapter
 from ..models.base import BlockAdapter, BlockCall
-from ..selection.verifier import SkipVerifier
 from .memory import plan_memory
-from .store import ActivationCache
-from .weights import BlockWeights
+from .store import TieredStore
+from .kept_inputs import KeptInputs
+from .weights import BlockWeights, NonBlockModules
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteActivationError(ValueError):
     """A block produced NaN/inf: named block and batch, usually a low-precision overflow."""
-
-
-@runtime_checkable
-class LayerObserver(Protocol):
-    def observe(self, layer: int, block_input: torch.Tensor, block_output: torch.Tensor, batch_id: int,
-                mask: torch.Tensor | None) -> None: ...
 
 
 @dataclass
@@ -53,8 +51,8 @@ class CalibrationResult:
     param_grad_norms: dict[str, float] = field(default_factory=dict)
     # mean over tokens of ||h_out - h_in|| / ||h_in||: how far the block moves the residual stream
     relative_update: np.ndarray | None = None
-    # with keep_inputs > 0: the loss of the model with blocks skipped, from the cached block inputs
-    verifier: SkipVerifier | None = None
+    # with keep_inputs > 0: the dense input of every block for the leading batches (the caller closes it)
+    kept_inputs: KeptInputs | None = None
     timings: dict[str, float] = field(default_factory=dict)
     memory_plan: str = ""
     cache_peak_bytes: dict[str, int] = field(default_factory=dict)
@@ -145,13 +143,13 @@ def _check_finite(t: torch.Tensor, what: str, dtype: torch.dtype) -> None:
 # --- the driver ------------------------------------------------------------------------------------------
 def calibrate(model_or_adapter, batches, *, observers=(), gradients: bool = True, device=None, dtype=None,
               max_device_memory=None, max_cpu_memory=None, offload_dir=None, seed: int = 0,
-              progress: bool = True, generic: bool = False, keep_inputs: int = 0,
-              keep_fit_inputs: bool = False) -> CalibrationResult:
+              progress: bool = True, generic: bool = False, keep_inputs: int = 0) -> CalibrationResult:
     """Run the calibration passes; see the module docstring and docs/contracts.md for the contract.
 
-    ``keep_inputs=m``: keep every block's input for the first batches holding >= m windows and return them as
-    ``result.verifier`` (a ``SkipVerifier``, which the caller must close); 0 frees everything.
-    ``keep_fit_inputs``: also keep them for the other batches (the windows compensation is fitted on).
+    ``keep_inputs=m``: keep every block's dense input for the leading batches holding >= m windows (all of
+    them when the set is smaller) and return them as ``result.kept_inputs`` (a ``KeptInputs`` handle, which
+    the caller must close); 0 frees everything. ``seed`` is accepted for compatibility and unused: the
+    pass draws no random numbers (it no longer reseeds the caller's global RNG).
     """
     t_start = time.perf_counter()
     adapter = get_adapter(model_or_adapter, generic=generic)
@@ -159,11 +157,9 @@ def calibrate(model_or_adapter, batches, *, observers=(), gradients: bool = True
         raise TypeError(f"dtype: expected a torch.dtype such as torch.float32, got {dtype!r}")
     batches = _validate_batches(batches, adapter)
     observers = _validate_observers(observers)
-    verify_batches = _kept_batches(batches, keep_inputs)
-    kept_batches = len(batches) if (verify_batches and keep_fit_inputs) else verify_batches
+    kept_batches = _kept_batches(batches, keep_inputs)
     device = _first_device(adapter) if device is None else torch.device(device)
     model = adapter.model
-    torch.manual_seed(seed)
     was_training = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
@@ -175,13 +171,14 @@ def calibrate(model_or_adapter, batches, *, observers=(), gradients: bool = True
         act_dtype = dtype or next((p.dtype for p in adapter.blocks.parameters() if p.is_floating_point()), torch.float32)
         plan, budgets, checked_dir = plan_memory(adapter, weights, batches, gradients, act_dtype, device,
                                            max_device_memory, max_cpu_memory, offload_dir, kept_batches)
-        if progress:
-            print(plan, file=sys.stderr)
-        cache = ActivationCache(device, budgets["device"], budgets["cpu"], checked_dir)
-        result = _run(adapter, weights, batches, observers, gradients, device, act_dtype, cache, plan, progress,
-                      t_start, kept_batches, verify_batches)
-        if result.verifier is not None:
-            cache = None  # the verifier owns it now
+        cache = TieredStore(device, budgets["device"], budgets["cpu"], checked_dir)
+        with shown(progress):
+            if progress:
+                log.info("%s", plan)
+            result = _run(adapter, weights, batches, observers, gradients, device, act_dtype, cache, plan,
+                          progress, t_start, kept_batches)
+        if result.kept_inputs is not None:
+            cache = None  # the handle owns it now
         return result
     finally:
         if cache is not None:
@@ -193,8 +190,7 @@ def calibrate(model_or_adapter, batches, *, observers=(), gradients: bool = True
 
 def _kept_batches(batches: list[dict], keep_inputs: int) -> int:
     """How many leading batches hold at least ``keep_inputs`` windows (all of them if the set is smaller)."""
-    if not isinstance(keep_inputs, int) or isinstance(keep_inputs, bool) or keep_inputs < 0:
-        raise ValueError(f"keep_inputs: expected a non-negative int (windows), got {keep_inputs!r}")
+    check_int("keep_inputs", keep_inputs, 0, expected="a non-negative int (windows)")
     windows = 0
     for i, batch in enumerate(batches):
         if windows >= keep_inputs:
@@ -209,7 +205,7 @@ def _free_unkept(cache, slot, n_batches: int, kept_batches: int) -> None:
 
 
 def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cache, plan, progress,
-         t_start, kept_batches: int = 0, verify_batches: int = 0) -> CalibrationResult:
+         t_start, kept_batches: int = 0) -> CalibrationResult:
     n_blocks, n_batches = adapter.num_blocks, len(batches)
     kind = G.loss_kind(adapter)
     counts = [G.loss_count(kind, b) for b in batches]
@@ -226,7 +222,7 @@ def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cac
     calls: list[list[BlockCall]] = []
     masks: list[torch.Tensor] = []
     dev_batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-    with _NonBlockModules(adapter, device, weights.dtype):
+    with NonBlockModules(adapter, device, weights.dtype):
         for b, batch in enumerate(dev_batches):
             h0, block_calls = adapter.capture_block_calls(batch)
             _check_finite(h0, f"the embedding (batch {b})", h0.dtype)
@@ -270,7 +266,7 @@ def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cac
     # 3. loss on the final hidden states (and dL/dh_L per batch)
     t0 = time.perf_counter()
     loss_total = 0.0
-    with _NonBlockModules(adapter, device, weights.dtype):
+    with NonBlockModules(adapter, device, weights.dtype):
         for b in range(n_batches):
             h = cache.get(n_blocks, b).detach()
             if gradients:
@@ -335,53 +331,13 @@ def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cac
     result.timings = timings
     result.cache_peak_bytes = dict(cache.peak)
     if kept_batches:
-        result.verifier = SkipVerifier(
-            adapter=adapter, weights=weights, cache=cache, calls=calls[:kept_batches],
-            batches=dev_batches[:kept_batches], verify_batches=verify_batches, kind=kind, device=device,
-            non_block_modules=lambda: _NonBlockModules(adapter, device, weights.dtype),
-            total_windows=sum(int(b["input_ids"].shape[0]) for b in batches))
+        result.kept_inputs = KeptInputs(adapter=adapter, weights=weights, store=cache, calls=calls[:kept_batches],
+                                        batches=dev_batches[:kept_batches], loss_kind=kind, device=device,
+                                        total_windows=sum(int(b["input_ids"].shape[0]) for b in batches))
     if progress:
         rate = f"{timings['tokens_per_s_forward']:.0f} tok/s forward"
         if gradients:
             rate += f", {timings['tokens_per_s_backward']:.0f} tok/s loss+backward"
-        print(f"calibrated {n_blocks} blocks on {tokens} tokens in {timings['total_s']:.2f} s ({rate}); "
-              f"loss {result.loss:.4f}", file=sys.stderr)
+        log.info("calibrated %d blocks on %d tokens in %.2f s (%s); loss %.4f", n_blocks, tokens,
+                 timings["total_s"], rate, result.loss)
     return result
-
-
-class _NonBlockModules:
-    """The embedding, norms and head on the compute device and dtype while in use (restored on exit).
-
-    Used for the embedding pass and the loss; a no-op when they already are there (the fast path).
-    """
-
-    def __init__(self, adapter: BlockAdapter, device: torch.device, dtype: torch.dtype | None):
-        self.adapter = adapter
-        self.device = device
-        self.dtype = dtype
-        self.moved: list = []
-
-    def _target_dtype(self, t: torch.Tensor) -> torch.dtype:
-        return self.dtype if (self.dtype is not None and t.is_floating_point()) else t.dtype
-
-    def __enter__(self):
-        blocks = self.adapter.blocks
-        skip = {id(t) for t in blocks.parameters()} | {id(t) for t in blocks.buffers()}
-        for module in self.adapter.model.modules():
-            for store in (module._parameters, module._buffers):
-                for name, t in list(store.items()):
-                    if t is None or id(t) in skip or t.device.type == "meta":
-                        continue
-                    dtype = self._target_dtype(t)
-                    if t.device == self.device and t.dtype == dtype:
-                        continue
-                    self.moved.append((store, name, t))
-                    new = t.detach().to(self.device, dtype)
-                    store[name] = torch.nn.Parameter(new, requires_grad=False) if isinstance(t, torch.nn.Parameter) else new
-        return self
-
-    def __exit__(self, *exc):
-        for store, name, orig in reversed(self.moved):
-            store[name] = orig
-        self.moved.clear()
-        return False

@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from ..checks import check_int
+
 BUILTIN = "builtin"
 BUILTIN_HELDOUT = "builtin:heldout"
 
@@ -169,7 +171,7 @@ def _load_jsonl(path: str, text_field: str) -> str:
 
 def _load_hf_dataset(spec: str, text_field: str) -> str:
     try:
-        import datasets  # noqa: PLC0415  (optional dependency)
+        import datasets  # noqa: PLC0415  (optional and heavy)
     except ImportError:
         raise ValueError(f"calib: 'hf:{spec}' needs the `datasets` package, which is not installed; "
                          "`pip install datasets`, or pass a local text/JSONL file or 'builtin'") from None
@@ -194,9 +196,7 @@ def tokenize_windows(tokenizer: Any, text: str, n_seqs: int, seq_len: int) -> to
     tokenized; the margin makes the kept tokens identical to tokenizing the whole stream, because a token
     boundary never depends on text hundreds of tokens later.
     """
-    for arg, value in (("n_seqs", n_seqs), ("seq_len", seq_len)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{arg}: expected a positive int, got {value!r}")
+    n_seqs, seq_len = check_int("n_seqs", n_seqs, 1), check_int("seq_len", seq_len, 1)
     need = n_seqs * seq_len
     margin = 64
     chars = (need + margin) * 6
@@ -248,8 +248,7 @@ class CalibrationData:
 
     def batches(self, windows_per_batch: int = 1) -> list[dict[str, torch.Tensor]]:
         """Minibatches for ``calibrate``; one window each by default (one CKA minibatch per window)."""
-        if not isinstance(windows_per_batch, int) or windows_per_batch < 1:
-            raise ValueError(f"windows_per_batch: expected a positive int, got {windows_per_batch!r}")
+        windows_per_batch = check_int("windows_per_batch", windows_per_batch, 1)
         return [{"input_ids": self.input_ids[i:i + windows_per_batch]}
                 for i in range(0, self.n_seqs, windows_per_batch)]
 

@@ -43,9 +43,7 @@ class BlockWeights:
         if self.mode == "resident":
             return block
         if self.mode == "lazy":
-            origin = getattr(self.model, "_sglp_block_origin", None)
-            orig = origin[index] if origin is not None else index
-            lazy_weights.load_block(self.model, block, self.adapter.block_prefix(orig), self.device, self.dtype)
+            lazy_weights.load_block(self.model, block, self.adapter.blocks_path, self.device, self.dtype)
             return block
         # parameters are converted straight onto the device (no second host copy of the block)
         memo = {id(p): nn.Parameter(self._convert(p), requires_grad=False) for p in block.parameters()}
@@ -71,3 +69,41 @@ class BlockWeights:
             "copy": "blocks copied to the compute device/dtype one at a time",
             "lazy": "blocks read one at a time from the safetensors shards (skeleton on meta)",
         }[self.mode]
+
+
+class NonBlockModules:
+    """The embedding, norms and head on the compute device and dtype while in use (restored on exit).
+
+    Used for the embedding pass and the loss; a no-op when they already are there (the fast path).
+    """
+
+    def __init__(self, adapter, device: torch.device, dtype: torch.dtype | None):
+        self.adapter = adapter
+        self.device = device
+        self.dtype = dtype
+        self.moved: list = []
+
+    def _target_dtype(self, t: torch.Tensor) -> torch.dtype:
+        return self.dtype if (self.dtype is not None and t.is_floating_point()) else t.dtype
+
+    def __enter__(self):
+        blocks = self.adapter.blocks
+        skip = {id(t) for t in blocks.parameters()} | {id(t) for t in blocks.buffers()}
+        for module in self.adapter.model.modules():
+            for store in (module._parameters, module._buffers):
+                for name, t in list(store.items()):
+                    if t is None or id(t) in skip or t.device.type == "meta":
+                        continue
+                    dtype = self._target_dtype(t)
+                    if t.device == self.device and t.dtype == dtype:
+                        continue
+                    self.moved.append((store, name, t))
+                    new = t.detach().to(self.device, dtype)
+                    store[name] = torch.nn.Parameter(new, requires_grad=False) if isinstance(t, torch.nn.Parameter) else new
+        return self
+
+    def __exit__(self, *exc):
+        for store, name, orig in reversed(self.moved):
+            store[name] = orig
+        self.moved.clear()
+        return False

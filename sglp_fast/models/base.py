@@ -204,8 +204,6 @@ class BlockAdapter:
             for module in block.modules():
                 if hasattr(module, "layer_idx") and not isinstance(getattr(module, "layer_idx"), nn.Module):
                     module.layer_idx = new_index
-        origin = getattr(self.model, "_sglp_block_origin", list(range(n)))
-        self.model._sglp_block_origin = [origin[i] for i in kept]
         self._fix_config(kept, n)
         return kept
 

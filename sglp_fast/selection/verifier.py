@@ -14,37 +14,38 @@ proxy GradNorm backpropagates: a plan is judged by how far it moves what the mod
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
+from torch import nn
+
 from ..calibration import losses as G
+from ..calibration.kept_inputs import KeptInputs
+from ..checks import check_int
+from .compensation import DEFAULT_ALPHA, fit_transforms, mlp_output_module, patched
 
 
 class SkipVerifier:
-    """``loss(removed)``: mean calibration loss on the kept windows with blocks ``removed`` skipped.
+    """``loss(removed)``: mean calibration loss on the check windows with blocks ``removed`` skipped.
 
-    Built by ``calibrate(..., keep_inputs=m)``; it owns the activation cache holding the dense input of
-    every block for the first batches (>= m windows; the loss check) and, with ``keep_fit_inputs``, for the
-    other batches (the compensation fit). It must be closed (``close()`` or ``with``).
+    Built by the selection stage from the handle calibration returns (``calibrate(..., keep_inputs=m)
+    .kept_inputs``): the leading kept batches holding >= ``verify_windows`` windows are the loss check, the
+    other kept batches are what compensation is fitted on. It owns the handle: close it (``close()`` or
+    ``with``). It implements ``protocols.Verifier`` (the search) and ``protocols.BlockRunner`` (compensation).
     """
 
-    def __init__(self, *, adapter, weights, cache, calls, batches, verify_batches: int, kind: str,
-                 device: torch.device, non_block_modules, total_windows: int) -> None:
-        self.adapter = adapter
-        self.num_blocks = adapter.num_blocks
-        self._weights = weights
-        self._cache = cache
-        self._calls = calls            # calls[b][l]: block l's arguments for kept batch b
-        self._batches = batches        # the kept batches, on the device
-        self._kind = kind
-        self._non_block = non_block_modules
-        self._nv = verify_batches
-        self.fit_batches = list(range(verify_batches, len(batches)))
-        self._terms = sum(G.loss_count(kind, b) for b in batches[:verify_batches])
-        self._windows = [int(b["input_ids"].shape[0]) for b in batches]
+    def __init__(self, kept: KeptInputs, verify_windows: int) -> None:
+        check_int("verify_windows", verify_windows, 1)
+        self._kept = kept
+        self.adapter = kept.adapter
+        self.num_blocks = kept.num_blocks
+        self._kind = kept.loss_kind
+        self._windows = kept.windows
+        self._nv = _leading_batches(kept.windows, verify_windows)
+        self.fit_batches = list(range(self._nv, kept.num_batches))
+        self._terms = sum(G.loss_count(self._kind, b) for b in kept.batches[:self._nv])
         self._transforms: dict[tuple[frozenset[int], bool], dict[int, torch.Tensor]] = {}
-        self._total_windows = total_windows
         self._memo: dict[tuple[frozenset[int], bool, bool], tuple[float, list[float]]] = {}  # loss, per batch
         self._dense_pooled: dict[int, torch.Tensor] = {}  # headless encoders: the dense sentence embeddings
         self.window_block_forwards = 0  # block calls x windows, the work spent so far
@@ -58,29 +59,24 @@ class SkipVerifier:
     # -- the pieces compensate.fit_transforms streams with --------------------------------------------
     def cached_input(self, layer: int, batch: int) -> torch.Tensor:
         """The dense model's input of block ``layer`` (``num_blocks``: the last block's output)."""
-        return self._cache.get(layer, batch)
+        return self._kept.block_input(layer, batch)
 
     def token_mask(self, batch: int) -> torch.Tensor:
-        return G.token_mask(self._batches[batch])
+        return self._kept.token_mask(batch)
 
     @contextlib.contextmanager
-    def block(self, layer: int, transform: torch.Tensor | None = None):
+    def block(self, layer: int, transform: torch.Tensor | None = None) -> Iterator[nn.Module]:
         """Block ``layer`` on the device (with ``transform`` folded into its MLP output), released after."""
-        from .compensation import mlp_output_module, patched  # noqa: PLC0415
-
-        block = self._weights.acquire(layer)
-        try:
+        with self._kept.block(layer) as block:
             if transform is None:
                 yield block
             else:
                 with patched(mlp_output_module(self.adapter, block), transform):
                     yield block
-        finally:
-            self._weights.release(layer, block)
 
-    def call(self, block, layer: int, hidden: torch.Tensor, batch: int) -> torch.Tensor:
+    def call(self, block: nn.Module, layer: int, hidden: torch.Tensor, batch: int) -> torch.Tensor:
         self.window_block_forwards += self._windows[batch]
-        return self.adapter.call_block(block, hidden, self._calls[batch][layer])
+        return self._kept.call(block, layer, hidden, batch)
 
     def transforms(self, removed: Iterable[int], alpha: float | None = None,
                    all_windows: bool = False) -> dict[int, torch.Tensor]:
@@ -89,11 +85,9 @@ class SkipVerifier:
         Fitted on the windows the loss check does not use, so the check stays a held-out test; with
         ``all_windows`` (the chosen plan, once the check has done its job) on every cached window.
         """
-        from .compensation import DEFAULT_ALPHA, fit_transforms  # noqa: PLC0415
-
         key = (self._check(removed), bool(all_windows))
         if key not in self._transforms:
-            batches = range(len(self._batches)) if all_windows else self.fit_batches
+            batches = range(self._kept.num_batches) if all_windows else self.fit_batches
             with self._eval_mode(), torch.no_grad():
                 self._transforms[key] = fit_transforms(self, sorted(key[0]), DEFAULT_ALPHA if alpha is None else alpha,
                                                        batches=list(batches))
@@ -102,7 +96,7 @@ class SkipVerifier:
     @property
     def block_forwards(self) -> float:
         """Work spent, in block-forwards over the whole calibration set (one model forward = num_blocks)."""
-        return self.window_block_forwards / max(self._total_windows, 1)
+        return self.window_block_forwards / max(self._kept.total_windows, 1)
 
     def _check(self, removed: Iterable[int]) -> frozenset[int]:
         if self.closed:
@@ -163,11 +157,11 @@ class SkipVerifier:
         for l in range(first, L):
             if branch and l == min(base):
                 for b in range(nb):
-                    states["base", b] = self._cache.get(l, b)
+                    states["base", b] = self._kept.block_input(l, b)
             active = [i for i, p in enumerate(plans) if start[i] <= l and l not in p]
             for i in (i for i in range(len(plans)) if start[i] == l):
                 for b in range(nb):
-                    states[i, b] = states["base", b] if i in branch else self._cache.get(l, b)
+                    states[i, b] = states["base", b] if i in branch else self._kept.block_input(l, b)
             if branch and l == base_until:  # every branch has its state: drop base's stream
                 for b in range(nb):
                     states.pop(("base", b), None)
@@ -188,17 +182,17 @@ class SkipVerifier:
                     for b in range(nb):
                         states[i, b] = self.call(block, l, states[i, b], b)
         out = []
-        with self._non_block():
+        with self._kept.non_block_modules():
             for i, p in enumerate(plans):
                 sums = []
                 for b in range(nb):
-                    h = states.pop((i, b)) if (i, b) in states else self._cache.get(L, b)
+                    h = states.pop((i, b)) if (i, b) in states else self._kept.block_input(L, b)
                     sums.append(float(self._loss_sum(h, b)))
                 value = sum(sums) / max(self._terms, 1)
                 if value != value or value in (float("inf"), float("-inf")):
                     raise ValueError(f"verifier: the calibration loss with blocks {sorted(p)} removed is {value}; "
                                      "the pruned model overflows (use dtype float32)")
-                out.append((value, [x / max(G.loss_count(self._kind, self._batches[b]), 1)
+                out.append((value, [x / max(G.loss_count(self._kind, self._kept.batches[b]), 1)
                                     for b, x in enumerate(sums)]))
         return out
 
@@ -208,12 +202,12 @@ class SkipVerifier:
         The calibration loss, except for encoders without a head: there the embedding distortion against
         the dense model (``gradients.embedding_distortion_sum``), not the pooled-energy proxy.
         """
-        data = self._batches[batch]
+        data = self._kept.batches[batch]
         output = self.adapter.head_output(hidden, data)
         if self._kind != "pooled_energy":
             return G.loss_sum(self._kind, output, data)
         if batch not in self._dense_pooled:
-            dense = self.adapter.head_output(self._cache.get(self.num_blocks, batch), data)
+            dense = self.adapter.head_output(self._kept.block_input(self.num_blocks, batch), data)
             self._dense_pooled[batch] = G.mean_pooled(G.at_least_fp32(G.last_hidden(dense)),
                                                       G.token_mask(data).to(hidden.device))
         return G.embedding_distortion_sum(output, self._dense_pooled[batch], data)
@@ -230,7 +224,7 @@ class SkipVerifier:
 
     def close(self) -> None:
         if not self.closed:
-            self._cache.close()
+            self._kept.close()
             self.closed = True
             self._memo.clear()
             self._transforms.clear()
@@ -241,3 +235,13 @@ class SkipVerifier:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _leading_batches(windows: Sequence[int], at_least: int) -> int:
+    """How many leading batches hold at least ``at_least`` windows (all of them if there are fewer)."""
+    total = 0
+    for i, w in enumerate(windows):
+        if total >= at_least:
+            return i
+        total += w
+    return len(windows)

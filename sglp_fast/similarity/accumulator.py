@@ -12,9 +12,10 @@ and G_ij = Σ K̃_i ∘ K̃_j. Then, for every pair at once,
 Minibatch CKA (Nguyen et al. 2021) sums H over batches and normalizes at the end:
 CKA_ij = ΣH_ij / sqrt(ΣH_ii ΣH_jj).
 
-RBF kernel: k(a, b) = exp(-‖xa - xb‖² / (2σ²)), distances from the same Gram (Kaa + Kbb - 2Kab). Bandwidth
-rule (median heuristic), per layer and per batch: σ² = the lower median of the off-diagonal squared
-distances {‖xa - xb‖² : a < b} (the ⌈m/2⌉-th smallest of the m = n(n-1)/2 values).
+The formula lives in :mod:`.hsic_terms` (``hsic_terms``, beside its per-pair float64 spec).
+
+RBF kernel: k(a, b) = exp(-‖xa - xb‖² / (2σ²)), distances from the same Gram (Kaa + Kbb - 2Kab), median-
+heuristic bandwidth per layer and batch: see :mod:`.rbf`.
 
 G is computed in one of two spaces, per batch, by a FLOP count (RBF always uses the Gram space):
   gram space     L·n²·d (one Gram per layer) + L²·n²/2 (stacked products), streamed in row panels
@@ -23,20 +24,25 @@ The gram space streams row panels: the L×panel×n stack of Gram rows is the onl
 
 Orders. ``update(batch)`` receives all layers of one batch. ``update_layer(l, x, batch_id)`` receives one
 layer at a time in any order (the offloaded calibration runs layer-major). Each (batch, layer) leaves its
-K̃ or centered X in a cache (device -> CPU -> disk, :mod:`sglp_fast.similarity.item_cache`); when a batch's last layer
-arrives, its L×L terms are formed from the cache in one streamed pass and the cache entries are freed. This
-reads each cached item once (L·n² bytes per batch) instead of once per later layer (L²·n²/2).
+K̃ or centered X in the tiered store (device -> CPU -> disk, :class:`sglp_fast.calibration.store.TieredStore`,
+keyed (layer, batch_id)); when a batch's last layer arrives, its L×L terms are formed from the store in one
+streamed pass of row panels and its entries are freed. This reads each stored item once (L·n² bytes per
+batch) instead of once per later layer (L²·n²/2).
 """
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from .item_cache import CACHE_TIERS, BatchItemCache
+from ..calibration.store import POLICIES as CACHE_TIERS
+from ..calibration.store import StoreFullError, TieredStore
+from .hsic_terms import ESTIMATORS, hsic_terms
+from .rbf import rbf_from_linear_, rbf_gram_from_linear_, rbf_sigma2  # noqa: F401  (rbf_sigma2: public)
 
-ESTIMATORS = ("unbiased", "biased")
 KERNELS = ("linear", "rbf")
 BACKENDS = ("auto", "triton", "torch")
 SPACES = ("auto", "gram", "feature")
@@ -77,16 +83,18 @@ def _choose_space(space: str, kernel: str, num_layers: int, n: int, d: int) -> s
     return "feature" if feature_cost < gram_cost else "gram"
 
 
-def rbf_sigma2(sqdist: torch.Tensor) -> torch.Tensor:
-    """Median-heuristic bandwidth: lower median of the off-diagonal entries of a symmetric n×n distance²."""
-    n = sqdist.shape[0]
-    m = n * (n - 1) // 2
-    work = sqdist.clone()
-    work.fill_diagonal_(float("inf"))
-    # every unordered pair appears twice off the diagonal: the k-th smallest of the doubled list is
-    # the ((k+1)//2)-th smallest pair; we want pair index (m-1)//2 (0-based), i.e. doubled index 2·that.
-    k = 2 * ((m - 1) // 2) + 1
-    return torch.kthvalue(work.flatten(), k).values
+@dataclass
+class _PendingBatch:
+    """A batch started by ``update_layer`` whose layers have not all arrived yet."""
+
+    n: int  # tokens
+    space: str  # "gram" | "feature": what its stored items are (K̃ or centered X)
+    device: torch.device
+    backend: str
+    layers: dict = field(default_factory=dict)  # layer -> (diag, rowsum), float64 [n] each
+
+    def missing(self, num_layers: int) -> list:
+        return sorted(set(range(num_layers)) - set(self.layers))
 
 
 # --------------------------------------------------------------------------------------------- the engine
@@ -100,9 +108,13 @@ class CKAAccumulator:
     backend "auto" (Triton on CUDA tensors, torch elsewhere) | "triton" | "torch"; device: where to compute
     (None: each input's own device); dtype: the torch backend's compute dtype (float32 | float64; the Triton
     path always accumulates in fp32); cache/cache_dir/cache_budget_bytes: where update_layer keeps items
-    until a batch is complete ("auto": compute device up to the budget, default half its free memory, then
-    disk). space "auto" | "gram" | "feature" and panel_rows/panel_bytes (row-panel height; default ~256 MiB
-    of panels on CPU, 1 GiB on GPU) are tuning knobs.
+    until a batch is complete, in a :class:`~sglp_fast.calibration.store.TieredStore` (``for_policy``:
+    "auto": compute device up to the budget, default half its free memory, then disk). space "auto" |
+    "gram" | "feature" and panel_rows/panel_bytes (row-panel height; default ~256 MiB of panels on CPU,
+    1 GiB on GPU) are tuning knobs.
+
+    ``close()`` (or leaving a ``with CKAAccumulator(...) as acc:`` block) frees the stored items and their
+    temporary files; batches still missing layers are discarded then.
     """
 
     def __init__(
@@ -133,19 +145,22 @@ class CKAAccumulator:
                             f"backend; inputs may be bf16/fp16/fp32), got {dtype}")
         if panel_rows is not None and (not isinstance(panel_rows, int) or panel_rows < 1):
             raise ValueError(f"panel_rows: expected an int >= 1 or None, got {panel_rows!r}")
+        budget = cache_budget_bytes
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+            raise ValueError(f"cache_budget_bytes: expected a non-negative int or None, got {budget!r}")
         self.num_layers, self.estimator, self.kernel, self.backend = num_layers, estimator, kernel, backend
         self.device = torch.device(device) if device is not None else None
         self.dtype, self.space = dtype, space
         self.panel_rows, self.panel_bytes = panel_rows, panel_bytes
-        self._cache_args = (cache, cache_dir, cache_budget_bytes)
-        self._cache: BatchItemCache | None = None
+        self._store_args = (cache, cache_dir, cache_budget_bytes)
+        self._store: TieredStore | None = None
         if self.device is not None and backend == "triton":
             _resolve_backend(backend, self.device)  # fail early with the fix
         self._hsic = np.zeros((num_layers, num_layers), dtype=np.float64)
         self.num_batches = 0
         self.num_tokens = 0
         self._done_ids: set = set()
-        self._pending: dict = {}  # batch_id -> dict(n, space, device, backend, layers: {l: (diag, rowsum)})
+        self._pending: dict[object, _PendingBatch] = {}
 
     # ----------------------------------------------------------------------------------- input handling
     def _tokens(self, x, mask, where: str) -> torch.Tensor:
@@ -246,35 +261,13 @@ class CKAAccumulator:
             band.zero_()
         return diag, out.sum(-1)
 
-    def _rbf_from_linear(self, k: torch.Tensor, sq_rows: torch.Tensor, sq_all: torch.Tensor, start: int,
-                         sigma2: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """In place: linear Gram rows -> RBF rows minus ``shift``, diagonal zeroed; returns the row sums.
-
-        Subtracting a constant from every kernel entry leaves both estimators unchanged (HSIC ignores
-        constants), but removes the large positive mean of RBF kernels that would cancel in fp32.
-        """
-        k.mul_(-2.0).add_(sq_rows[:, None]).add_(sq_all[None, :]).clamp_(min=0.0)
-        k.mul_(-0.5 / sigma2).exp_().sub_(shift)
-        k.diagonal(offset=start).zero_()
-        return k.sum(1)
-
     def _rbf_full(self, x: torch.Tensor, backend: str, where: str):
         """One layer's full RBF K̃ (shifted, diag 0) with (row sums, diag, sigma2, squared norms, shift)."""
         n = x.shape[0]
         k = torch.empty((n, n), device=x.device, dtype=self._panel_dtype(backend))
         sq, _ = self._gram_panel(x, 0, n, k, backend, zero_diag=False)
-        k.mul_(-2.0).add_(sq[:, None]).add_(sq[None, :]).clamp_(min=0.0).fill_diagonal_(0.0)
-        sigma2 = rbf_sigma2(k)
-        if not bool(sigma2 > 0):
-            raise ValueError(f"{where}: the median pairwise distance is 0 (more than half the tokens "
-                             "coincide), so the RBF bandwidth and CKA are undefined; use kernel='linear' or "
-                             "more diverse tokens")
-        k.mul_(-0.5 / sigma2).exp_()
-        shift = (k.sum(dtype=torch.float64) - n) / (n * (n - 1))  # mean off-diagonal kernel value
-        shift = shift.to(k.dtype)
-        k.sub_(shift).fill_diagonal_(0.0)
-        diag = (1.0 - shift).expand(n).clone()
-        return k, k.sum(1), diag, sigma2, sq, shift
+        rowsum, diag, sigma2, shift = rbf_gram_from_linear_(k, sq, where)
+        return k, rowsum, diag, sigma2, sq, shift
 
     def _panel_dtype(self, backend: str) -> torch.dtype:
         return torch.float32 if backend == "triton" else self.dtype
@@ -321,17 +314,7 @@ class CKAAccumulator:
 
     def _add_batch(self, g: np.ndarray, diags: torch.Tensor, rowsums: torch.Tensor, n: int) -> None:
         """Turn one batch's G, D, R into HSIC terms (float64) and add them to the running sums."""
-        d = diags.double().cpu().numpy()
-        r = rowsums.double().cpu().numpy()
-        if self.estimator == "unbiased":
-            s = r.sum(1)
-            h = (g + np.outer(s, s) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (r @ r.T)) / (n * (n - 3))
-        else:
-            gf = g + d @ d.T
-            rf = r + d
-            sf = rf.sum(1)
-            h = (gf - 2.0 / n * (rf @ rf.T) + np.outer(sf, sf) / (n * n)) / ((n - 1) ** 2)
-        self._hsic += 0.5 * (h + h.T)
+        self._hsic += hsic_terms(g, diags, rowsums, n, self.estimator)
         self.num_batches += 1
         self.num_tokens += n
 
@@ -391,8 +374,8 @@ class CKAAccumulator:
                 diags[:, start:stop], rowsums[:, start:stop] = dg, rs
                 return
             for layer, (sigma2, sq, shift) in enumerate(rbf):
-                rowsums[layer, start:stop] = self._rbf_from_linear(out[layer], sq[start:stop], sq, start,
-                                                                   sigma2, shift)
+                rowsums[layer, start:stop] = rbf_from_linear_(out[layer], sq[start:stop], sq, start, sigma2,
+                                                              shift)
                 diags[layer, start:stop] = 1.0 - shift
 
         g = self._gram_space_terms(n, device, backend, fill)
@@ -422,11 +405,24 @@ class CKAAccumulator:
         return xw @ xw.sum(0) - diag
 
     # ------------------------------------------------------------------------------------ layer-major
-    def _cache_for(self, device: torch.device) -> BatchItemCache:
-        if self._cache is None:
-            tier, directory, budget = self._cache_args
-            self._cache = BatchItemCache(tier, device, budget, directory)
-        return self._cache
+    def _store_for(self, device: torch.device) -> TieredStore:
+        if self._store is None:
+            policy, directory, budget = self._store_args
+            self._store = TieredStore.for_policy(policy, device, budget, directory)
+        return self._store
+
+    def _keep(self, store: TieredStore, layer: int, batch_id, item: torch.Tensor) -> None:
+        """Store one (layer, batch) item; a full "device"/"cpu" budget names the argument and the fix."""
+        try:
+            store.put(layer, batch_id, item, owned=True)
+        except StoreFullError:
+            policy, _directory, budget = self._store_args
+            nbytes = item.numel() * item.element_size()
+            raise ValueError(
+                f"cache_budget_bytes: caching batch {batch_id!r} layer {layer} needs {nbytes} more bytes but "
+                f"{store.bytes_in_memory} of the {budget}-byte budget are used (cache={policy!r}); raise the "
+                "budget, or use cache='auto' (spills to disk) or cache='disk'"
+            ) from None
 
     def update_layer(self, layer: int, x: torch.Tensor, batch_id, mask: torch.Tensor | None = None) -> None:
         """Layer ``layer``'s output for batch ``batch_id`` (any layer order; each (layer, batch) once)."""
@@ -448,60 +444,61 @@ class CKAAccumulator:
         pend = self._pending.get(batch_id)
         if pend is None:
             space = _choose_space(self.space, self.kernel, self.num_layers, n, d)
-            pend = {"n": n, "space": space, "device": x.device, "backend": backend, "layers": {}}
-        elif layer in pend["layers"]:
+            pend = _PendingBatch(n=n, space=space, device=x.device, backend=backend)
+        elif layer in pend.layers:
             raise ValueError(f"layer: {where} was already given; each (layer, batch_id) is accumulated once")
-        elif pend["n"] != n:
-            raise ValueError(f"{where}: has {n} tokens but earlier layers of this batch had {pend['n']}; "
+        elif pend.n != n:
+            raise ValueError(f"{where}: has {n} tokens but earlier layers of this batch had {pend.n}; "
                              "every layer of a batch must cover the same tokens (same shape and mask)")
-        elif pend["device"] != x.device:
+        elif pend.device != x.device:
             raise ValueError(f"{where}: is on {x.device} but earlier layers of this batch were on "
-                             f"{pend['device']}; pass device= to the accumulator")
+                             f"{pend.device}; pass device= to the accumulator")
         xc = self._prepare(x, backend)
         self._check_prepared(torch.linalg.vector_norm(xc.flatten(), ord=float("inf"))[None], [where])
-        cache = self._cache_for(x.device)
-        if pend["space"] == "feature":
+        store = self._store_for(x.device)
+        if pend.space == "feature":
             work = torch.float64 if self.dtype == torch.float64 else torch.float32
             diag = xc.to(work).square().sum(1).double()
             rowsum = self._feature_rowsum(xc, diag)
-            cache.put(batch_id, layer, xc)
+            self._keep(store, layer, batch_id, xc)
         else:
             if self.kernel == "rbf":
                 k, rowsum, diag = self._rbf_full(xc, backend, where)[:3]
             else:
                 k = torch.empty((n, n), device=x.device, dtype=self._panel_dtype(backend))
                 diag, rowsum = self._gram_panel(xc, 0, n, k, backend)
-            cache.put(batch_id, layer, k)
+            self._keep(store, layer, batch_id, k)
             del k
         self._pending[batch_id] = pend
-        pend["layers"][layer] = (diag.double(), rowsum.double())
-        if len(pend["layers"]) == self.num_layers:
+        pend.layers[layer] = (diag.double(), rowsum.double())
+        if len(pend.layers) == self.num_layers:
             self._finish_batch(batch_id)
 
     def _finish_batch(self, batch_id) -> None:
         pend = self._pending.pop(batch_id)
-        cache = self._cache
-        L, n = self.num_layers, pend["n"]
-        diags = torch.stack([pend["layers"][l][0] for l in range(L)])
-        rowsums = torch.stack([pend["layers"][l][1] for l in range(L)])
+        store = self._store
+        L, n = self.num_layers, pend.n
+        diags = torch.stack([pend.layers[l][0] for l in range(L)])
+        rowsums = torch.stack([pend.layers[l][1] for l in range(L)])
         try:
-            if pend["space"] == "feature":
-                g = self._feature_space_terms([cache.get(batch_id, l) for l in range(L)], diags)
+            if pend.space == "feature":
+                g = self._feature_space_terms([store.get(l, batch_id) for l in range(L)], diags)
             else:
                 def fill(start, rows, out):
                     for layer in range(L):
-                        out[layer].copy_(cache.rows(batch_id, layer, start, start + rows))
+                        out[layer].copy_(store.rows(layer, batch_id, start, start + rows))
 
-                g = self._gram_space_terms(n, pend["device"], pend["backend"], fill)
+                g = self._gram_space_terms(n, pend.device, pend.backend, fill)
         finally:
-            cache.drop_batch(batch_id)
+            for layer in range(L):
+                store.free(layer, batch_id)
         self._add_batch(g, diags, rowsums, n)
         self._done_ids.add(batch_id)
 
     @property
     def pending_batches(self) -> dict:
         """batch_id -> sorted list of layers still missing (batches started by update_layer, not complete)."""
-        return {b: sorted(set(range(self.num_layers)) - set(p["layers"])) for b, p in self._pending.items()}
+        return {b: p.missing(self.num_layers) for b, p in self._pending.items()}
 
     # ------------------------------------------------------------------------------------------ results
     def _check_complete(self, what: str) -> None:
@@ -579,9 +576,30 @@ class CKAAccumulator:
         return self
 
     def close(self) -> None:
-        """Free cached items (and their temporary files)."""
-        if self._cache is not None:
-            self._cache.close()
+        """Free the stored items and their temporary files (idempotent; the sums stay readable).
+
+        Batches still missing layers lose their stored items, so they are discarded (with a warning).
+        """
+        if self._pending:
+            warnings.warn(f"CKAAccumulator.close(): discarding {len(self._pending)} incomplete batch(es) "
+                          f"(missing layers, e.g. {dict(list(self.pending_batches.items())[:2])})",
+                          RuntimeWarning, stacklevel=2)
+        self._discard()
+
+    def _discard(self) -> None:
+        self._pending.clear()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def __enter__(self) -> "CKAAccumulator":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # already failing: free everything without adding a warning to the error
+            self._discard()
 
 
 def cka_matrix(activations: Iterable, *, masks: Iterable | None = None, num_layers: int | None = None,
@@ -601,7 +619,5 @@ def cka_matrix(activations: Iterable, *, masks: Iterable | None = None, num_laye
         acc.update(batch, mask=mask)
     if acc is None:
         raise ValueError("activations: expected at least one batch, got an empty iterable")
-    try:
+    with acc:
         return acc.result()
-    finally:
-        acc.close()

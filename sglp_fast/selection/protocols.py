@@ -1,0 +1,58 @@
+"""The typed seams of the selection stage: what the verified search and the compensation fit ask of a verifier.
+
+``verifier.SkipVerifier`` implements both; tests substitute fakes with the same signatures
+(tests/test_verified.py checks them against these protocols).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class Verifier(Protocol):
+    """The real calibration loss of candidate plans (the verified search's judge)."""
+
+    @property
+    def num_windows(self) -> int:
+        """Windows the loss is checked on."""
+
+    @property
+    def block_forwards(self) -> float:
+        """Work spent so far, in block-forwards over the whole calibration set."""
+
+    def losses(self, plans: Sequence[Iterable[int]], compensated: bool = False,
+               base: Iterable[int] | None = None, all_windows: bool = False) -> list[float]:
+        """Mean check loss of each plan (a set of removed blocks), optionally compensated."""
+
+    def batch_losses(self, plans: Sequence[Iterable[int]], compensated: bool = False,
+                     all_windows: bool = False) -> list[list[float]]:
+        """Each plan's mean loss per check batch."""
+
+    def transforms(self, removed: Iterable[int], alpha: float | None = None,
+                   all_windows: bool = False) -> dict[int, torch.Tensor]:
+        """The compensation maps of a plan."""
+
+
+@runtime_checkable
+class BlockRunner(Protocol):
+    """Dense block inputs and blocks to re-run them through (what ``compensation.fit_transforms`` streams)."""
+
+    adapter: Any
+    fit_batches: list[int]
+
+    def cached_input(self, layer: int, batch: int) -> torch.Tensor:
+        """The dense model's input of block ``layer`` for kept batch ``batch``."""
+
+    def token_mask(self, batch: int) -> torch.Tensor:
+        """Which tokens of kept batch ``batch`` are real (not padding)."""
+
+    def block(self, layer: int, transform: torch.Tensor | None = None) -> AbstractContextManager[nn.Module]:
+        """Block ``layer`` on the device, with ``transform`` folded into its MLP output projection."""
+
+    def call(self, block: nn.Module, layer: int, hidden: torch.Tensor, batch: int) -> torch.Tensor:
+        """Run ``block`` on ``hidden`` with kept batch ``batch``'s call arguments."""
