@@ -18,6 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .checks import check_int
+from .models import get_adapter
 from .selection.frame import check_segments
 from .selection.registry import SELECTORS, Evidence, Frame, get_selector
 
@@ -47,10 +52,8 @@ def resolve_budget(num_blocks: int, *, remove: int | None = None, ratio: float |
         raise ValueError(f"budget: give exactly one of remove (blocks) or ratio, got remove={remove!r}, "
                          f"ratio={ratio!r}")
     if remove is not None:
-        if not isinstance(remove, (int, np.integer)) or isinstance(remove, bool) or not 0 <= remove < num_blocks:
-            raise ValueError(f"remove: expected an int in [0, {num_blocks - 1}] (the model has {num_blocks} "
-                             f"blocks and keeps at least one), got {remove!r}")
-        return int(remove)
+        return check_int("remove", remove, 0, num_blocks - 1, expected=f"an int in [0, {num_blocks - 1}] (the "
+                         f"model has {num_blocks} blocks and keeps at least one)")
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio: expected a number in [0, 1), got {ratio!r}")
     if ratio_of == "blocks":
@@ -83,7 +86,7 @@ class Plan:
                  budget: Mapping[str, Any] | None = None, package_version: str | None = None,
                  extra: Mapping[str, Any] | None = None, transforms: Mapping[int, Any] | None = None) -> None:
         if package_version is None:
-            from . import __version__ as package_version  # noqa: PLC0415
+            package_version = __version__
         self.package_version = package_version
         self.model = dict(model)
         self.calibration = dict(calibration)
@@ -163,7 +166,6 @@ class Plan:
 
     def check_model(self, model: Any) -> None:
         """Refuse to apply this plan to a model it was not made for (block count or config differ)."""
-        from .models import get_adapter  # noqa: PLC0415
         n = get_adapter(model).num_blocks
         if n != self.num_blocks:
             raise ValueError(f"plan: made for a model with {self.num_blocks} blocks ({self.model['id']}), but "
@@ -225,8 +227,6 @@ class Plan:
             if self.transforms is None:
                 raise ValueError("plan: has compensation but no maps to save (loaded without its "
                                  "compensation.safetensors?)")
-            from safetensors.torch import save_file  # noqa: PLC0415
-
             target = os.path.join(os.path.dirname(os.path.abspath(os.fspath(path))), COMPENSATION_FILE)
             save_file({f"block.{k}": v.float().contiguous() for k, v in self.transforms.items()}, f"{target}.tmp")
             os.replace(f"{target}.tmp", target)
@@ -255,8 +255,6 @@ class Plan:
             if not os.path.isfile(side):
                 raise ValueError(f"plan: {path} compensates removed blocks but {side} is missing; keep the file "
                                  "next to plan.json, or re-plan with --no-compensate")
-            from safetensors.torch import load_file  # noqa: PLC0415
-
             maps = load_file(side)
             plan.transforms = {int(k.split(".", 1)[1]): v.double() for k, v in maps.items()}
             plan.validate()

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..models import get_adapter
 from ..plan import Plan
+from ..selection.compensation import apply_transforms
 
 
 def apply_plan(model: Any, plan: Plan, check: bool = True) -> Any:
@@ -21,12 +23,8 @@ def apply_plan(model: Any, plan: Plan, check: bool = True) -> Any:
 
 def remove_blocks(model: Any, removed: Any, transforms: Any = None) -> Any:
     """Fold compensation maps (if any) into the kept blocks, then drop ``removed``, in place; no plan checks."""
-    from ..models import get_adapter  # noqa: PLC0415
-
     adapter = get_adapter(model)
     if transforms:
-        from ..selection.compensation import apply_transforms  # noqa: PLC0415
-
         apply_transforms(adapter, transforms)  # indices are the original ones: fold before the removal
     adapter.remove_blocks(list(removed))
     return model

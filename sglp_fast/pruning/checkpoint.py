@@ -13,7 +13,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..models import get_adapter
 from ..plan import Plan
+from ..selection.compensation import fold_state_tensor, mlp_output_module, module_kind
+from ..similarity.heatmap import save_cka_heatmap
 from .save import commit_dir, temporary_sibling, heatmap_title, check_output_dir
 
 def _block_key_regex(blocks_path: str, keys: list[str]) -> re.Pattern:
@@ -32,13 +39,7 @@ def _block_key_regex(blocks_path: str, keys: list[str]) -> re.Pattern:
 def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, output_dir: str | os.PathLike,
                      overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3) -> Path:
     """Prune a safetensors checkpoint on disk without loading the model: kept tensors only, renamed."""
-    import torch  # noqa: PLC0415
-    from safetensors import safe_open  # noqa: PLC0415
-    from safetensors.torch import save_file  # noqa: PLC0415
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
-
-    from ..similarity.heatmap import save_cka_heatmap  # noqa: PLC0415
-    from ..models import get_adapter  # noqa: PLC0415
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 (heavy)
 
     if plan.removed is None:
         raise ValueError("plan: has no 'removed' blocks; it cannot be applied")
@@ -60,8 +61,6 @@ def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, output_dir: str | o
     blocks_path = adapter.blocks_path
     folds: dict[tuple[int, str], tuple[str, Any]] = {}  # (block, tensor name in block) -> (kind, T)
     if plan.extra.get("compensation") is not None:
-        from ..selection.compensation import mlp_output_module, module_kind  # noqa: PLC0415
-
         if plan.transforms is None:
             raise ValueError("plan: compensates removed blocks but carries no maps; load it with Plan.load")
         path = adapter.mlp_output_path()
@@ -106,8 +105,6 @@ def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, output_dir: str | o
                         new_key = key
                     tensor = f.get_tensor(key)
                     if m and (old, m.group(2)) in folds:
-                        from ..selection.compensation import fold_state_tensor  # noqa: PLC0415
-
                         kind, T = folds[(old, m.group(2))]
                         tensor = fold_state_tensor(kind, m.group(2).rsplit(".", 1)[1], tensor, T)
                     size = tensor.numel() * tensor.element_size()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..plan import Plan
+from ..similarity.heatmap import save_cka_heatmap
 
 
 def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
@@ -73,8 +74,6 @@ def heatmap_title(plan: Plan) -> str:
 def save_pruned(model: Any, tokenizer: Any, plan: Plan, output_dir: str | os.PathLike,
                 overwrite: bool = False) -> Path:
     """Write the (already pruned) model, tokenizer, plan.json and cka.png to ``output_dir`` atomically."""
-    from ..similarity.heatmap import save_cka_heatmap  # noqa: PLC0415
-
     out = check_output_dir(output_dir, overwrite)
     tmp = temporary_sibling(out)
     try:

@@ -75,14 +75,8 @@ class Segmentation:
         return out
 
 
-def fisher_segment(
-    profiles,
-    k: int | Literal["auto"] = "auto",
-    k_max: int | None = None,
-    min_size: int = 1,
-    impl: Literal["cpp", "numpy"] = "cpp",
-    threads: int | None = None,
-) -> Segmentation:
+def fisher_segment(profiles, k: int | Literal["auto"] = "auto", k_max: int | None = None, min_size: int = 1,
+                   impl: Literal["cpp", "numpy"] = "cpp", threads: int | None = None) -> Segmentation:
     """Split the rows of ``profiles`` (L×p) into k contiguous segments of minimal total scatter.
 
     k: number of segments, or "auto" (knee rule, see the module docstring). k_max: largest k for which
@@ -103,24 +97,12 @@ def fisher_segment(
             f"profiles: expected |values| <= {_MAX_ABS_VALUE:g} (squares must fit in float64), got {peak:g}; "
             "rescale the profiles (the segmentation is scale invariant)"
         )
-    num_rows = x.shape[0]
-    k_int, k_max_int, min_size_int, impl, threads_int = _check_options(k, k_max, min_size, impl, threads, num_rows)
-    if impl == "cpp":
-        objective_by_k, parent = _extension().fisher_dp_profiles(x, k_max_int, min_size_int, threads_int)
-    else:
-        costs = _segment_ref.segment_costs(x)
-        objective_by_k, parent = _segment_ref.fisher_dp(costs, k_max_int, min_size_int)
-    return _finish(objective_by_k, parent, k_int, k_max_int, min_size_int, impl, num_rows)
+    return _solve(x, "fisher_dp_profiles", lambda m, k_max, min_size: _segment_ref.fisher_dp(
+        _segment_ref.segment_costs(m), k_max, min_size), k, k_max, min_size, impl, threads)
 
 
-def fisher_segment_costs(
-    costs,
-    k: int | Literal["auto"] = "auto",
-    k_max: int | None = None,
-    min_size: int = 1,
-    impl: Literal["cpp", "numpy"] = "cpp",
-    threads: int | None = None,
-) -> Segmentation:
+def fisher_segment_costs(costs, k: int | Literal["auto"] = "auto", k_max: int | None = None, min_size: int = 1,
+                         impl: Literal["cpp", "numpy"] = "cpp", threads: int | None = None) -> Segmentation:
     """Same DP on a precomputed L×L segment cost matrix: ``costs[i, j]`` = cost of segment i..j (i ≤ j).
 
     Only the upper triangle (diagonal included) is read; the lower triangle is ignored. Costs need not be
@@ -137,15 +119,24 @@ def fisher_segment_costs(
             f"costs: expected finite values on and above the diagonal, got {d[bad]!r} at {bad}; "
             "replace NaN/inf segment costs"
         )
-    num_rows = d.shape[0]
-    k_int, k_max_int, min_size_int, impl, threads_int = _check_options(k, k_max, min_size, impl, threads, num_rows)
-    if impl == "cpp":
-        objective_by_k, parent = _extension().fisher_dp_costs(d, k_max_int, min_size_int, threads_int)
-    else:
-        objective_by_k, parent = _segment_ref.fisher_dp(np.where(upper, d, 0.0), k_max_int, min_size_int)
+    def numpy_dp(m, k_max, min_size):
+        objective_by_k, parent = _segment_ref.fisher_dp(np.where(upper, m, 0.0), k_max, min_size)
         if not np.all(np.isfinite(objective_by_k)):
             worst = int(np.argmin(np.isfinite(objective_by_k))) + 1
             raise ValueError(f"costs: the optimal objective overflowed to inf at k = {worst}; rescale the inputs")
+        return objective_by_k, parent
+
+    return _solve(d, "fisher_dp_costs", numpy_dp, k, k_max, min_size, impl, threads)
+
+
+def _solve(matrix: np.ndarray, cpp_name: str, numpy_dp, k, k_max, min_size, impl, threads) -> Segmentation:
+    """Check the options, run the DP in C++ (``_fisher.<cpp_name>``) or in the numpy spec, backtrack."""
+    num_rows = matrix.shape[0]
+    k_int, k_max_int, min_size_int, impl, threads_int = _check_options(k, k_max, min_size, impl, threads, num_rows)
+    if impl == "cpp":
+        objective_by_k, parent = getattr(_extension(), cpp_name)(matrix, k_max_int, min_size_int, threads_int)
+    else:
+        objective_by_k, parent = numpy_dp(matrix, k_max_int, min_size_int)
     return _finish(objective_by_k, parent, k_int, k_max_int, min_size_int, impl, num_rows)
 
 

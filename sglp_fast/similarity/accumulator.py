@@ -40,6 +40,7 @@ import torch
 
 from ..calibration.store import POLICIES as CACHE_TIERS
 from ..calibration.store import StoreFullError, TieredStore
+from ..checks import check_choice, check_int
 from .hsic_terms import ESTIMATORS, hsic_terms
 from .rbf import rbf_from_linear_, rbf_gram_from_linear_, rbf_sigma2  # noqa: F401  (rbf_sigma2: public)
 
@@ -133,21 +134,16 @@ class CKAAccumulator:
         panel_rows: int | None = None,
         panel_bytes: int | None = None,
     ):
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"num_layers: expected an int >= 1, got {num_layers!r}")
+        check_int("num_layers", num_layers, 1, expected="an int >= 1")
         for name, value, allowed in (("estimator", estimator, ESTIMATORS), ("kernel", kernel, KERNELS),
                                      ("backend", backend, BACKENDS), ("cache", cache, CACHE_TIERS),
                                      ("space", space, SPACES)):
-            if value not in allowed:
-                raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
+            check_choice(name, value, allowed)
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype: expected torch.float32 or torch.float64 (the compute dtype of the torch "
                             f"backend; inputs may be bf16/fp16/fp32), got {dtype}")
-        if panel_rows is not None and (not isinstance(panel_rows, int) or panel_rows < 1):
-            raise ValueError(f"panel_rows: expected an int >= 1 or None, got {panel_rows!r}")
-        budget = cache_budget_bytes
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
-            raise ValueError(f"cache_budget_bytes: expected a non-negative int or None, got {budget!r}")
+        check_int("panel_rows", panel_rows, 1, expected="an int >= 1 or None", optional=True)
+        check_int("cache_budget_bytes", cache_budget_bytes, 0, expected="a non-negative int or None", optional=True)
         self.num_layers, self.estimator, self.kernel, self.backend = num_layers, estimator, kernel, backend
         self.device = torch.device(device) if device is not None else None
         self.dtype, self.space = dtype, space
@@ -426,8 +422,7 @@ class CKAAccumulator:
 
     def update_layer(self, layer: int, x: torch.Tensor, batch_id, mask: torch.Tensor | None = None) -> None:
         """Layer ``layer``'s output for batch ``batch_id`` (any layer order; each (layer, batch) once)."""
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer: expected an int in [0, {self.num_layers}), got {layer!r}")
+        check_int("layer", layer, 0, self.num_layers - 1, expected=f"an int in [0, {self.num_layers})")
         try:
             hash(batch_id)
         except TypeError:
