@@ -228,7 +228,8 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
             cka_estimator: str = "unbiased", lazy: bool = False, collect_last_token: bool = False,
             text_field: str = "text", progress: bool = False, gradients: bool | None = None,
             verify_windows: int | None = None, shortlist: int = DEFAULT_SHORTLIST,
-            compensate: bool | None = None, greedy: bool | None = None) -> Analysis:
+            compensate: bool | None = None, greedy: bool | None = None,
+            checkpoint_dir: str | os.PathLike | None = None, resume: bool = False) -> Analysis:
     """CKA matrix, Fisher segments, per-block scores (every scorer) and, with a budget, the removed blocks.
 
     ``model``: path / hub name / .gguf / nn.Module / None (default SmolLM2-135M). ``calib``: a source spec
@@ -238,7 +239,9 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     ("gradnorm" is the paper's). ``gradients``: run the backward (GradNorm/Taylor scores); None = only when
     the scorer needs it. ``verify_windows``/``shortlist``/``compensate``/``greedy``: the verified search's
     settings (``selection.settings.SearchSettings`` says what None means). With scorer "verified" the
-    analysis holds cached block inputs: ``close()`` it when done.
+    analysis holds cached block inputs: ``close()`` it when done. ``checkpoint_dir``: save the calibration
+    pass block by block so that ``resume=True`` continues a killed run to the same result (the checkpoint
+    stays until ``analysis.calib_result.checkpoint.remove()``; ``prune`` removes it once the model is saved).
     """
     # 1. every argument checked before anything is loaded
     selector = get_selector(scorer)
@@ -251,6 +254,10 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
                          "forward scorer")
     if segments != "auto":
         check_int("segments", segments, 1, expected="a positive int k or 'auto'")
+    check_int("seq_len", seq_len, 1)
+    check_int("calib_seqs", calib_seqs, 1)
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1):
+        raise ValueError(f"ratio: expected a number in [0, 1), got {ratio!r}")
     timings: dict[str, float] = {}
     clock = _Stopwatch(timings)
     torch_dtype = _dtype(dtype)
@@ -263,6 +270,10 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     adapter = get_adapter(loaded)
     L = adapter.num_blocks
     n_remove = _budget(loaded, L, remove, ratio, ratio_of)
+    max_positions = adapter.max_positions()
+    if max_positions is not None and seq_len > max_positions:
+        raise ValueError(f"seq_len: {seq_len} tokens per window exceed the {max_positions} positions this model "
+                         f"supports (config max_position_embeddings); use seq_len <= {max_positions}")
     if isinstance(segments, int) and segments > L:
         raise ValueError(f"segments: k={segments} exceeds the {L} blocks of the model; use k <= {L} or 'auto'")
     verified = selector.kind == "search"
@@ -281,7 +292,7 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
         with clock("calibrate_s"):
             result = calibrate(adapter, data.batches(), observers=observers, gradients=gradients, device=device,
                                dtype=torch_dtype, max_device_memory=max_memory, offload_dir=offload_dir,
-                               progress=progress, keep_inputs=keep)
+                               progress=progress, keep_inputs=keep, checkpoint_dir=checkpoint_dir, resume=resume)
         with clock("cka_result_s"), _closing_on_error(result.kept_inputs):
             cka = np.asarray(acc.result(), dtype=np.float64)
     verifier = SkipVerifier(result.kept_inputs, search.verify_windows) if result.kept_inputs else None
@@ -357,7 +368,7 @@ def prune(model: Any = None, calib: Any = None, *, remove: int | None = None, ra
     if remove is None and ratio is None:
         raise ValueError("budget: prune needs remove=N (blocks) or ratio=r; use analyze() to only look")
     if output is not None:
-        check_output_dir(output, overwrite)
+        check_output_dir(output, overwrite, protect=(model,) if isinstance(model, (str, os.PathLike)) else ())
     analysis = analyze(model, calib, remove=remove, ratio=ratio, **analyze_kwargs)
     analysis.close()  # the plan is made; free the verified search's cached inputs before pruning
     before = count_parameters(analysis.model)
@@ -367,5 +378,7 @@ def prune(model: Any = None, calib: Any = None, *, remove: int | None = None, ra
     out = None
     if output is not None:
         out = os.fspath(save_pruned(target, analysis.tokenizer, analysis.plan, output, overwrite=overwrite))
+        if analysis.calib_result.checkpoint is not None:
+            analysis.calib_result.checkpoint.remove()  # the result is safe on disk
     return PruneResult(model=target, tokenizer=analysis.tokenizer, plan=analysis.plan, analysis=analysis,
                        params_before=before, params_after=after, output_dir=out)

@@ -10,8 +10,10 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
+import traceback
 from typing import Any
 
 from . import __version__
@@ -80,10 +82,14 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
                    help="device memory budget for calibration, e.g. 8GiB (default: no limit)")
     g.add_argument("--offload-dir", default=None, metavar="DIR",
-                   help="directory for activations that do not fit in memory (default: a temp dir if needed)")
+                   help="folder for the activations that do not fit the memory budget; without it such a run stops "
+                        "before it starts, saying how much disk it needs (the CKA accumulator's per-batch items "
+                        "spill to the system temp folder)")
     g.add_argument("--seed", type=int, default=0, help="seed for random choices and the random scorer (default 0)")
     g.add_argument("--quiet", "-q", action="store_true",
                    help="no progress bars or progress messages (stderr shows warnings and errors only)")
+    g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the traceback of a failure (also accepted before the subcommand)")
 
 
 def _add_calib(p: argparse.ArgumentParser) -> None:
@@ -118,6 +124,12 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lazy", action="store_true",
                    help="big models (safetensors dirs): load block by block; the output is written by streaming "
                         "the kept shards' tensors, and perplexity is not evaluated")
+    g.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                   help="save the calibration pass block by block in DIR (an empty or new folder), so that a "
+                        "killed run can continue with --resume DIR; removed once the result is saved")
+    g.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run whose --checkpoint-dir was DIR (same model, calibration and options): "
+                        "the same plan and byte-identical weights as an uninterrupted run")
 
 
 def _add_budget(p: argparse.ArgumentParser, required: bool) -> None:
@@ -153,8 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sglp", formatter_class=fmt, epilog=EXAMPLES,
         description="Similarity-guided layer-partition pruning (SGLP): CKA between block outputs -> Fisher "
-                    "segmentation -> GradNorm inside each segment -> drop the least important blocks.")
+                    "segmentation -> inside each segment, the blocks whose removal the calibration loss checks "
+                    "as cheapest (default 'verified'; the paper's GradNorm with --scorer gradnorm) -> the model "
+                    "without them. Exit codes: 0 ok, 1 failure, 2 bad input, 130 interrupted, 143 terminated.")
     parser.add_argument("--version", action="version", version=f"sglp-fast {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prune", help="analyze and remove blocks, save the pruned model", formatter_class=fmt,
@@ -236,6 +251,87 @@ def configure_logging(quiet: bool = False) -> None:
     package_log.addHandler(handler)
     if package_log.level == logging.NOTSET or package_log.level > logging.INFO:
         package_log.setLevel(logging.INFO)
+    if quiet:  # transformers' and huggingface_hub's own bars ("Loading weights", "Writing model shards")
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+        if "huggingface_hub" in sys.modules:
+            sys.modules["huggingface_hub"].utils.disable_progress_bars()
+
+
+def preflight(args: argparse.Namespace) -> None:
+    """Everything that can be checked before the model loads (minutes at 70B): devices, ranges, every path."""
+    from .calibration.store import check_offload_dir  # noqa: PLC0415
+    from .calibration.text import check_text_source  # noqa: PLC0415
+    from .pruning import check_output_dir  # noqa: PLC0415
+
+    if getattr(args, "device", None):
+        _check_device(args.device)
+    ratio = getattr(args, "ratio", None)
+    if ratio is not None and not 0.0 <= ratio < 1.0:
+        raise ValueError(f"--ratio: expected a number in [0, 1) (the fraction to remove), got {ratio}")
+    if getattr(args, "calib", None) is not None:
+        check_text_source(args.calib, "--calib")
+    if getattr(args, "eval_text", None) is not None and not getattr(args, "no_eval", False):
+        check_text_source(args.eval_text, "--eval-text")
+    model = getattr(args, "model", None)
+    if model is not None and not os.path.exists(model) and (os.sep in model or model.startswith((".", "~"))
+                                                             or model.endswith(".gguf")):
+        raise ValueError(f"MODEL: {model!r} does not exist; pass a model folder, a .gguf file or a cached hub name")
+    if getattr(args, "output", None) is not None:
+        check_output_dir(args.output, args.overwrite, protect=(model,) if model and os.path.exists(model) else ())
+    for attr in ("json", "markdown", "heatmap"):
+        if getattr(args, attr, None):
+            _check_writable_file(getattr(args, attr), f"--{attr}")
+    if getattr(args, "offload_dir", None):
+        check_offload_dir(args.offload_dir, 0)
+    _check_checkpoint_flags(getattr(args, "checkpoint_dir", None), getattr(args, "resume", None))
+
+
+def _check_checkpoint_flags(checkpoint_dir: str | None, resume: str | None) -> None:
+    from .calibration.checkpoint import MANIFEST  # noqa: PLC0415
+
+    if resume is not None:
+        if checkpoint_dir is not None and os.path.abspath(checkpoint_dir) != os.path.abspath(resume):
+            raise ValueError("--resume DIR continues the checkpoint in DIR; drop --checkpoint-dir or make it the same")
+        if not os.path.isfile(os.path.join(resume, MANIFEST)):
+            raise ValueError(f"--resume: {resume!r} holds no calibration checkpoint; pass the --checkpoint-dir of "
+                             "the run to continue")
+    elif checkpoint_dir is not None:
+        if os.path.isfile(os.path.join(checkpoint_dir, MANIFEST)):
+            raise ValueError(f"--checkpoint-dir: {checkpoint_dir!r} already holds a checkpoint; pass --resume "
+                             f"{checkpoint_dir} to continue it, or an empty folder to start anew")
+        if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
+            raise ValueError(f"--checkpoint-dir: {checkpoint_dir!r} is a file; pass a folder")
+
+
+def _check_device(name: str) -> None:
+    import torch  # noqa: PLC0415
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device: {name!r} is not a device torch knows; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this torch has no usable CUDA (CPU-only build, or no GPU visible); "
+                             "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible; use "
+                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: sglp runs on cpu or cuda devices; use --device cpu or cuda")
+
+
+def _check_writable_file(path: str, flag: str) -> None:
+    """A result file we will write at the end: refuse now what would fail then (after hours of work)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag}: {path!r} is a folder; pass a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag}: the folder of {path!r} does not exist; create it or pass another path")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"{flag}: cannot write {path!r} (permission denied); pass a writable path")
 
 
 def _device(args: argparse.Namespace) -> str:
@@ -251,7 +347,8 @@ def _analyze_kwargs(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
               seq_len=args.seq_len, seed=args.seed, device=_device(args), dtype=args.dtype,
               max_memory=args.max_memory, offload_dir=args.offload_dir, lazy=args.lazy,
               text_field=args.text_field, progress=not args.quiet, verify_windows=args.verify_windows,
-              shortlist=args.shortlist, compensate=args.compensate, greedy=args.greedy)
+              shortlist=args.shortlist, compensate=args.compensate, greedy=args.greedy,
+              checkpoint_dir=args.resume or args.checkpoint_dir, resume=args.resume is not None)
     if hasattr(args, "ratio"):
         kw.update(remove=args.remove, ratio=args.ratio, ratio_of=args.ratio_of, protect_first=args.protect_first,
                   protect_last=args.protect_last, allow_empty_segments=args.allow_empty_segments)
@@ -281,6 +378,21 @@ def _ppl(model: Any, ids: Any) -> float:
     from .evaluate import perplexity  # noqa: PLC0415
 
     return perplexity(model, ids).perplexity
+
+
+def _remove_checkpoint(analysis: Any) -> None:
+    """The run's result is safe: its calibration checkpoint (--checkpoint-dir) is no longer needed."""
+    if analysis.calib_result.checkpoint is not None:
+        analysis.calib_result.checkpoint.remove()
+        log.info("removed the calibration checkpoint %s", analysis.calib_result.checkpoint.directory)
+
+
+def _finite_ppl(value: float, what: str) -> float:
+    """A nan/inf perplexity means broken weights: fail (exit 1) instead of saving or reporting a number."""
+    if value != value or value in (float("inf"), float("-inf")):
+        raise RunFailed(f"the perplexity of {what} is {value}: its outputs are not finite (broken or overflowing "
+                        "weights; try --dtype float32); nothing was saved")
+    return value
 
 
 def _print_segments(plan: Any) -> None:
@@ -320,10 +432,9 @@ def _fmt_params(n: int) -> str:
 def cmd_prune(args: argparse.Namespace) -> int:
     from .api import analyze  # noqa: PLC0415
     from .evaluate import count_parameters  # noqa: PLC0415
-    from .pruning import apply_plan, check_output_dir, prune_checkpoint, save_pruned  # noqa: PLC0415
+    from .pruning import apply_plan, prune_checkpoint, save_pruned  # noqa: PLC0415
 
     t0 = time.perf_counter()
-    check_output_dir(args.output, args.overwrite)
     analysis = analyze(args.model, args.calib, collect_last_token=False, **_analyze_kwargs(args))
     analysis.close()  # the plan is made: free the search's cached block inputs
     _print_calibration(analysis)
@@ -343,11 +454,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         after = count_parameters(model)
         _say(f"parameters: {_fmt_params(before)} -> {_fmt_params(after)} ({100 * (after - before) / before:+.1f}%)")
         if eval_ids is not None:
-            ppl_after = _ppl(model, eval_ids)
+            ppl_after = _finite_ppl(_ppl(model, eval_ids), "the pruned model")
             _say(f"held-out perplexity ({args.eval_text}, {args.eval_seqs} x {args.seq_len} tokens): "
                  f"{ppl_before:.3f} -> {ppl_after:.3f}")
         out = save_pruned(model, analysis.tokenizer, plan, args.output, overwrite=args.overwrite)
     _say(f"saved: {out} (safetensors weights, config, tokenizer, plan.json, cka.png)")
+    _remove_checkpoint(analysis)
     _say(f"wall time: {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -370,6 +482,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.heatmap:
         save_cka_heatmap(args.heatmap, analysis.cka, analysis.plan.segments, analysis.plan.removed or ())
         _say(f"wrote {args.heatmap}")
+    _remove_checkpoint(analysis)
     _say(f"wall time: {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -378,11 +491,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from .evaluate import count_parameters  # noqa: PLC0415
     from .models import load_model  # noqa: PLC0415
     from .plan import Plan  # noqa: PLC0415
-    from .pruning import apply_plan, check_output_dir, prune_checkpoint, save_pruned  # noqa: PLC0415
+    from .pruning import apply_plan, prune_checkpoint, save_pruned  # noqa: PLC0415
 
     t0 = time.perf_counter()
     plan = Plan.load(args.plan)
-    check_output_dir(args.output, args.overwrite)
     _print_segments(plan)
     if args.lazy:
         if args.model is None or not os.path.isdir(args.model):
@@ -400,8 +512,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
         after = count_parameters(model)
         _say(f"parameters: {_fmt_params(before)} -> {_fmt_params(after)}")
         if eval_ids is not None:
+            ppl_after = _finite_ppl(_ppl(model, eval_ids), "the pruned model")
             _say(f"held-out perplexity ({args.eval_text}, {args.eval_seqs} x {args.seq_len} tokens): "
-                 f"{ppl_before:.3f} -> {_ppl(model, eval_ids):.3f}")
+                 f"{ppl_before:.3f} -> {ppl_after:.3f}")
         out = save_pruned(model, tokenizer, plan, args.output, overwrite=args.overwrite)
     _say(f"saved: {out}")
     _say(f"wall time: {time.perf_counter() - t0:.1f} s")
@@ -417,6 +530,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(resolve_model_source(args.model), dtype=_dtype(args.dtype), device=_device(args))
     ids = _eval_ids(args, tokenizer)
     res = perplexity(model, ids)
+    _finite_ppl(res.perplexity, "the model")
     _say(f"model: {args.model or 'SmolLM2-135M (default)'} ({get_adapter(model).num_blocks} blocks, "
          f"{_fmt_params(count_parameters(model))} parameters)")
     _say(f"perplexity ({args.eval_text}, {ids.shape[0]} x {ids.shape[1]} tokens): {res.perplexity:.3f} "
@@ -462,6 +576,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                  "perplexity": r.perplexity} for r in rows]}, f, indent=1)
         _say(f"wrote {args.json}")
     _say(f"wall time: {time.perf_counter() - t0:.1f} s")
+    _remove_checkpoint(analysis)
     return 0
 
 
@@ -491,21 +606,86 @@ def cmd_bench(args: argparse.Namespace) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(numbers, f, indent=1, default=str)
         _say(f"wrote {args.json}")
+    _remove_checkpoint(analysis)
     return 0
 
 
+EXIT_OK, EXIT_FAILURE, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `kill`): takes the Ctrl-C path, so every temporary folder and cache is removed."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+class RunFailed(RuntimeError):
+    """The run finished but its result is unusable (e.g. a non-finite perplexity): exit 1, nothing saved."""
+
+
+# API parameter names that appear in the library's messages -> the flags a CLI user types
+_FLAGS = (("max_device_memory / max_cpu_memory", "--max-memory"), ("max_device_memory", "--max-memory"),
+          ("max_cpu_memory", "--max-memory"), ("offload_dir=<", "--offload-dir <"), ("offload_dir", "--offload-dir"),
+          ("seq_len", "--seq-len"), ("calib_seqs", "--calib-seqs"), ("verify_windows", "--verify-windows"),
+          ("protect_first", "--protect-first"), ("protect_last", "--protect-last"), ("ratio_of", "--ratio-of"),
+          ("k_max", "--k-max"), ("text_field", "--text-field"), ("allow_empty_segments", "--allow-empty-segments"),
+          ("compensate=False", "--no-compensate"), ("(overwrite=True)", ""))
+
+
+def _as_flags(message: str) -> str:
+    for name, flag in _FLAGS:
+        message = message.replace(name, flag)
+    return " ".join(message.split())
+
+
+def _error_line(command: str, err: BaseException) -> str:
+    """One line: ``sglp <command>: error: <what, naming the input and the fix>``."""
+    text = str(err) if isinstance(err, (ValueError, TypeError, RunFailed)) else f"{type(err).__name__}: {err}"
+    if isinstance(err, OSError):
+        text = f"{err.strerror or err}" + (f" ({err.filename})" if err.filename is not None else "")
+    return f"sglp {command}: error: {_as_flags(text)}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Exit codes: 0 ok, 1 failure (the run broke or its result is unusable), 2 bad input
+    (usage, paths, values: nothing was written), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); on every
+    non-zero exit the temporary output and the offload cache are gone. ``--debug`` shows tracebacks."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
     configure_logging(quiet=getattr(args, "quiet", False))
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
+        preflight(args)
         return args.handler(args)
-    except (ValueError, TypeError, FileExistsError) as e:
-        print(f"sglp {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except Terminated:
+        print(f"sglp {args.command}: terminated (SIGTERM); temporary files removed", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
-        print("sglp: interrupted", file=sys.stderr)
-        return 130
+        print(f"sglp {args.command}: interrupted; temporary files removed", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # every failure becomes one line (the traceback with --debug)
+        if debug:
+            traceback.print_exc()
+        print(_error_line(args.command, err), file=sys.stderr)
+        if isinstance(err, (ValueError, TypeError, FileExistsError, FileNotFoundError, IsADirectoryError,
+                            NotADirectoryError, PermissionError)):
+            return EXIT_INPUT
+        if isinstance(err, MemoryError) or "out of memory" in str(err).lower():
+            print(f"sglp {args.command}: hint: lower --max-memory, --calib-seqs or --seq-len, or pass --offload-dir",
+                  file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading  # noqa: PLC0415
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -160,6 +160,8 @@ class Plan:
                     or not starts <= set(self.removed):
                 raise ValueError(f"plan: compensation blocks {comp['blocks']} must each be a kept block right before "
                                  f"a removed run (removed: {self.removed})")
+            if self.transforms is not None:
+                _check_transforms(self.transforms)
             if self.transforms is not None and sorted(self.transforms) != sorted(comp["blocks"]):
                 raise ValueError(f"plan: compensation maps for blocks {sorted(self.transforms)}, the plan lists "
                                  f"{comp['blocks']}")
@@ -242,8 +244,12 @@ class Plan:
             path = os.path.join(path, "plan.json")
         if not os.path.isfile(path):
             raise ValueError(f"plan: no such file {path!r}; pass the plan.json written by `sglp prune`/`analyze`")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"plan: {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at position "
+                             f"{e.start}); pass the plan.json that sglp wrote") from None
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
@@ -255,10 +261,35 @@ class Plan:
             if not os.path.isfile(side):
                 raise ValueError(f"plan: {path} compensates removed blocks but {side} is missing; keep the file "
                                  "next to plan.json, or re-plan with --no-compensate")
-            maps = load_file(side)
-            plan.transforms = {int(k.split(".", 1)[1]): v.double() for k, v in maps.items()}
+            plan.transforms = _load_transforms(side)
             plan.validate()
         return plan
+
+
+def _load_transforms(path: str) -> dict[int, Any]:
+    """The compensation maps of ``compensation.safetensors``, refused when unreadable."""
+    try:
+        maps = load_file(path)
+        return {int(k.split(".", 1)[1]): v.double() for k, v in maps.items()}
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise ValueError(f"plan: {path} is not a readable compensation file ({type(e).__name__}: {e}); it is "
+                         "truncated or corrupted: re-plan, or re-plan with --no-compensate") from None
+
+
+def _check_transforms(transforms: Mapping[int, Any]) -> None:
+    """Each map is a finite square [d, d] matrix, all of one d (a NaN map would silently ruin the model)."""
+    sizes = set()
+    for block, T in transforms.items():
+        shape = tuple(getattr(T, "shape", ()))
+        if len(shape) != 2 or shape[0] != shape[1]:
+            raise ValueError(f"plan: the compensation map of block {block} has shape {shape}, expected a square "
+                             "[hidden, hidden] matrix; the compensation file is corrupted: re-plan")
+        if not bool(np.isfinite(np.asarray(T, dtype=np.float64)).all()):
+            raise ValueError(f"plan: the compensation map of block {block} holds NaN or inf; the compensation file "
+                             "is corrupted: re-plan, or re-plan with --no-compensate")
+        sizes.add(shape[0])
+    if len(sizes) > 1:
+        raise ValueError(f"plan: compensation maps of different sizes {sorted(sizes)}; the file is corrupted: re-plan")
 
 
 def build_plan(*, model_info: Mapping[str, Any], calibration: Mapping[str, Any], cka: Any,

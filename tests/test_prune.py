@@ -85,15 +85,26 @@ def test_output_dir_refused_unless_overwrite(tmp_path):
     with pytest.raises(ValueError, match="not empty; pass --overwrite"):
         sglp_fast.prune(str(src), "builtin", remove=1, output=out, **CALIB)
     assert (out / "keep.txt").read_text() == "user data"
-    res = sglp_fast.prune(str(src), "builtin", remove=1, output=out, overwrite=True, **CALIB)
-    assert not (out / "keep.txt").exists() and (out / "plan.json").is_file()
-    assert res.output_dir == str(out)
+    # --overwrite replaces only an earlier sglp output: a folder of user files is never deleted
+    with pytest.raises(ValueError, match="replaces only an earlier sglp output"):
+        sglp_fast.prune(str(src), "builtin", remove=1, output=out, overwrite=True, **CALIB)
+    assert (out / "keep.txt").read_text() == "user data"
+    ours = tmp_path / "ours"
+    sglp_fast.prune(str(src), "builtin", remove=1, output=ours, **CALIB)
+    (ours / "stale.txt").write_text("left by an earlier run")
+    res = sglp_fast.prune(str(src), "builtin", remove=1, output=ours, overwrite=True, **CALIB)
+    assert not (ours / "stale.txt").exists() and (ours / "plan.json").is_file()
+    assert res.output_dir == str(ours)
     empty = tmp_path / "empty"
     empty.mkdir()
     assert check_output_dir(empty, overwrite=False) == empty  # an empty directory is fine
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a directory"):
         check_output_dir(tmp_path / "file", overwrite=True)
+    with pytest.raises(ValueError, match="on the output path.*not a directory"):
+        check_output_dir(tmp_path / "file" / "sub", overwrite=True)
+    with pytest.raises(ValueError, match="holds the model being read"):
+        check_output_dir(tmp_path, overwrite=True, protect=(src,))
 
 
 def test_failed_save_leaves_nothing_behind(tmp_path):
@@ -106,6 +117,7 @@ def test_failed_save_leaves_nothing_behind(tmp_path):
 
     out = tmp_path / "out"
     out.mkdir()
+    res.plan.save(out / "plan.json")  # an earlier sglp output, which --overwrite may replace
     (out / "old.txt").write_text("previous model")
     with pytest.raises(OSError, match="disk full"):
         save_pruned(res.model, BrokenTokenizer(), res.plan, out, overwrite=True)

@@ -26,8 +26,7 @@ class SafetensorsCheckpoint:
         self.directory = directory
         index = os.path.join(directory, INDEX_NAME)
         if os.path.isfile(index):
-            with open(index) as fh:
-                self.weight_map: dict[str, str] = dict(json.load(fh)["weight_map"])
+            self.weight_map: dict[str, str] = _read_index(index)
         else:
             files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
             if not files:
@@ -57,6 +56,23 @@ class SafetensorsCheckpoint:
                         t = t.to(dtype)
                     out[key] = t.to(device)
         return out
+
+
+def _read_index(index: str) -> dict[str, str]:
+    """The index's ``weight_map``, each shard a plain file name inside the model folder (no path tricks)."""
+    try:
+        with open(index, encoding="utf-8") as fh:
+            weight_map = json.load(fh)["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"source: {index} is not a safetensors index with a 'weight_map' ({type(e).__name__}: "
+                         f"{e}); the file is corrupted: re-save the model or remove the index") from None
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
+            raise ValueError(f"source: {index} maps {key!r} to {shard!r}, which is not a file name inside the model "
+                             "folder; refusing to read outside it: fix or re-save the index")
+    return dict(weight_map)
 
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

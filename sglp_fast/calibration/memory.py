@@ -22,6 +22,7 @@ class MemoryPlan:
     num_slots: int
     grad_bytes: int
     tiers: dict[str, int] = field(default_factory=dict)  # projected bytes per tier
+    checkpoint_bytes: int = 0  # disk the resumable checkpoint takes (checkpoint_dir), 0 without one
     budgets: dict[str, int | None] = field(default_factory=dict)
 
     def __str__(self) -> str:
@@ -39,6 +40,8 @@ class MemoryPlan:
             budget = self.budgets.get(tier)
             b = "unbounded" if budget is None else fmt_bytes(budget)
             lines.append(f"    {tier:<6} {fmt_bytes(self.tiers.get(tier, 0)):>12}  (budget {b})")
+        if self.checkpoint_bytes:
+            lines.append(f"  checkpoint   : {fmt_bytes(self.checkpoint_bytes)} on disk (every block's outputs)")
         return "\n".join(lines)
 
 
@@ -90,9 +93,10 @@ def plan_memory(adapter, weights: BlockWeights, batches, gradients, act_dtype, d
     checked_dir = check_offload_dir(offload_dir, tiers["disk"])
     if tiers["disk"] > 0 and checked_dir is None:
         raise ValueError(
-            f"offload_dir: the activation cache needs {int(n_slots * slot) + grad} bytes but max_device_memory/"
-            f"max_cpu_memory leave room for {cache_dev + cache_cpu}; pass offload_dir=<folder on a disk with "
-            f"{tiers['disk']} bytes free>, raise the budgets, or use fewer/shorter batches"
+            f"offload_dir: the activation cache needs {fmt_bytes(int(n_slots * slot) + grad)} but the memory "
+            f"budget (max_device_memory / max_cpu_memory) leaves room for {fmt_bytes(cache_dev + cache_cpu)}; pass "
+            f"offload_dir=<a folder with {fmt_bytes(tiers['disk'])} free> to spill the rest to disk, raise the "
+            "budget, or use fewer/shorter calibration windows"
         )
     plan = MemoryPlan(
         device=str(device), weights_mode=weights.describe(), max_block_bytes=block_bytes,

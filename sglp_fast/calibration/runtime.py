@@ -9,6 +9,7 @@ the loss on the final hidden states, and the top-down backward (see ``gradients.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -25,6 +26,7 @@ from ..models import get_adapter
 from ..models.base import BlockAdapter, BlockCall
 from .memory import plan_memory
 from .store import TieredStore
+from .checkpoint import PassCheckpoint, fingerprint
 from .kept_inputs import KeptInputs
 from .weights import BlockWeights, NonBlockModules
 
@@ -53,6 +55,7 @@ class CalibrationResult:
     relative_update: np.ndarray | None = None
     # with keep_inputs > 0: the dense input of every block for the leading batches (the caller closes it)
     kept_inputs: KeptInputs | None = None
+    checkpoint: PassCheckpoint | None = None  # with checkpoint_dir: the saved pass (remove() when done)
     timings: dict[str, float] = field(default_factory=dict)
     memory_plan: str = ""
     cache_peak_bytes: dict[str, int] = field(default_factory=dict)
@@ -143,13 +146,18 @@ def _check_finite(t: torch.Tensor, what: str, dtype: torch.dtype) -> None:
 # --- the driver ------------------------------------------------------------------------------------------
 def calibrate(model_or_adapter, batches, *, observers=(), gradients: bool = True, device=None, dtype=None,
               max_device_memory=None, max_cpu_memory=None, offload_dir=None, seed: int = 0,
-              progress: bool = True, generic: bool = False, keep_inputs: int = 0) -> CalibrationResult:
+              progress: bool = True, generic: bool = False, keep_inputs: int = 0,
+              checkpoint_dir: str | os.PathLike | None = None, resume: bool = False) -> CalibrationResult:
     """Run the calibration passes; see the module docstring and docs/contracts.md for the contract.
 
     ``keep_inputs=m``: keep every block's dense input for the leading batches holding >= m windows (all of
     them when the set is smaller) and return them as ``result.kept_inputs`` (a ``KeptInputs`` handle, which
     the caller must close); 0 frees everything. ``seed`` is accepted for compatibility and unused: the
     pass draws no random numbers (it no longer reseeds the caller's global RNG).
+    ``checkpoint_dir``: save every block's outputs there as the pass goes (``checkpoint.py``); ``resume=True``
+    continues the pass a killed run left there (same model, calibration and settings, else an error): the
+    result is bit-identical to an uninterrupted run. The caller removes the checkpoint when it is done with it
+    (``result.checkpoint.remove()``).
     """
     t_start = time.perf_counter()
     adapter = get_adapter(model_or_adapter, generic=generic)
@@ -171,12 +179,23 @@ def calibrate(model_or_adapter, batches, *, observers=(), gradients: bool = True
         act_dtype = dtype or next((p.dtype for p in adapter.blocks.parameters() if p.is_floating_point()), torch.float32)
         plan, budgets, checked_dir = plan_memory(adapter, weights, batches, gradients, act_dtype, device,
                                            max_device_memory, max_cpu_memory, offload_dir, kept_batches)
+        checkpoint = None
+        if checkpoint_dir is not None:
+            checkpoint = PassCheckpoint(checkpoint_dir, fingerprint(adapter, batches, act_dtype, device, gradients),
+                                        resume=resume, slot_bytes=plan.activation_slot_bytes)
+            plan.checkpoint_bytes = (adapter.num_blocks + 1) * plan.activation_slot_bytes
+        elif resume:
+            raise ValueError("resume: needs checkpoint_dir (the folder of the run to continue)")
         cache = TieredStore(device, budgets["device"], budgets["cpu"], checked_dir)
         with shown(progress):
             if progress:
                 log.info("%s", plan)
+                if checkpoint is not None and checkpoint.completed:
+                    log.info("resuming: %d of %d blocks are in the checkpoint (replayed, not run)",
+                             checkpoint.completed, adapter.num_blocks)
             result = _run(adapter, weights, batches, observers, gradients, device, act_dtype, cache, plan,
-                          progress, t_start, kept_batches)
+                          progress, t_start, kept_batches, checkpoint)
+            result.checkpoint = checkpoint
         if result.kept_inputs is not None:
             cache = None  # the handle owns it now
         return result
@@ -205,7 +224,7 @@ def _free_unkept(cache, slot, n_batches: int, kept_batches: int) -> None:
 
 
 def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cache, plan, progress,
-         t_start, kept_batches: int = 0) -> CalibrationResult:
+         t_start, kept_batches: int = 0, checkpoint: PassCheckpoint | None = None) -> CalibrationResult:
     n_blocks, n_batches = adapter.num_blocks, len(batches)
     kind = G.loss_kind(adapter)
     counts = [G.loss_count(kind, b) for b in batches]
@@ -227,6 +246,8 @@ def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cac
             h0, block_calls = adapter.capture_block_calls(batch)
             _check_finite(h0, f"the embedding (batch {b})", h0.dtype)
             cache.put(0, b, h0.to(act_dtype))
+            if checkpoint is not None and checkpoint.completed == 0:
+                checkpoint.save(0, b, h0.to(act_dtype))
             calls.append(block_calls)
             masks.append(G.token_mask(batch))
     timings["embed_s"] = time.perf_counter() - t0
@@ -238,12 +259,17 @@ def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cac
     bar = tqdm(total=n_blocks, desc="calibrating", disable=not progress, leave=False)
     with torch.no_grad():
         for l in range(n_blocks):
-            bar.set_description(f"({l + 1}/{n_blocks}) calibrating")
-            block = weights.acquire(l)
+            replay = checkpoint is not None and l < checkpoint.completed  # done before the run was killed
+            bar.set_description(f"({l + 1}/{n_blocks}) {'replaying' if replay else 'calibrating'}")
+            block = None if replay else weights.acquire(l)
             for b in range(n_batches):
                 x = cache.get(l, b)
-                call = calls[b][l]
-                y = adapter.call_block(block, x, call)
+                if replay:
+                    y = checkpoint.load(l + 1, b, device)
+                else:
+                    y = adapter.call_block(block, x, calls[b][l])
+                    if checkpoint is not None:
+                        checkpoint.save(l + 1, b, y)
                 _check_finite(y, f"block {l} (batch {b})", y.dtype)
                 x32, y32 = G.at_least_fp32(x), G.at_least_fp32(y)
                 for obs in observers:
@@ -257,7 +283,10 @@ def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cac
                 del y
             if not gradients:
                 _free_unkept(cache, l, n_batches, kept_batches)
-            weights.release(l, block)
+            if not replay:
+                weights.release(l, block)
+                if checkpoint is not None:
+                    checkpoint.block_done(l)
             del block
             bar.update(1)
     bar.close()

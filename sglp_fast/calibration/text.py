@@ -140,15 +140,30 @@ def load_text(source: str, text_field: str = "text") -> str:
         return builtin_text("heldout")
     if source.startswith("hf:"):
         return _load_hf_dataset(source[3:], text_field)
-    if not os.path.isfile(source):
+    check_text_source(source)
+    try:
+        if source.endswith(".jsonl"):
+            return _load_jsonl(source, text_field)
+        with open(source, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"calib: {source} is not UTF-8 text (byte {e.object[e.start]:#04x} at position {e.start}); "
+                         f"convert it first, e.g. `iconv -f latin1 -t utf-8 {source} > out.txt`") from None
+    except OSError as e:
+        raise ValueError(f"calib: cannot read {source} ({e.strerror or e}); pass a readable file") from None
+
+
+def check_text_source(source: str, name: str = "calib") -> None:
+    """Refuse, before anything is loaded, a source that is neither a readable file nor a known name."""
+    if source in (BUILTIN, BUILTIN_HELDOUT) or (isinstance(source, str) and source.startswith("hf:")):
+        return
+    if not isinstance(source, str) or not os.path.isfile(source):
         raise ValueError(
-            f"calib: {source!r} is not a file, 'builtin', 'builtin:heldout' or 'hf:NAME[:CONFIG][@SPLIT]'; "
+            f"{name}: {source!r} is not a file, 'builtin', 'builtin:heldout' or 'hf:NAME[:CONFIG][@SPLIT]'; "
             "pass an existing text/JSONL file or one of those names"
         )
-    if source.endswith(".jsonl"):
-        return _load_jsonl(source, text_field)
-    with open(source, encoding="utf-8") as f:
-        return f.read()
+    if not os.access(source, os.R_OK):
+        raise ValueError(f"{name}: cannot read {source!r} (permission denied); pass a readable file")
 
 
 def _load_jsonl(path: str, text_field: str) -> str:

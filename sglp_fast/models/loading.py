@@ -4,6 +4,7 @@ No network, ever: hub names resolve only from the local Hugging Face cache.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.util
 import os
@@ -114,7 +115,8 @@ def load_model(source=None, dtype: torch.dtype = torch.float32, device="cpu", la
                 f"source: lazy=True needs safetensors; {path.name} is GGUF, which transformers dequantizes "
                 "whole at load time. Pass lazy=False, or convert once with save_pretrained and load that"
             )
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        with _load_errors(path, "GGUF"):
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
         _forget_gguf_quantizer(model)
         tok = _tokenizer(str(path.parent), gguf_file=path.name)
         return model.to(device).eval(), tok
@@ -124,11 +126,13 @@ def load_model(source=None, dtype: torch.dtype = torch.float32, device="cpu", la
         directory = str(path)
         if not (path / "config.json").is_file():
             raise ValueError(f"source: directory {directory!r} has no config.json; is it a Hugging Face model folder?")
+        _check_weight_files(path)
     elif os.path.isabs(str(source)) or str(source).startswith((".", "~")):
         raise ValueError(f"source: path {str(source)!r} does not exist")
     else:
         directory = _resolve_hub_name(str(source))
-    config = AutoConfig.from_pretrained(directory)
+    with _load_errors(Path(directory) / "config.json", "config"):
+        config = AutoConfig.from_pretrained(directory)
     auto = _auto_class(config)
     if lazy:
         # calibration is a later stage, and models/__init__ imports this module before defining get_adapter
@@ -137,5 +141,44 @@ def load_model(source=None, dtype: torch.dtype = torch.float32, device="cpu", la
 
         model = build_lazy_model(directory, auto, dtype, lambda m: get_adapter(m).blocks_path)
     else:
-        model = auto.from_pretrained(directory, dtype=dtype).to(device)
+        with _load_errors(Path(directory), "checkpoint"):
+            model = auto.from_pretrained(directory, dtype=dtype, use_safetensors=True)
+        model = model.to(device)
     return model.eval(), _tokenizer(directory)
+
+
+def _check_weight_files(folder: Path) -> None:
+    """A model folder must hold safetensors weights: none at all, or only pickle files, is refused here."""
+    names = [p.name for p in folder.iterdir()]
+    if any(n.endswith(".safetensors") for n in names):
+        return
+    pickles = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    if pickles:
+        raise ValueError(f"source: {str(folder)!r} holds only pickle weights ({pickles[0]}); sglp loads safetensors "
+                         "only (a pickle file can run code when loaded): convert it once in a trusted environment "
+                         "with save_pretrained(..., safe_serialization=True)")
+    raise ValueError(f"source: {str(folder)!r} has a config.json but no weights (*.safetensors); point MODEL at "
+                     "the folder that holds the model's weights")
+
+
+_LOAD_FAILURES = (ValueError, TypeError, OSError, RuntimeError, KeyError, IndexError, EOFError, AttributeError)
+
+
+@contextlib.contextmanager
+def _load_errors(path: Path, what: str):
+    """transformers/safetensors/gguf errors on a broken file become one clear ValueError naming the file
+    (the original type and text are kept in the message)."""
+    try:
+        yield
+    except Exception as e:
+        ours = isinstance(e, ValueError) and str(e).startswith("source:")
+        library = type(e).__module__.split(".")[0] in ("safetensors", "safetensors_rust", "gguf", "transformers")
+        if ours or not (isinstance(e, _LOAD_FAILURES) or library):
+            raise
+        raise ValueError(f"source: cannot load the {what} at {str(path)!r} ({type(e).__name__}: {_short(e)}); the "
+                         "file is truncated, corrupted or not a supported model: re-download or re-save it") from None
+
+
+def _short(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

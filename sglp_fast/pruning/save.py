@@ -7,25 +7,59 @@ unless ``overwrite=True``. Contents: ``save_pretrained`` weights (safetensors) a
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..plan import Plan
+from ..plan import PLAN_FORMAT, Plan
 from ..similarity.heatmap import save_cka_heatmap
 
 
-def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse (before any expensive work) an output directory that would be clobbered without consent."""
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output: {str(out)!r} exists and is not a directory; choose another path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"output: directory {str(out)!r} exists and is not empty; pass --overwrite "
-                         "(overwrite=True) to replace it, or choose another path")
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, *,
+                     protect: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Refuse, before any expensive work, an output folder that would be clobbered without consent.
+
+    ``overwrite`` replaces only an empty folder or an earlier sglp output (a folder whose ``plan.json`` is
+    an sglp plan): never a folder of other files, the model being read (``protect``) or a folder holding it.
+    The parent must be creatable and writable.
+    """
+    out = Path(os.path.abspath(os.fspath(output_dir)))
+    for parent in [out, *out.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                what = "the output path" if parent == out else f"{str(parent)!r} (on the output path)"
+                raise ValueError(f"output: {what} is a file, not a directory; choose another --output")
+            break
+    for source in protect:
+        src = Path(os.path.abspath(os.fspath(source)))
+        if src == out or out in src.parents:
+            raise ValueError(f"output: {str(out)!r} holds the model being read ({str(src)!r}); choose another path")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"output: folder {str(out)!r} exists and is not empty; pass --overwrite "
+                             "(overwrite=True) to replace an earlier sglp output, or choose another path")
+        if not is_sglp_output(out):
+            raise ValueError(f"output: --overwrite replaces only an earlier sglp output (a folder with an sglp "
+                             f"plan.json), and {str(out)!r} is not one; it is left untouched: choose another path")
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output: cannot write in {str(existing)!r} (permission denied); choose a writable "
+                         "--output")
     return out
+
+
+def is_sglp_output(folder: Path) -> bool:
+    """True when ``folder/plan.json`` is an sglp plan (the marker every saved output carries)."""
+    marker = folder / "plan.json"
+    try:
+        with open(marker, encoding="utf-8") as f:
+            head = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(head, dict) and head.get("format") == PLAN_FORMAT
 
 
 def _strip_load_time_quantization(model: Any) -> None:
@@ -46,15 +80,26 @@ def _strip_load_time_quantization(model: Any) -> None:
 
 def commit_dir(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished temporary directory to ``out`` (replacing an old one only when allowed)."""
+    _usual_modes(tmp)
     if out.exists():
-        if any(out.iterdir()) and not overwrite:
-            raise ValueError(f"output: {str(out)!r} appeared while pruning and is not empty; pass --overwrite")
+        if any(out.iterdir()) and not (overwrite and is_sglp_output(out)):
+            raise ValueError(f"output: {str(out)!r} appeared or changed while pruning and is not an sglp output "
+                             "to replace; the new model is discarded, choose another path")
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.rename(out, old)
         os.rename(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, out)
+
+
+def _usual_modes(folder: Path) -> None:
+    """Files as the umask says (0644 usually): some writers create them 0600 through temporary files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            os.chmod(path, 0o666 & ~umask)
 
 
 def temporary_sibling(out: Path) -> Path:

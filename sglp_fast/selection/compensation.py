@@ -64,6 +64,10 @@ def folded(module: nn.Module, T: torch.Tensor) -> dict[str, torch.Tensor]:
     """The projection's new {"weight", "bias"} with ``T`` folded in (computed in float64, cast back)."""
     W = module.weight.detach()
     T64 = T.to(W.device, torch.float64)
+    width = W.shape[1] if _is_conv1d(module) else W.shape[0]
+    if tuple(T64.shape) != (width, width):
+        raise ValueError(f"compensate: a map of shape {tuple(T64.shape)} does not fit this model's hidden size "
+                         f"{width}; the plan's compensation maps were made for another model: re-plan")
     if _is_conv1d(module):  # y = x W + b, W [in, out]
         new = {"weight": (W.double() @ T64).to(W.dtype)}
     elif isinstance(module, nn.Linear):  # y = x W^T + b, W [out, in]
@@ -79,6 +83,10 @@ def folded(module: nn.Module, T: torch.Tensor) -> dict[str, torch.Tensor]:
 def fold_state_tensor(kind: str, name: str, tensor: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
     """``folded`` for one checkpoint tensor (``kind`` "linear" or "conv1d", ``name`` "weight" or "bias")."""
     t64, T64 = tensor.double(), T.double()
+    width = tensor.shape[-1] if (name == "bias" or kind == "conv1d") else tensor.shape[0]
+    if tuple(T64.shape) != (width, width):
+        raise ValueError(f"compensate: a map of shape {tuple(T64.shape)} does not fit this checkpoint's hidden "
+                         f"size {width}; the plan's compensation maps were made for another model: re-plan")
     if name == "bias":
         out = t64 @ T64
     elif kind == "conv1d":
