@@ -7,6 +7,8 @@ WARNING with ``-q``). The handlers import the pipeline (numpy, torch, transforme
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import os
@@ -155,6 +157,12 @@ def _add_eval(p: argparse.ArgumentParser, flag: bool = True, seqs: int = 16) -> 
         g.add_argument("--no-eval", action="store_true", help="skip the perplexity before/after")
 
 
+def _add_json(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                   help=f"machine-readable result ({what}): alone, one JSON document on stdout (the other lines go "
+                        "to stderr); with FILE, the document's result part written to FILE. Schema: docs/cli_json.md")
+
+
 def _add_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="where the pruned model is written")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
@@ -176,11 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EXAMPLES)
     # 8 held-out windows: the before/after perplexity is a third of the demo's time on a 2-core CPU
     _add_model(p), _add_calib(p), _add_budget(p, True), _add_eval(p, seqs=8), _add_output(p), _add_runtime(p)
+    _add_json(p, "the removed blocks, parameters, perplexities and output folder")
     p.set_defaults(handler=cmd_prune)
 
     p = sub.add_parser("analyze", help="CKA, segments and scores (no pruning)", formatter_class=fmt, epilog=EXAMPLES)
     _add_model(p), _add_calib(p), _add_budget(p, False), _add_runtime(p)
-    p.add_argument("--json", default=None, metavar="FILE", help="write the analysis (plan schema) as JSON")
+    _add_json(p, "the analysis: the plan schema")
     p.add_argument("--heatmap", default=None, metavar="FILE.png", help="write the CKA heatmap")
     p.set_defaults(handler=cmd_analyze)
 
@@ -189,12 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p), _add_eval(p, seqs=8), _add_output(p), _add_runtime(p)
     p.add_argument("--lazy", action="store_true", help="stream the checkpoint's shards (safetensors dirs)")
     p.add_argument("--seq-len", type=_positive_int, default=256, metavar="S", help="perplexity window (default 256)")
+    _add_json(p, "the removed blocks, parameters, perplexities and output folder")
     p.set_defaults(handler=cmd_apply)
 
     p = sub.add_parser("eval", help="perplexity of a model on held-out text", formatter_class=fmt, epilog=EXAMPLES)
     _add_model(p), _add_eval(p, flag=False), _add_runtime(p)
     p.add_argument("--seq-len", type=_positive_int, default=256, metavar="S", help="tokens per window (default 256)")
     p.add_argument("--text", dest="eval_text", default=argparse.SUPPRESS, metavar="SOURCE", help="alias of --eval-text")
+    _add_json(p, "the perplexity")
     p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("compare", help="SGLP vs baselines: held-out perplexity table", formatter_class=fmt,
@@ -207,21 +218,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
                    help=f"methods to compare (default all: {', '.join(METHODS)})")
     p.add_argument("--markdown", default=None, metavar="FILE", help="write the tables as markdown")
-    p.add_argument("--json", default=None, metavar="FILE", help="write the rows as JSON")
+    _add_json(p, "the comparison rows")
     p.set_defaults(handler=cmd_compare)
 
     p = sub.add_parser("bench", help="calibration throughput (tokens/s) and peak memory", formatter_class=fmt,
                        epilog=EXAMPLES)
     _add_model(p), _add_calib(p), _add_runtime(p)
-    p.add_argument("--json", default=None, metavar="FILE", help="write the numbers as JSON")
+    _add_json(p, "the throughput and memory numbers")
     p.set_defaults(handler=cmd_bench)
     return parser
 
 
 # ------------------------------------------------------------------------------------------------- helpers
+class _Output:
+    """Where this invocation's human-readable result lines go: stdout, or stderr when stdout carries --json."""
+
+    stream = None  # None: the current sys.stdout
+
+
 def _say(*parts: Any) -> None:
-    """A result line on stdout (the CLI's output; diagnostics go to ``log``)."""
-    print(*parts, flush=True)
+    """A result line (the CLI's output; diagnostics go to ``log``)."""
+    print(*parts, flush=True, file=_Output.stream or sys.stdout)
+
+
+JSON_SCHEMA = "sglp-cli/1"
+
+
+def _json_document(args: argparse.Namespace, exit_code: int, result: Any = None,
+                   error: dict[str, str] | None = None) -> dict[str, Any]:
+    doc = {"schema": JSON_SCHEMA, "sglp_version": __version__, "command": getattr(args, "command", None),
+           "ok": exit_code == 0, "exit_code": exit_code}
+    doc.update({"result": result} if error is None else {"error": error})
+    return doc
+
+
+def _emit(args: argparse.Namespace, result: dict[str, Any]) -> int:
+    """The command's result: the JSON document on stdout (``--json``), its result part in a file
+    (``--json FILE``, written atomically), or nothing more (the lines already said it)."""
+    if args.json == "-":
+        print(json.dumps(_json_document(args, 0, result), default=_jsonable), flush=True)
+    elif args.json:
+        tmp = f"{args.json}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1, default=_jsonable)
+        os.replace(tmp, args.json)
+        _say(f"wrote {args.json}")
+    return 0
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -251,7 +301,7 @@ def configure_logging(quiet: bool = False) -> None:
     package_log.addHandler(handler)
     if package_log.level == logging.NOTSET or package_log.level > logging.INFO:
         package_log.setLevel(logging.INFO)
-    if quiet:  # transformers' and huggingface_hub's own bars ("Loading weights", "Writing model shards")
+    if quiet or not sys.stderr.isatty():  # transformers'/huggingface_hub's bars: carriage returns in a log file
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         if "transformers" in sys.modules:
             sys.modules["transformers"].utils.logging.disable_progress_bar()
@@ -445,23 +495,43 @@ def cmd_prune(args: argparse.Namespace) -> int:
             raise ValueError("--lazy: needs MODEL to be a safetensors model directory")
         out = prune_checkpoint(args.model, plan, args.output, overwrite=args.overwrite)
         _say("perplexity: not evaluated with --lazy (the model is never materialized)")
+        numbers: dict[str, Any] = {}
     else:
-        model = analysis.model
-        before = count_parameters(model)
-        eval_ids = None if _skip_eval(args, model) else _eval_ids(args, analysis.tokenizer)
-        ppl_before = None if eval_ids is None else _ppl(model, eval_ids)
-        apply_plan(model, plan)
-        after = count_parameters(model)
-        _say(f"parameters: {_fmt_params(before)} -> {_fmt_params(after)} ({100 * (after - before) / before:+.1f}%)")
-        if eval_ids is not None:
-            ppl_after = _finite_ppl(_ppl(model, eval_ids), "the pruned model")
-            _say(f"held-out perplexity ({args.eval_text}, {args.eval_seqs} x {args.seq_len} tokens): "
-                 f"{ppl_before:.3f} -> {ppl_after:.3f}")
-        out = save_pruned(model, analysis.tokenizer, plan, args.output, overwrite=args.overwrite)
+        numbers = _apply_and_measure(args, analysis.model, analysis.tokenizer, plan)
+        out = save_pruned(analysis.model, analysis.tokenizer, plan, args.output, overwrite=args.overwrite)
     _say(f"saved: {out} (safetensors weights, config, tokenizer, plan.json, cka.png)")
     _remove_checkpoint(analysis)
-    _say(f"wall time: {time.perf_counter() - t0:.1f} s")
-    return 0
+    wall = time.perf_counter() - t0
+    _say(f"wall time: {wall:.1f} s")
+    return _emit(args, {**_plan_summary(plan), "model": analysis.model_info, **numbers, "output": str(out),
+                        "wall_s": wall})
+
+
+def _apply_and_measure(args: argparse.Namespace, model: Any, tokenizer: Any, plan: Any) -> dict[str, Any]:
+    """Prune ``model`` in place by ``plan``; parameters and (unless --no-eval) perplexity before and after."""
+    from .evaluate import count_parameters  # noqa: PLC0415
+    from .pruning import apply_plan  # noqa: PLC0415
+
+    before = count_parameters(model)
+    eval_ids = None if _skip_eval(args, model) else _eval_ids(args, tokenizer)
+    ppl_before = None if eval_ids is None else _ppl(model, eval_ids)
+    apply_plan(model, plan)
+    after = count_parameters(model)
+    _say(f"parameters: {_fmt_params(before)} -> {_fmt_params(after)} ({100 * (after - before) / before:+.1f}%)")
+    ppl_after = None
+    if eval_ids is not None:
+        ppl_after = _finite_ppl(_ppl(model, eval_ids), "the pruned model")
+        _say(f"held-out perplexity ({args.eval_text}, {args.eval_seqs} x {args.seq_len} tokens): "
+             f"{ppl_before:.3f} -> {ppl_after:.3f}")
+    return {"params_before": before, "params_after": after, "perplexity_before": ppl_before,
+            "perplexity_after": ppl_after, "eval_text": None if eval_ids is None else args.eval_text,
+            "eval_tokens": None if eval_ids is None else int(eval_ids.numel())}
+
+
+def _plan_summary(plan: Any) -> dict[str, Any]:
+    sel = plan.extra.get("selection") or {}
+    return {"num_blocks": plan.num_blocks, "removed": plan.removed, "segments": plan.segments, "k": plan.k,
+            "scorer": plan.scorer, "picked": sel.get("picked"), "compensated": plan.extra.get("compensation") is not None}
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -476,22 +546,23 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     for name, values in analysis.scores.items():
         order = sorted(range(len(values)), key=lambda i: (values[i], i))
         _say(f"scores[{name}]: least important first: {order[:min(10, len(order))]}")
-    if args.json:
-        analysis.plan.save(args.json)
+    if args.json and args.json != "-":
+        analysis.plan.save(args.json)  # the plan file (with compensation.safetensors beside it if compensated)
         _say(f"wrote {args.json}")
     if args.heatmap:
         save_cka_heatmap(args.heatmap, analysis.cka, analysis.plan.segments, analysis.plan.removed or ())
         _say(f"wrote {args.heatmap}")
     _remove_checkpoint(analysis)
     _say(f"wall time: {time.perf_counter() - t0:.1f} s")
+    if args.json == "-":
+        _emit(args, analysis.plan.to_dict())
     return 0
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from .evaluate import count_parameters  # noqa: PLC0415
     from .models import load_model  # noqa: PLC0415
     from .plan import Plan  # noqa: PLC0415
-    from .pruning import apply_plan, prune_checkpoint, save_pruned  # noqa: PLC0415
+    from .pruning import prune_checkpoint, save_pruned  # noqa: PLC0415
 
     t0 = time.perf_counter()
     plan = Plan.load(args.plan)
@@ -500,25 +571,19 @@ def cmd_apply(args: argparse.Namespace) -> int:
         if args.model is None or not os.path.isdir(args.model):
             raise ValueError("--lazy: needs MODEL to be a safetensors model directory")
         out = prune_checkpoint(args.model, plan, args.output, overwrite=args.overwrite)
+        numbers: dict[str, Any] = {}
     else:
         from .api import _dtype, resolve_model_source  # noqa: PLC0415
 
         model, tokenizer = load_model(resolve_model_source(args.model), dtype=_dtype(args.dtype), device=_device(args))
         plan.check_model(model)
-        before = count_parameters(model)
-        eval_ids = None if _skip_eval(args, model) else _eval_ids(args, tokenizer)
-        ppl_before = None if eval_ids is None else _ppl(model, eval_ids)
-        apply_plan(model, plan)
-        after = count_parameters(model)
-        _say(f"parameters: {_fmt_params(before)} -> {_fmt_params(after)}")
-        if eval_ids is not None:
-            ppl_after = _finite_ppl(_ppl(model, eval_ids), "the pruned model")
-            _say(f"held-out perplexity ({args.eval_text}, {args.eval_seqs} x {args.seq_len} tokens): "
-                 f"{ppl_before:.3f} -> {ppl_after:.3f}")
+        numbers = _apply_and_measure(args, model, tokenizer, plan)
         out = save_pruned(model, tokenizer, plan, args.output, overwrite=args.overwrite)
     _say(f"saved: {out}")
-    _say(f"wall time: {time.perf_counter() - t0:.1f} s")
-    return 0
+    wall = time.perf_counter() - t0
+    _say(f"wall time: {wall:.1f} s")
+    return _emit(args, {**_plan_summary(plan), "plan": os.path.abspath(args.plan), **numbers, "output": str(out),
+                        "wall_s": wall})
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -535,8 +600,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
          f"{_fmt_params(count_parameters(model))} parameters)")
     _say(f"perplexity ({args.eval_text}, {ids.shape[0]} x {ids.shape[1]} tokens): {res.perplexity:.3f} "
          f"(mean NLL {res.nll:.4f} over {res.tokens} predicted tokens)")
-    _say(f"wall time: {time.perf_counter() - t0:.1f} s")
-    return 0
+    wall = time.perf_counter() - t0
+    _say(f"wall time: {wall:.1f} s")
+    return _emit(args, {"model": args.model or "SmolLM2-135M (default)", "num_blocks": get_adapter(model).num_blocks,
+                        "params": count_parameters(model), "perplexity": res.perplexity, "nll": res.nll,
+                        "tokens": res.tokens, "eval_text": args.eval_text, "wall_s": wall})
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -569,15 +637,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         with open(args.markdown, "w", encoding="utf-8") as f:
             f.write(table + "\n\n" + cmp.removed_table(rows) + "\n")
         _say(f"wrote {args.markdown}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"unpruned_perplexity": base, "segments": analysis.plan.segments, "k": analysis.plan.k,
-                       "rows": [{"method": r.method, "remove": r.remove, "removed": list(r.removed), "compensated": r.compensated,
-                                 "perplexity": r.perplexity} for r in rows]}, f, indent=1)
-        _say(f"wrote {args.json}")
-    _say(f"wall time: {time.perf_counter() - t0:.1f} s")
     _remove_checkpoint(analysis)
-    return 0
+    _say(f"wall time: {time.perf_counter() - t0:.1f} s")
+    return _emit(args, {"unpruned_perplexity": base, "segments": analysis.plan.segments, "k": analysis.plan.k,
+                        "rows": [{"method": r.method, "remove": r.remove, "removed": list(r.removed),
+                                  "compensated": r.compensated, "perplexity": r.perplexity} for r in rows]})
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -602,12 +666,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _say(f"calibration throughput: {tokens / secs:.1f} tokens/s ({tokens} tokens in {secs:.2f} s, CKA"
          f"{' + gradients' if analysis.calib_result.grad_norm is not None else ''})")
     _say(f"peak memory: {peak / 2**20:.1f} MiB ({kind})")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(numbers, f, indent=1, default=str)
-        _say(f"wrote {args.json}")
     _remove_checkpoint(analysis)
-    return 0
+    return _emit(args, numbers)
 
 
 EXIT_OK, EXIT_FAILURE, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
@@ -651,35 +711,68 @@ def _error_line(command: str, err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. Exit codes: 0 ok, 1 failure (the run broke or its result is unusable), 2 bad input
     (usage, paths, values: nothing was written), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); on every
-    non-zero exit the temporary output and the offload cache are gone. ``--debug`` shows tracebacks."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    non-zero exit the temporary output and the offload cache are gone. ``--debug`` shows tracebacks. With
+    ``--json`` (alone) stdout carries exactly one JSON document, a failure's included (docs/cli_json.md)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):  # argparse's usage error, kept for the JSON document
+            args = build_parser().parse_args(argv)
+    except SystemExit as stop:
+        sys.stderr.write(said.getvalue())
+        if stop.code and "--json" in argv and _json_to_stdout(argv):
+            command = next((a for a in argv if a in _COMMANDS), None)
+            message = (said.getvalue().strip().splitlines() or ["usage error"])[-1]
+            print(json.dumps(_json_document(argparse.Namespace(command=command), EXIT_INPUT,
+                                            error={"kind": "usage", "message": message})), flush=True)
+        raise
+    sys.stderr.write(said.getvalue())
     debug = getattr(args, "debug", False)
+    json_out = getattr(args, "json", None) == "-"
+    _Output.stream = sys.stderr if json_out else None
     configure_logging(quiet=getattr(args, "quiet", False))
     previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
         preflight(args)
         return args.handler(args)
-    except Terminated:
-        print(f"sglp {args.command}: terminated (SIGTERM); temporary files removed", file=sys.stderr)
-        return EXIT_TERMINATED
-    except KeyboardInterrupt:
-        print(f"sglp {args.command}: interrupted; temporary files removed", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as err:
+        code, kind = (EXIT_TERMINATED, "terminated") if isinstance(err, Terminated) else (EXIT_INTERRUPTED,
+                                                                                          "interrupted")
+        message = f"sglp {args.command}: {'terminated (SIGTERM)' if code == EXIT_TERMINATED else 'interrupted'}; " \
+                  "temporary files removed"
+        print(message, file=sys.stderr)
+        return _failed(args, json_out, code, kind, message)
     except Exception as err:  # every failure becomes one line (the traceback with --debug)
         if debug:
             traceback.print_exc()
-        print(_error_line(args.command, err), file=sys.stderr)
+        line = _error_line(args.command, err)
+        print(line, file=sys.stderr)
         if isinstance(err, (ValueError, TypeError, FileExistsError, FileNotFoundError, IsADirectoryError,
                             NotADirectoryError, PermissionError)):
-            return EXIT_INPUT
+            return _failed(args, json_out, EXIT_INPUT, "input", line)
         if isinstance(err, MemoryError) or "out of memory" in str(err).lower():
             print(f"sglp {args.command}: hint: lower --max-memory, --calib-seqs or --seq-len, or pass --offload-dir",
                   file=sys.stderr)
-        return EXIT_FAILURE
+        return _failed(args, json_out, EXIT_FAILURE, "failure", line)
     finally:
+        _Output.stream = None
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+_COMMANDS = ("prune", "analyze", "apply", "eval", "compare", "bench", "export")
+
+
+def _json_to_stdout(argv: list[str]) -> bool:
+    """``--json`` given without a FILE (the next word is absent or another flag)."""
+    i = argv.index("--json")
+    return i + 1 == len(argv) or argv[i + 1].startswith("-")
+
+
+def _failed(args: argparse.Namespace, json_out: bool, code: int, kind: str, message: str) -> int:
+    if json_out:
+        print(json.dumps(_json_document(args, code, error={"kind": kind, "message": message})), flush=True)
+    return code
 
 
 def _main_thread() -> bool:

@@ -34,3 +34,40 @@ def shown(progress: bool) -> Iterator[None]:
         logger.removeHandler(handler)
         logger.setLevel(level)
         logger.propagate = propagate
+
+
+class _LineProgress:
+    """Progress for a log file or a pipe: one line per 10% (and the last), no carriage returns."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.total, self.desc, self.done, self.shown = max(int(total), 1), desc, 0, -1
+        self.log = logging.getLogger(PACKAGE_LOGGER + ".progress")
+
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        tenth = self.done * 10 // self.total
+        if tenth > self.shown:
+            self.shown = tenth
+            self.log.info("%s: %d/%d (%d%%)", self.desc, self.done, self.total, 100 * self.done // self.total)
+
+    def close(self) -> None:
+        pass
+
+
+class _NoProgress(_LineProgress):
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+def bar(total: int, desc: str, enabled: bool):
+    """A progress bar on a terminal (tqdm), one line per 10% elsewhere (a log file, a pipe), or nothing."""
+    if not enabled:
+        return _NoProgress(total, desc)
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm  # noqa: PLC0415 (only for terminals)
+
+        return tqdm(total=total, desc=desc, leave=False)
+    return _LineProgress(total, desc)

@@ -17,9 +17,9 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..checks import check_int
+from ..progress import bar as progress_bar
 from ..progress import shown
 from . import losses as G
 from ..models import get_adapter
@@ -256,11 +256,11 @@ def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cac
     infl_sum = np.zeros(n_blocks, dtype=np.float64)
     rel_sum = np.zeros(n_blocks, dtype=np.float64)
     t0 = time.perf_counter()
-    bar = tqdm(total=n_blocks, desc="calibrating", disable=not progress, leave=False)
+    bar = progress_bar(n_blocks, "calibrating", progress)
     with torch.no_grad():
         for l in range(n_blocks):
             replay = checkpoint is not None and l < checkpoint.completed  # done before the run was killed
-            bar.set_description(f"({l + 1}/{n_blocks}) {'replaying' if replay else 'calibrating'}")
+            bar.set_description("replaying" if replay else "calibrating")
             block = None if replay else weights.acquire(l)
             for b in range(n_batches):
                 x = cache.get(l, b)
@@ -322,9 +322,8 @@ def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cac
         t0 = time.perf_counter()
         grad_norm, weight_norm, taylor = (np.zeros(n_blocks) for _ in range(3))
         stats = G.BlockGradStats()
-        bar = tqdm(total=n_blocks, desc="gradients", disable=not progress, leave=False)
+        bar = progress_bar(n_blocks, "gradients", progress)
         for l in reversed(range(n_blocks)):
-            bar.set_description(f"({n_blocks - l}/{n_blocks}) gradients")
             block = weights.acquire(l)
             named = list(block.named_parameters())
             for _, p in named:
