@@ -325,8 +325,9 @@ def preflight(args: argparse.Namespace) -> None:
     if getattr(args, "eval_text", None) is not None and not getattr(args, "no_eval", False):
         check_text_source(args.eval_text, "--eval-text")
     model = getattr(args, "model", None)
-    if model is not None and not os.path.exists(model) and (os.sep in model or model.startswith((".", "~"))
-                                                             or model.endswith(".gguf")):
+    hub_id_like = model is not None and model.count("/") == 1 and not model.startswith((".", "~", "/"))
+    if model is not None and not os.path.exists(model) and not hub_id_like and (
+            os.sep in model or model.startswith((".", "~")) or model.endswith(".gguf")):
         raise ValueError(f"MODEL: {model!r} does not exist; pass a model folder, a .gguf file or a cached hub name")
     if getattr(args, "output", None) is not None:
         check_output_dir(args.output, args.overwrite, protect=(model,) if model and os.path.exists(model) else ())
