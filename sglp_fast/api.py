@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import os
 import time
 from typing import Any
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed as dist
 from .calibration import CalibrationData, CalibrationResult, calibrate, load_calibration
 from .calibration.losses import loss_kind
 from .checks import check_int
@@ -128,12 +130,13 @@ class Analysis:
         scorer = scorer or self.plan.scorer
         check_scorer(scorer)
         n = _budget(self.model, self.model_info["num_blocks"], remove, ratio, ratio_of)
-        return self._make_plan(scorer, n, {"ratio": ratio, "ratio_of": ratio_of},
-                               Frame(self.segmentation.segments if self.plan is None else self.plan.segments,
-                                     self.model_info["num_blocks"], protect_first, protect_last,
-                                     allow_empty_segments),
-                               extra={k: v for k, v in (self.plan.extra if self.plan else {}).items()
-                                      if k not in ("selection", "compensation")})
+        with dist.failure_guard():  # data-parallel: every rank calls it alike (the search's sums are collective)
+            return self._make_plan(scorer, n, {"ratio": ratio, "ratio_of": ratio_of},
+                                   Frame(self.segmentation.segments if self.plan is None else self.plan.segments,
+                                         self.model_info["num_blocks"], protect_first, protect_last,
+                                         allow_empty_segments),
+                                   extra={k: v for k, v in (self.plan.extra if self.plan else {}).items()
+                                          if k not in ("selection", "compensation")})
 
     def _make_plan(self, scorer: str, n: int | None, budget_info: dict[str, Any], frame: Frame,
                    extra: dict[str, Any]) -> Plan:
@@ -220,6 +223,19 @@ class _Stopwatch:
             self.timings[name] = time.perf_counter() - t0
 
 
+def _all_ranks(fn):
+    """Data-parallel (inside a torch.distributed process group): a rank that raises tells the others, which
+    raise ``distributed.RankFailed`` naming it instead of waiting; the last step checks every rank finished."""
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with dist.failure_guard():
+            out = fn(*args, **kwargs)
+            dist.check_failures()
+        return out
+    return run
+
+
+@_all_ranks
 def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segments: int | str = "auto",
             k_max: int | None = None, scorer: str = DEFAULT_SCORER, remove: int | None = None,
             ratio: float | None = None, ratio_of: str = "blocks", protect_first: int = 0, protect_last: int = 0,
@@ -242,6 +258,10 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     analysis holds cached block inputs: ``close()`` it when done. ``checkpoint_dir``: save the calibration
     pass block by block so that ``resume=True`` continues a killed run to the same result (the checkpoint
     stays until ``analysis.calib_result.checkpoint.remove()``; ``prune`` removes it once the model is saved).
+
+    Inside an initialized ``torch.distributed`` process group (e.g. under torchrun) every rank calls it with
+    the same arguments: each calibrates its contiguous share of the windows and the sums are reduced
+    (``sglp_fast.distributed``); every rank returns the same plan (up to floating-point reduction order).
     """
     # 1. every argument checked before anything is loaded
     selector = get_selector(scorer)
@@ -261,6 +281,10 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     timings: dict[str, float] = {}
     clock = _Stopwatch(timings)
     torch_dtype = _dtype(dtype)
+    if device is None and dist.is_distributed():
+        device = dist.local_device()  # cuda:LOCAL_RANK, or the CPU (gloo)
+    if checkpoint_dir is not None and dist.is_distributed():  # each rank saves its own share of the pass
+        checkpoint_dir = os.path.join(os.fspath(checkpoint_dir), f"rank{dist.rank()}-of-{dist.world_size()}")
 
     # 2. the model, the budget, the search settings for it
     with clock("load_s"):
@@ -287,15 +311,24 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     search = search.with_calibration_windows(data.n_seqs)
     last_token = LastTokenObserver() if (collect_last_token or verified) else None  # Gromov's angular run
     keep = (data.n_seqs if search.compensate else search.verify_windows) if verified else 0
+    start, end = dist.window_range(data.n_seqs)  # this rank's windows (all of them in one process)
     with CKAAccumulator(num_layers=L, estimator=cka_estimator, device=device, cache_dir=offload_dir) as acc:
         observers = [_CKAObserver(acc), *([last_token] if last_token else [])]
         with clock("calibrate_s"):
-            result = calibrate(adapter, data.batches(), observers=observers, gradients=gradients, device=device,
-                               dtype=torch_dtype, max_device_memory=max_memory, offload_dir=offload_dir,
-                               progress=progress, keep_inputs=keep, checkpoint_dir=checkpoint_dir, resume=resume)
+            result = calibrate(adapter, data.batches()[start:end], observers=observers, gradients=gradients,
+                               device=device, dtype=torch_dtype, max_device_memory=max_memory,
+                               offload_dir=offload_dir, progress=progress,
+                               keep_inputs=max(0, min(end, keep) - start), checkpoint_dir=checkpoint_dir,
+                               resume=resume)
         with clock("cka_result_s"), _closing_on_error(result.kept_inputs):
-            cka = np.asarray(acc.result(), dtype=np.float64)
-    verifier = SkipVerifier(result.kept_inputs, search.verify_windows) if result.kept_inputs else None
+            cka = np.asarray(acc.all_reduce().result(), dtype=np.float64)
+            hidden = None if last_token is None else dist.gather_rows(last_token.hidden_states(), axis=1,
+                                                                      tag="last_token")
+    verifier = SkipVerifier(result.kept_inputs, search.verify_windows, window_offset=start) \
+        if result.kept_inputs else None
+    if verifier is None and verified and dist.is_distributed():  # this rank keeps none of the search's windows
+        verifier = SkipVerifier.without_inputs(adapter, result.loss_kind, end - start, search.verify_windows,
+                                               start)
     try:
         # 4. segments -> scores
         with clock("segment_s"):
@@ -306,7 +339,7 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
             scores=scores, plan=None, model_info=_model_info(source, loaded, L), timings=timings,
             calibration_info={**data.provenance(), "loss": float(result.loss), "cka_estimator": cka_estimator,
                               "dtype": str(torch_dtype).replace("torch.", "")},
-            last_token_hidden=None if last_token is None else last_token.hidden_states(), verifier=verifier,
+            last_token_hidden=hidden, verifier=verifier,
             search=search)
         # 5. selection -> plan
         with clock("plan_s"):
@@ -357,6 +390,7 @@ def resolve_model_source(model: Any) -> Any:
     return default_model_source() if model is None else model
 
 
+@_all_ranks
 def prune(model: Any = None, calib: Any = None, *, remove: int | None = None, ratio: float | None = None,
           output: str | os.PathLike | None = None, overwrite: bool = False, inplace: bool = True,
           **analyze_kwargs: Any) -> PruneResult:
@@ -364,10 +398,11 @@ def prune(model: Any = None, calib: Any = None, *, remove: int | None = None, ra
 
     ``inplace=True`` (default) prunes the loaded model itself (a model you passed in is modified); with
     ``inplace=False`` a deep copy is pruned and the analysed model stays intact in ``result.analysis.model``.
+    Data-parallel (see ``analyze``): every rank prunes its model in memory; rank 0 alone saves ``output``.
     """
     if remove is None and ratio is None:
         raise ValueError("budget: prune needs remove=N (blocks) or ratio=r; use analyze() to only look")
-    if output is not None:
+    if output is not None and dist.is_main():
         check_output_dir(output, overwrite, protect=(model,) if isinstance(model, (str, os.PathLike)) else ())
     analysis = analyze(model, calib, remove=remove, ratio=ratio, **analyze_kwargs)
     analysis.close()  # the plan is made; free the verified search's cached inputs before pruning
@@ -377,7 +412,9 @@ def prune(model: Any = None, calib: Any = None, *, remove: int | None = None, ra
     after = count_parameters(target)
     out = None
     if output is not None:
-        out = os.fspath(save_pruned(target, analysis.tokenizer, analysis.plan, output, overwrite=overwrite))
+        if dist.is_main():
+            out = os.fspath(save_pruned(target, analysis.tokenizer, analysis.plan, output, overwrite=overwrite))
+        dist.check_failures()  # rank 0 saved (or every rank fails with its error)
         if analysis.calib_result.checkpoint is not None:
             analysis.calib_result.checkpoint.remove()  # the result is safe on disk
     return PruneResult(model=target, tokenizer=analysis.tokenizer, plan=analysis.plan, analysis=analysis,

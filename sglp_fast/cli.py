@@ -165,7 +165,15 @@ def _add_json(p: argparse.ArgumentParser, what: str) -> None:
 
 def _add_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="where the pruned model is written")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the output folder if it holds an earlier sglp output (never other files)")
+    p.add_argument("--format", choices=["safetensors", "gguf"], default="safetensors",
+                   help="safetensors (default): plain from_pretrained; gguf (GGUF sources only): DIR/model.gguf "
+                        "keeps the source's quantization for every kept tensor (loads in llama.cpp and in "
+                        "transformers with gguf_file='model.gguf')")
+    p.add_argument("--gguf-requantize", action="store_true",
+                   help="--format gguf: requantize the tensors compensation changed to the source type where "
+                        "the gguf package can (default: F16, much closer to the exact fold)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,7 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p), _add_eval(p, flag=False), _add_runtime(p)
     p.add_argument("--seq-len", type=_positive_int, default=256, metavar="S", help="tokens per window (default 256)")
     p.add_argument("--text", dest="eval_text", default=argparse.SUPPRESS, metavar="SOURCE", help="alias of --eval-text")
-    _add_json(p, "the perplexity")
+    g = p.add_argument_group("lm-evaluation-harness (the optional extra: pip install 'sglp-fast[eval]')")
+    g.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
+                   help="run these lm-eval tasks instead of the perplexity (e.g. hellaswag arc_easy, or tasks of "
+                        "--include-path)")
+    g.add_argument("--include-path", default=None, metavar="DIR", help="folder of extra lm-eval task YAML files")
+    g.add_argument("--limit", type=float, default=None, metavar="N", help="examples per task (or a fraction < 1)")
+    g.add_argument("--batch-size", default="1", metavar="B", help="lm-eval batch size (default 1; 'auto')")
+    g.add_argument("--num-fewshot", type=_nonneg_int, default=None, metavar="K", help="few-shot examples")
+    _add_json(p, "the perplexity, or the lm-eval results")
     p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("compare", help="SGLP vs baselines: held-out perplexity table", formatter_class=fmt,
@@ -226,6 +242,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p), _add_calib(p), _add_runtime(p)
     _add_json(p, "the throughput and memory numbers")
     p.set_defaults(handler=cmd_bench)
+
+    p = sub.add_parser("export", help="hand a plan to another tool: mergekit YAML, llama.cpp command",
+                       formatter_class=fmt, epilog=EXAMPLES)
+    which = p.add_subparsers(dest="target", required=True, metavar="TARGET")
+    m = which.add_parser("mergekit", help="mergekit passthrough YAML (half-open layer_range slices)")
+    m.add_argument("plan", metavar="PLAN", help="plan.json (or a folder holding one)")
+    m.add_argument("--model", default=None, metavar="REF", help="model reference in the YAML (default: the plan's)")
+    m.add_argument("--dtype", default="bfloat16", help="mergekit dtype (default bfloat16)")
+    m.add_argument("--output", "-o", default=None, metavar="FILE", help="write the YAML to FILE (default: stdout)")
+    m.set_defaults(handler=cmd_export, command="export")
+    q = which.add_parser("llama-cpp", help="the llama-quantize --prune-layers command for a GGUF")
+    q.add_argument("plan", metavar="PLAN", help="plan.json (or a folder holding one)")
+    q.add_argument("--gguf-in", required=True, metavar="IN.gguf", help="the source GGUF")
+    q.add_argument("--gguf-out", required=True, metavar="OUT.gguf", help="the pruned GGUF to write")
+    q.add_argument("--type", default="COPY", metavar="TYPE", help="llama-quantize type (default COPY: no requantizing)")
+    q.set_defaults(handler=cmd_export, command="export")
     return parser
 
 
@@ -234,11 +266,54 @@ class _Output:
     """Where this invocation's human-readable result lines go: stdout, or stderr when stdout carries --json."""
 
     stream = None  # None: the current sys.stdout
+    rank: tuple[int, int] | None = None  # under torchrun: (rank, world size); ranks > 0 print only errors
 
 
 def _say(*parts: Any) -> None:
-    """A result line (the CLI's output; diagnostics go to ``log``)."""
+    """A result line (the CLI's output; diagnostics go to ``log``); nothing on data-parallel ranks > 0."""
+    if _Output.rank is not None and _Output.rank[0] != 0:
+        return
     print(*parts, flush=True, file=_Output.stream or sys.stdout)
+
+
+_DATA_PARALLEL = ("prune", "analyze")  # the subcommands that run under torchrun
+
+
+def _torchrun_rank() -> tuple[int, int] | None:
+    """(RANK, WORLD_SIZE) when launched by torchrun with more than one process, else None."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return (int(os.environ.get("RANK", "0") or 0), world) if world > 1 else None
+
+
+def _start_process_group(args: argparse.Namespace) -> bool:
+    """Under torchrun: the torch.distributed process group (gloo on CPU, NCCL on GPUs; True if started here)."""
+    if _Output.rank is None:
+        return False
+    if args.command not in _DATA_PARALLEL:
+        raise ValueError(f"torchrun: only {' and '.join(_DATA_PARALLEL)} run data-parallel; run "
+                         f"'sglp {args.command}' as one process")
+    from . import distributed  # noqa: PLC0415
+
+    return distributed.init_from_env()
+
+
+def _rank_zero_waits(analysis: Any) -> int | None:
+    """Data-parallel ranks > 0 stop here: they wait for rank 0 to write the results (and fail if it fails)."""
+    if _Output.rank is None or _Output.rank[0] == 0:
+        return None
+    from . import distributed  # noqa: PLC0415
+
+    distributed.check_failures()
+    _remove_checkpoint(analysis)
+    return 0
+
+
+def _results_written() -> None:
+    """Rank 0 has written the results: release the other ranks (collective; nothing in one process)."""
+    if _Output.rank is not None:
+        from . import distributed  # noqa: PLC0415
+
+        distributed.check_failures()
 
 
 JSON_SCHEMA = "sglp-cli/1"
@@ -289,20 +364,21 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def configure_logging(quiet: bool = False) -> None:
-    """The package's log on stderr, message only: INFO and above, WARNING and above with ``quiet``.
-    Idempotent (main() may run many times in one process)."""
+def configure_logging(quiet: bool = False, errors_only: bool = False) -> None:
+    """The package's log on stderr, message only: INFO and above, WARNING and above with ``quiet``, ERROR
+    with ``errors_only`` (data-parallel ranks > 0). Idempotent (main() may run many times in one process)."""
     package_log = logging.getLogger("sglp_fast")
     for old in [h for h in package_log.handlers if isinstance(h, _StderrHandler)]:
         package_log.removeHandler(old)
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
-    handler.setLevel(logging.WARNING if quiet else logging.INFO)
+    handler.setLevel(logging.ERROR if errors_only else logging.WARNING if quiet else logging.INFO)
     package_log.addHandler(handler)
     if package_log.level == logging.NOTSET or package_log.level > logging.INFO:
         package_log.setLevel(logging.INFO)
     if quiet or not sys.stderr.isatty():  # transformers'/huggingface_hub's bars: carriage returns in a log file
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["TQDM_DISABLE"] = "1"  # libraries' own tqdm bars (e.g. transformers' GGUF de-quantizing)
         if "transformers" in sys.modules:
             sys.modules["transformers"].utils.logging.disable_progress_bar()
         if "huggingface_hub" in sys.modules:
@@ -321,15 +397,24 @@ def preflight(args: argparse.Namespace) -> None:
     if ratio is not None and not 0.0 <= ratio < 1.0:
         raise ValueError(f"--ratio: expected a number in [0, 1) (the fraction to remove), got {ratio}")
     if getattr(args, "calib", None) is not None:
-        check_text_source(args.calib, "--calib")
+        check_text_source(args.calib, "--calib", text_field=args.text_field)
     if getattr(args, "eval_text", None) is not None and not getattr(args, "no_eval", False):
-        check_text_source(args.eval_text, "--eval-text")
+        check_text_source(args.eval_text, "--eval-text", text_field=getattr(args, "text_field", "text"))
     model = getattr(args, "model", None)
     hub_id_like = model is not None and model.count("/") == 1 and not model.startswith((".", "~", "/"))
     if model is not None and not os.path.exists(model) and not hub_id_like and (
             os.sep in model or model.startswith((".", "~")) or model.endswith(".gguf")):
         raise ValueError(f"MODEL: {model!r} does not exist; pass a model folder, a .gguf file or a cached hub name")
-    if getattr(args, "output", None) is not None:
+    if model is not None and os.path.isfile(model) and not model.endswith(".gguf"):
+        raise ValueError(f"MODEL: {model!r} is a file but not a .gguf; pass a model folder or a .gguf file")
+    if getattr(args, "format", None) == "gguf":
+        source = model if model is not None else "the default SmolLM2 GGUF"
+        if getattr(args, "lazy", False):
+            raise ValueError("--format gguf: writes from a GGUF source, which is loaded whole; drop --lazy")
+        if model is not None and not (os.path.isfile(model) and model.endswith(".gguf")):
+            raise ValueError(f"--format gguf: needs MODEL to be a .gguf file (got {source!r}); use --format "
+                             "safetensors for other sources")
+    if getattr(args, "output", None) is not None and args.command != "export":
         check_output_dir(args.output, args.overwrite, protect=(model,) if model and os.path.exists(model) else ())
     for attr in ("json", "markdown", "heatmap"):
         if getattr(args, attr, None):
@@ -390,6 +475,8 @@ def _device(args: argparse.Namespace) -> str:
         return args.device
     import torch  # noqa: PLC0415
 
+    if _Output.rank is not None and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0)}"  # one GPU per data-parallel rank
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -397,7 +484,8 @@ def _analyze_kwargs(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
     kw = dict(segments=args.segments, k_max=args.k_max, scorer=args.scorer, calib_seqs=args.calib_seqs,
               seq_len=args.seq_len, seed=args.seed, device=_device(args), dtype=args.dtype,
               max_memory=args.max_memory, offload_dir=args.offload_dir, lazy=args.lazy,
-              text_field=args.text_field, progress=not args.quiet, verify_windows=args.verify_windows,
+              text_field=args.text_field, progress=not args.quiet and (_Output.rank or (0,))[0] == 0,
+              verify_windows=args.verify_windows,
               shortlist=args.shortlist, compensate=args.compensate, greedy=args.greedy,
               checkpoint_dir=args.resume or args.checkpoint_dir, resume=args.resume is not None)
     if hasattr(args, "ratio"):
@@ -488,6 +576,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     analysis = analyze(args.model, args.calib, collect_last_token=False, **_analyze_kwargs(args))
     analysis.close()  # the plan is made: free the search's cached block inputs
+    waited = _rank_zero_waits(analysis)
+    if waited is not None:
+        return waited
     _print_calibration(analysis)
     plan = analysis.plan
     _print_segments(plan)
@@ -499,8 +590,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         numbers: dict[str, Any] = {}
     else:
         numbers = _apply_and_measure(args, analysis.model, analysis.tokenizer, plan)
-        out = save_pruned(analysis.model, analysis.tokenizer, plan, args.output, overwrite=args.overwrite)
-    _say(f"saved: {out} (safetensors weights, config, tokenizer, plan.json, cka.png)")
+        if args.format == "gguf":  # the plan was made on this very GGUF: its config needs no second check
+            out, numbers["gguf"] = _save_gguf(args, plan, check_config=False)
+        else:
+            out = save_pruned(analysis.model, analysis.tokenizer, plan, args.output, overwrite=args.overwrite)
+            _say(f"saved: {out} (safetensors weights, config, tokenizer, plan.json, cka.png)")
+    _results_written()
     _remove_checkpoint(analysis)
     wall = time.perf_counter() - t0
     _say(f"wall time: {wall:.1f} s")
@@ -529,6 +624,27 @@ def _apply_and_measure(args: argparse.Namespace, model: Any, tokenizer: Any, pla
             "eval_tokens": None if eval_ids is None else int(eval_ids.numel())}
 
 
+def _gguf_source(args: argparse.Namespace) -> str:
+    from .api import resolve_model_source  # noqa: PLC0415
+
+    return os.fspath(resolve_model_source(args.model))
+
+
+def _save_gguf(args: argparse.Namespace, plan: Any, check_config: bool) -> tuple[Any, dict[str, Any]]:
+    """--format gguf: the pruned GGUF beside plan.json, kept tensors in the source's quantization."""
+    from .pruning import save_pruned_gguf  # noqa: PLC0415
+
+    out, info = save_pruned_gguf(_gguf_source(args), plan, args.output, overwrite=args.overwrite,
+                                 requantize=args.gguf_requantize, check_config=check_config)
+    types = ", ".join(f"{n} {t}" for t, n in sorted(info["tensor_types"].items()))
+    folded = sorted(set(info["compensated"].values()))
+    _say(f"saved: {info['path']} ({info['output_bytes'] / 2**20:.1f} MiB, source {info['source_bytes'] / 2**20:.1f} "
+         f"MiB, {100 * info['output_bytes'] / info['source_bytes']:.1f}%; tensors: {types}"
+         + (f"; {len(info['compensated'])} compensated tensors in {', '.join(folded)}" if folded else "")
+         + "), plan.json, cka.png")
+    return out, info
+
+
 def _plan_summary(plan: Any) -> dict[str, Any]:
     sel = plan.extra.get("selection") or {}
     return {"num_blocks": plan.num_blocks, "removed": plan.removed, "segments": plan.segments, "k": plan.k,
@@ -542,6 +658,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     analysis = analyze(args.model, args.calib, **_analyze_kwargs(args))
     analysis.close()
+    waited = _rank_zero_waits(analysis)
+    if waited is not None:
+        return waited
     _print_calibration(analysis)
     _print_segments(analysis.plan)
     for name, values in analysis.scores.items():
@@ -553,6 +672,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.heatmap:
         save_cka_heatmap(args.heatmap, analysis.cka, analysis.plan.segments, analysis.plan.removed or ())
         _say(f"wrote {args.heatmap}")
+    _results_written()
     _remove_checkpoint(analysis)
     _say(f"wall time: {time.perf_counter() - t0:.1f} s")
     if args.json == "-":
@@ -579,8 +699,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(resolve_model_source(args.model), dtype=_dtype(args.dtype), device=_device(args))
         plan.check_model(model)
         numbers = _apply_and_measure(args, model, tokenizer, plan)
-        out = save_pruned(model, tokenizer, plan, args.output, overwrite=args.overwrite)
-    _say(f"saved: {out}")
+        if args.format == "gguf":
+            out, numbers["gguf"] = _save_gguf(args, plan, check_config=True)
+        else:
+            out = save_pruned(model, tokenizer, plan, args.output, overwrite=args.overwrite)
+            _say(f"saved: {out}")
     wall = time.perf_counter() - t0
     _say(f"wall time: {wall:.1f} s")
     return _emit(args, {**_plan_summary(plan), "plan": os.path.abspath(args.plan), **numbers, "output": str(out),
@@ -593,6 +716,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .models import get_adapter, load_model  # noqa: PLC0415
 
     t0 = time.perf_counter()
+    if args.tasks:
+        return _lm_eval(args, t0)
     model, tokenizer = load_model(resolve_model_source(args.model), dtype=_dtype(args.dtype), device=_device(args))
     ids = _eval_ids(args, tokenizer)
     res = perplexity(model, ids)
@@ -606,6 +731,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return _emit(args, {"model": args.model or "SmolLM2-135M (default)", "num_blocks": get_adapter(model).num_blocks,
                         "params": count_parameters(model), "perplexity": res.perplexity, "nll": res.nll,
                         "tokens": res.tokens, "eval_text": args.eval_text, "wall_s": wall})
+
+
+def _lm_eval(args: argparse.Namespace, t0: float) -> int:
+    """``sglp eval DIR --tasks ...``: lm-evaluation-harness through its Python API (the [eval] extra)."""
+    from .api import resolve_model_source  # noqa: PLC0415
+    from .lm_eval import run_lm_eval  # noqa: PLC0415
+
+    batch = args.batch_size if args.batch_size == "auto" else int(_positive_int(args.batch_size))
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    res = run_lm_eval(resolve_model_source(args.model), args.tasks, include_path=args.include_path, limit=limit,
+                      batch_size=batch, device=_device(args), num_fewshot=args.num_fewshot, seed=args.seed)
+    for task, metrics in sorted(res.get("results", {}).items()):
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        _say(f"{task}: {shown}")
+    wall = time.perf_counter() - t0
+    _say(f"wall time: {wall:.1f} s")
+    return _emit(args, {"model": args.model or "SmolLM2-135M (default)", "tasks": list(args.tasks), **res,
+                        "wall_s": wall})
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``sglp export mergekit|llama-cpp PLAN``: the plan in another tool's terms (uncompensated plans only)."""
+    from .plan import Plan  # noqa: PLC0415
+    from .pruning import export_mergekit, llama_cpp_command  # noqa: PLC0415
+
+    plan = Plan.load(args.plan)
+    if args.target == "mergekit":
+        text = export_mergekit(plan, args.model or str(plan.model["id"]), dtype=args.dtype)
+        if args.output:
+            _check_writable_file(args.output, "--output")
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(text)
+            _say(f"wrote {args.output}")
+        else:
+            _say(text.rstrip())
+    else:
+        _say(llama_cpp_command(plan, args.gguf_in, args.gguf_out, args.type))
+    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -687,15 +850,25 @@ class RunFailed(RuntimeError):
 
 
 # API parameter names that appear in the library's messages -> the flags a CLI user types
-_FLAGS = (("max_device_memory / max_cpu_memory", "--max-memory"), ("max_device_memory", "--max-memory"),
-          ("max_cpu_memory", "--max-memory"), ("offload_dir=<", "--offload-dir <"), ("offload_dir", "--offload-dir"),
+_FLAGS = (("n_seqs*seq_len", "windows*--seq-len"), ("max_device_memory / max_cpu_memory", "--max-memory"),
+          ("max_device_memory", "--max-memory"), ("max_cpu_memory", "--max-memory"),
+          ("offload_dir=<", "--offload-dir <"), ("offload_dir", "--offload-dir"),
           ("seq_len", "--seq-len"), ("calib_seqs", "--calib-seqs"), ("verify_windows", "--verify-windows"),
           ("protect_first", "--protect-first"), ("protect_last", "--protect-last"), ("ratio_of", "--ratio-of"),
           ("k_max", "--k-max"), ("text_field", "--text-field"), ("allow_empty_segments", "--allow-empty-segments"),
-          ("compensate=False", "--no-compensate"), ("(overwrite=True)", ""))
+          ("compensate=False", "--no-compensate"), ("(overwrite=True)", ""), ("lazy=True", "--lazy"),
+          ("Pass lazy=False", "Drop --lazy"))
+
+
+# a message's leading "<API argument>:" -> what the CLI user typed
+_PREFIXES = (("source: ", "MODEL: "), ("remove: ", "--remove: "), ("ratio: ", "--ratio: "),
+             ("segments: ", "--segments: "))
 
 
 def _as_flags(message: str) -> str:
+    for name, flag in _PREFIXES:
+        if message.startswith(name):
+            message = flag + message[len(name):]
     for name, flag in _FLAGS:
         message = message.replace(name, flag)
     return " ".join(message.split())
@@ -731,12 +904,16 @@ def main(argv: list[str] | None = None) -> int:
     debug = getattr(args, "debug", False)
     json_out = getattr(args, "json", None) == "-"
     _Output.stream = sys.stderr if json_out else None
-    configure_logging(quiet=getattr(args, "quiet", False))
+    _Output.rank = _torchrun_rank()
+    configure_logging(quiet=getattr(args, "quiet", False), errors_only=(_Output.rank or (0,))[0] != 0)
     previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
+    group = False
     try:
+        group = _start_process_group(args)
         preflight(args)
         return args.handler(args)
     except KeyboardInterrupt as err:
+        _tell_other_ranks(err)
         code, kind = (EXIT_TERMINATED, "terminated") if isinstance(err, Terminated) else (EXIT_INTERRUPTED,
                                                                                           "interrupted")
         message = f"sglp {args.command}: {'terminated (SIGTERM)' if code == EXIT_TERMINATED else 'interrupted'}; " \
@@ -744,24 +921,39 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr)
         return _failed(args, json_out, code, kind, message)
     except Exception as err:  # every failure becomes one line (the traceback with --debug)
+        _tell_other_ranks(err)
         if debug:
             traceback.print_exc()
         line = _error_line(args.command, err)
+        if _Output.rank is not None:
+            line = line.replace(f"sglp {args.command}:", f"sglp {args.command} [rank {_Output.rank[0]} of "
+                                f"{_Output.rank[1]}]:", 1)
         print(line, file=sys.stderr)
         if isinstance(err, (ValueError, TypeError, FileExistsError, FileNotFoundError, IsADirectoryError,
-                            NotADirectoryError, PermissionError)):
+                            NotADirectoryError, PermissionError, ImportError)):  # ImportError: a missing extra
             return _failed(args, json_out, EXIT_INPUT, "input", line)
         if isinstance(err, MemoryError) or "out of memory" in str(err).lower():
             print(f"sglp {args.command}: hint: lower --max-memory, --calib-seqs or --seq-len, or pass --offload-dir",
                   file=sys.stderr)
         return _failed(args, json_out, EXIT_FAILURE, "failure", line)
     finally:
+        if group:
+            from . import distributed  # noqa: PLC0415
+
+            distributed.shutdown()
         _Output.stream = None
+        _Output.rank = None
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 
 _COMMANDS = ("prune", "analyze", "apply", "eval", "compare", "bench", "export")
+
+
+def _tell_other_ranks(err: BaseException) -> None:
+    """Data-parallel: this rank failed; the others raise RankFailed naming it at their next collective."""
+    if _Output.rank is not None and "sglp_fast.distributed" in sys.modules:
+        sys.modules["sglp_fast.distributed"].report_failure(err)
 
 
 def _json_to_stdout(argv: list[str]) -> bool:

@@ -164,7 +164,8 @@ class Plan:
                 _check_transforms(self.transforms)
             if self.transforms is not None and sorted(self.transforms) != sorted(comp["blocks"]):
                 raise ValueError(f"plan: compensation maps for blocks {sorted(self.transforms)}, the plan lists "
-                                 f"{comp['blocks']}")
+                                 f"{comp['blocks']}; the compensation file belongs to another plan: keep the "
+                                 "plan's own file next to it, or re-plan")
 
     def check_model(self, model: Any) -> None:
         """Refuse to apply this plan to a model it was not made for (block count or config differ)."""

@@ -11,13 +11,14 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "sglp_fast"
 # stage of each top-level part of sglp_fast, in the order data flows through them
 STAGES = {
     "sizes": 0, "checks": 0, "progress": 0, "_fisher": 0,      # shared helpers, the C++ extension
+    "distributed": 0,                                          # torch.distributed helpers (data-parallel)
     "models": 1, "calibration": 1,                             # adapters + the layer-by-layer pass
     "kernels": 2, "similarity": 2,                             # CKA
     "segmentation": 3,                                         # Fisher segments
     "selection": 4,                                            # scores, selectors, search, compensation
     "plan": 5,                                                 # the JSON plan
     "pruning": 6,                                              # apply, save
-    "api": 7, "cli": 7, "compare": 7, "evaluate": 7, "__init__": 7, "__main__": 7,  # interfaces
+    "api": 7, "cli": 7, "compare": 7, "evaluate": 7, "lm_eval": 7, "__init__": 7, "__main__": 7,  # interfaces
 }
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import distributed as dist
 from ..checks import check_int
 from ..progress import bar as progress_bar
 from ..progress import shown
@@ -228,12 +229,14 @@ def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cac
     n_blocks, n_batches = adapter.num_blocks, len(batches)
     kind = G.loss_kind(adapter)
     counts = [G.loss_count(kind, b) for b in batches]
-    total_terms = sum(counts)
+    # data-parallel: this rank's batches are a share of the windows; the counts and sums are global
+    total_terms, tokens = (int(x) for x in dist.all_reduce_sum(
+        np.array([sum(counts), sum(int(G.token_mask(b).sum()) for b in batches)], dtype=np.float64),
+        tag="calibration_counts"))
     if total_terms == 0:
         raise ValueError(
             f"batches: no {kind} loss terms (every sequence has fewer than 2 real tokens); pass longer sequences"
         )
-    tokens = int(sum(int(G.token_mask(b).sum()) for b in batches))
     timings: dict[str, float] = {}
 
     # 1. embed every batch once; record each block's call arguments (masks, positions, rotary tables)
@@ -290,6 +293,7 @@ def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cac
             del block
             bar.update(1)
     bar.close()
+    infl_sum, rel_sum = dist.all_reduce_sum(np.stack([infl_sum, rel_sum]), tag="forward_stats")
     timings["forward_s"] = time.perf_counter() - t0
 
     # 3. loss on the final hidden states (and dL/dh_L per batch)
@@ -311,6 +315,7 @@ def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cac
             loss_total += float(s.detach())
             del h, s
         _free_unkept(cache, n_blocks, n_batches, kept_batches)
+    loss_total = dist.all_reduce_sum(float(loss_total), tag="loss")
     timings["loss_s"] = time.perf_counter() - t0
     result = CalibrationResult(num_blocks=n_blocks, loss=loss_total / total_terms, tokens=tokens, loss_kind=kind,
                                loss_terms=total_terms, block_influence=infl_sum / max(tokens, 1),
@@ -339,6 +344,12 @@ def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cac
                     cache.put("grad", b, G.at_least_fp32(x.grad))
                 del x, y
             _free_unkept(cache, l, n_batches, kept_batches)
+            # data-parallel: the block's gradient over every rank's windows, then the norms
+            if dist.is_distributed():
+                for _, p in named:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                dist.all_reduce_tensors_([p.grad for _, p in named], tag="gradients")
             grad_norm[l], weight_norm[l], taylor[l] = stats.record(adapter.block_prefix(l), named)
             for _, p in named:
                 p.grad = None

@@ -141,20 +141,27 @@ def load_text(source: str, text_field: str = "text") -> str:
     if source.startswith("hf:"):
         return _load_hf_dataset(source[3:], text_field)
     check_text_source(source)
+    return _read_file(source, text_field)
+
+
+def _read_file(source: str, text_field: str, name: str = "calib") -> str:
+    """The text of a file source: a .jsonl file's records (``text_field``), else the file as UTF-8."""
     try:
         if source.endswith(".jsonl"):
-            return _load_jsonl(source, text_field)
+            return _load_jsonl(source, text_field, name)
         with open(source, encoding="utf-8") as f:
             return f.read()
     except UnicodeDecodeError as e:
-        raise ValueError(f"calib: {source} is not UTF-8 text (byte {e.object[e.start]:#04x} at position {e.start}); "
+        raise ValueError(f"{name}: {source} is not UTF-8 text (byte {e.object[e.start]:#04x} at position {e.start}); "
                          f"convert it first, e.g. `iconv -f latin1 -t utf-8 {source} > out.txt`") from None
     except OSError as e:
-        raise ValueError(f"calib: cannot read {source} ({e.strerror or e}); pass a readable file") from None
+        raise ValueError(f"{name}: cannot read {source} ({e.strerror or e}); pass a readable file") from None
 
 
-def check_text_source(source: str, name: str = "calib") -> None:
-    """Refuse, before anything is loaded, a source that is neither a readable file nor a known name."""
+def check_text_source(source: str, name: str = "calib", text_field: str | None = None) -> None:
+    """Refuse, before anything is loaded, a source that is neither a readable file nor a known name. With
+    ``text_field``, a file's content too (UTF-8, every JSONL record holding the field, some text in it), so that
+    a bad file is refused before the model loads, with ``name`` (the flag) in the message."""
     if source in (BUILTIN, BUILTIN_HELDOUT) or (isinstance(source, str) and source.startswith("hf:")):
         return
     if not isinstance(source, str) or not os.path.isfile(source):
@@ -164,9 +171,11 @@ def check_text_source(source: str, name: str = "calib") -> None:
         )
     if not os.access(source, os.R_OK):
         raise ValueError(f"{name}: cannot read {source!r} (permission denied); pass a readable file")
+    if text_field is not None and not _read_file(source, text_field, name).strip():
+        raise ValueError(f"{name}: {source!r} holds no text (empty, or only blank records); pass a file with text")
 
 
-def _load_jsonl(path: str, text_field: str) -> str:
+def _load_jsonl(path: str, text_field: str, name: str = "calib") -> str:
     texts = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -175,10 +184,10 @@ def _load_jsonl(path: str, text_field: str) -> str:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"calib: {path} line {lineno} is not valid JSON ({e.msg}); "
+                raise ValueError(f"{name}: {path} line {lineno} is not valid JSON ({e.msg}); "
                                  "a .jsonl file needs one JSON object per line") from None
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise ValueError(f"calib: {path} line {lineno} has no string field {text_field!r}; "
+                raise ValueError(f"{name}: {path} line {lineno} has no string field {text_field!r}; "
                                  f"pass --text-field with the name of the field that holds the text")
             texts.append(record[text_field])
     return "\n\n".join(texts)
@@ -204,7 +213,7 @@ def _load_hf_dataset(spec: str, text_field: str) -> str:
     return "\n\n".join(t for t in ds[text_field] if t)
 
 
-def tokenize_windows(tokenizer: Any, text: str, n_seqs: int, seq_len: int) -> torch.Tensor:
+def tokenize_windows(tokenizer: Any, text: str, n_seqs: int, seq_len: int, source: str | None = None) -> torch.Tensor:
     """``n_seqs`` consecutive non-overlapping windows of ``seq_len`` tokens from the stream ``text``: [n, s].
 
     Only a prefix of the text long enough for the windows (plus a margin, grown until it suffices) is
@@ -224,9 +233,10 @@ def tokenize_windows(tokenizer: Any, text: str, n_seqs: int, seq_len: int) -> to
             break
         chars *= 2
     if len(ids) < need:
+        what = "the text" if source is None else repr(source)
         raise ValueError(
-            f"calib: the text has {len(ids)} tokens, fewer than n_seqs*seq_len = {n_seqs}*{seq_len} = {need}; "
-            "lower --calib-seqs/--seq-len or pass a longer text"
+            f"calib: {what} has {len(ids)} tokens, fewer than n_seqs*seq_len = {n_seqs}*{seq_len} = {need}; "
+            "lower --calib-seqs (--eval-seqs for perplexity) or --seq-len, or pass a longer text"
         )
     return torch.tensor(ids[:need], dtype=torch.long).view(n_seqs, seq_len)
 
@@ -295,4 +305,4 @@ def load_calibration(source: str | Sequence[str] | torch.Tensor | CalibrationDat
     else:
         raise TypeError(f"calib: expected a source string, a list of str, a token tensor or CalibrationData, "
                         f"got {type(source).__name__}")
-    return CalibrationData(tokenize_windows(tokenizer, text, n_seqs, seq_len), source=name, seed=seed)
+    return CalibrationData(tokenize_windows(tokenizer, text, n_seqs, seq_len, source=name), source=name, seed=seed)

@@ -8,6 +8,7 @@ import contextlib
 import glob
 import importlib.util
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -161,7 +162,9 @@ def _check_weight_files(folder: Path) -> None:
                      "the folder that holds the model's weights")
 
 
-_LOAD_FAILURES = (ValueError, TypeError, OSError, RuntimeError, KeyError, IndexError, EOFError, AttributeError)
+# struct.error: the gguf reader unpacking past the end of a truncated file
+_LOAD_FAILURES = (ValueError, TypeError, OSError, RuntimeError, KeyError, IndexError, EOFError, AttributeError,
+                  struct.error)
 
 
 @contextlib.contextmanager
@@ -175,8 +178,21 @@ def _load_errors(path: Path, what: str):
         library = type(e).__module__.split(".")[0] in ("safetensors", "safetensors_rust", "gguf", "transformers")
         if ours or not (isinstance(e, _LOAD_FAILURES) or library):
             raise
+        if path.is_dir():  # name the broken weights file, not only its folder
+            path = next((f for f in sorted(path.glob("*.safetensors")) if not _readable_safetensors(f)), path)
         raise ValueError(f"source: cannot load the {what} at {str(path)!r} ({type(e).__name__}: {_short(e)}); the "
                          "file is truncated, corrupted or not a supported model: re-download or re-save it") from None
+
+
+def _readable_safetensors(path: Path) -> bool:
+    """The file's header parses and its tensors lie inside the file (a truncated download does not)."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    try:
+        with safe_open(str(path), "pt"):
+            return True
+    except Exception:  # safetensors' own error types
+        return False
 
 
 def _short(e: BaseException, limit: int = 200) -> str:

@@ -16,6 +16,9 @@ from typing import Any
 
 from ..plan import PLAN_FORMAT, Plan
 from ..similarity.heatmap import save_cka_heatmap
+from .gguf import write_pruned_gguf
+
+GGUF_NAME = "model.gguf"
 
 
 def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, *,
@@ -27,15 +30,18 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, *,
     The parent must be creatable and writable.
     """
     out = Path(os.path.abspath(os.fspath(output_dir)))
+    if out.is_symlink():  # write where the link points (replacing the link would leave it as .NAME.old-*)
+        out = Path(os.path.realpath(out))
     for parent in [out, *out.parents]:
         if parent.exists():
             if not parent.is_dir():
                 what = "the output path" if parent == out else f"{str(parent)!r} (on the output path)"
                 raise ValueError(f"output: {what} is a file, not a directory; choose another --output")
             break
-    for source in protect:
-        src = Path(os.path.abspath(os.fspath(source)))
-        if src == out or out in src.parents:
+    real_out = Path(os.path.realpath(out))
+    for source in protect:  # compared through symlinks: a link to the model's folder is the model's folder
+        src = Path(os.path.realpath(os.fspath(source)))
+        if src == real_out or real_out in src.parents:
             raise ValueError(f"output: {str(out)!r} holds the model being read ({str(src)!r}); choose another path")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
@@ -134,3 +140,24 @@ def save_pruned(model: Any, tokenizer: Any, plan: Plan, output_dir: str | os.Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def save_pruned_gguf(src_gguf: str | os.PathLike, plan: Plan, output_dir: str | os.PathLike, overwrite: bool = False,
+                     requantize: bool = False, check_config: bool = True) -> tuple[Path, dict[str, Any]]:
+    """The pruned GGUF (``model.gguf``: kept tensors byte for byte in the source's quantization, compensated
+    ones in F16, or requantized with ``requantize``), ``plan.json`` and ``cka.png`` in ``output_dir``, atomically.
+
+    Loads with ``from_pretrained(output_dir, gguf_file="model.gguf")`` and with llama.cpp.
+    """
+    out = check_output_dir(output_dir, overwrite)
+    tmp = temporary_sibling(out)
+    try:
+        info = write_pruned_gguf(src_gguf, plan, tmp / GGUF_NAME, requantize=requantize, check_config=check_config)
+        plan.save(tmp / "plan.json")
+        save_cka_heatmap(tmp / "cka.png", plan.cka, plan.segments, plan.removed or (), title=heatmap_title(plan))
+        commit_dir(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    info["path"] = str(out / GGUF_NAME)
+    return out, info

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed as dist
 from ..models.base import resolve_path
 from .protocols import BlockRunner
 
@@ -132,7 +133,11 @@ def fit_transforms(verifier: BlockRunner, removed: Sequence[int], alpha: float =
     fit = list(verifier.fit_batches if batches is None else batches)
     if not target_of:
         return {}
-    if not fit:
+    # data-parallel: the fit windows are spread over the ranks (some may hold none); the sums are global, and
+    # the additivity check below runs once, on the first rank holding fit windows (as in one process)
+    per_rank = dist.gather_lists([len(fit)], tag="compensation")
+    checks = next((r for r, n in enumerate(per_rank) if n), None) == dist.rank()
+    if not any(per_rank):
         raise ValueError("compensate: no calibration windows left to fit on (the loss check uses them all); "
                          "use more calibration windows than verify_windows, or compensate=False")
     transforms: dict[int, torch.Tensor] = {}
@@ -140,6 +145,10 @@ def fit_transforms(verifier: BlockRunner, removed: Sequence[int], alpha: float =
     states = {b: verifier.cached_input(first, b) for b in fit}
     for l in range(first, last + 1):
         if l in gone:
+            continue
+        if not fit:  # this rank holds no fit window: it only joins each map's sums
+            if l in target_of:
+                transforms[l] = _solve(verifier, fit, {}, {}, target_of[l], alpha)
             continue
         with verifier.block(l, transforms.get(l)) as block:
             if l not in target_of:
@@ -157,12 +166,14 @@ def fit_transforms(verifier: BlockRunner, removed: Sequence[int], alpha: float =
                 hook.remove()
             T = _solve(verifier, fit, outs, mlps, target_of[l], alpha)
             transforms[l] = T
-        with verifier.block(l, T) as block:
-            real = verifier.call(block, l, states[fit[0]], fit[0])
+        if checks:
+            with verifier.block(l, T) as block:
+                real = verifier.call(block, l, states[fit[0]], fit[0])
         D = T - torch.eye(T.shape[0], dtype=T.dtype)
         for b in fit:  # a block that adds m to the stream outputs out + m (T - I) with T folded in
             states[b] = (outs[b].double() + mlps[b].double() @ D.to(mlps[b].device)).to(outs[b].dtype)
-        _check_additive(real, states[fit[0]], l)
+        if checks:
+            _check_additive(real, states[fit[0]], l)
     return transforms
 
 
@@ -177,6 +188,12 @@ def _solve(verifier: BlockRunner, fit, outs, mlps, target_slot: int, alpha: floa
         X, Y = m * w, (need - m) * w
         g, r = X.T @ X, X.T @ Y
         gram, rhs = (g, r) if gram is None else (gram + g, rhs + r)
+    if dist.is_distributed():  # the sums over every rank's fit windows; solved on the CPU alike on every rank
+        if gram is None:
+            width = int(verifier.adapter.config.hidden_size)
+            gram, rhs = (torch.zeros(width, width, dtype=torch.float64) for _ in range(2))
+        gram, rhs = gram.cpu(), rhs.cpu()
+        dist.all_reduce_tensors_([gram, rhs], tag="compensation", dtype=torch.float64)
     d = gram.shape[0]
     lam = alpha * torch.trace(gram) / d
     eye = torch.eye(d, dtype=gram.dtype, device=gram.device)

@@ -16,10 +16,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from torch import nn
 
+from .. import distributed as dist
 from ..calibration import losses as G
 from ..calibration.kept_inputs import KeptInputs
 from ..checks import check_int
@@ -35,26 +37,37 @@ class SkipVerifier:
     ``with``). It implements ``protocols.Verifier`` (the search) and ``protocols.BlockRunner`` (compensation).
     """
 
-    def __init__(self, kept: KeptInputs, verify_windows: int) -> None:
+    def __init__(self, kept: KeptInputs, verify_windows: int, window_offset: int = 0) -> None:
         check_int("verify_windows", verify_windows, 1)
+        check_int("window_offset", window_offset, 0)
         self._kept = kept
         self.adapter = kept.adapter
         self.num_blocks = kept.num_blocks
         self._kind = kept.loss_kind
         self._windows = kept.windows
-        self._nv = _leading_batches(kept.windows, verify_windows)
+        # data-parallel (sglp_fast.distributed): this rank's kept batches start at global window
+        # ``window_offset``; the check batches are the leading ones globally (on one rank or several), and
+        # their losses are gathered in the global window order. Without a process group: offset 0, all local.
+        self._nv = _leading_batches(kept.windows, verify_windows, window_offset)
         self.fit_batches = list(range(self._nv, kept.num_batches))
-        self._terms = sum(G.loss_count(self._kind, b) for b in kept.batches[:self._nv])
+        self._check_windows, self._all_windows = (int(x) for x in dist.all_reduce_sum(
+            np.array([sum(self._windows[:self._nv]), kept.total_windows], dtype=np.float64), tag="check_losses"))
         self._transforms: dict[tuple[frozenset[int], bool], dict[int, torch.Tensor]] = {}
         self._memo: dict[tuple[frozenset[int], bool, bool], tuple[float, list[float]]] = {}  # loss, per batch
         self._dense_pooled: dict[int, torch.Tensor] = {}  # headless encoders: the dense sentence embeddings
         self.window_block_forwards = 0  # block calls x windows, the work spent so far
         self.closed = False
 
+    @classmethod
+    def without_inputs(cls, adapter, loss_kind: str, total_windows: int, verify_windows: int,
+                       window_offset: int) -> SkipVerifier:
+        """Data-parallel: a rank that keeps none of the check or fit windows still joins every sum and gather."""
+        return cls(_NoKeptInputs(adapter, loss_kind, total_windows), verify_windows, window_offset)
+
     @property
     def num_windows(self) -> int:
-        """Windows the loss is checked on."""
-        return sum(self._windows[:self._nv])
+        """Windows the loss is checked on (over every rank)."""
+        return self._check_windows
 
     # -- the pieces compensate.fit_transforms streams with --------------------------------------------
     def cached_input(self, layer: int, batch: int) -> torch.Tensor:
@@ -95,8 +108,11 @@ class SkipVerifier:
 
     @property
     def block_forwards(self) -> float:
-        """Work spent, in block-forwards over the whole calibration set (one model forward = num_blocks)."""
-        return self.window_block_forwards / max(self._kept.total_windows, 1)
+        """Work spent, in block-forwards over the whole calibration set (one model forward = num_blocks).
+
+        Data-parallel: summed over the ranks (a collective: every rank reads it at the same point)."""
+        work = dist.all_reduce_sum(float(self.window_block_forwards), tag="check_losses")
+        return work / max(self._all_windows, 1)
 
     def _check(self, removed: Iterable[int]) -> frozenset[int]:
         if self.closed:
@@ -153,7 +169,8 @@ class SkipVerifier:
                     branch[i] = start[i] = min(extra)
         base_until = max(branch.values(), default=-1)
         states: dict[tuple[int, int], torch.Tensor] = {}
-        first = min(start + ([min(base)] if branch else []))
+        # a rank holding no check window (data-parallel) runs no block: it only joins the gather below
+        first = min(start + ([min(base)] if branch else [])) if nb else L
         for l in range(first, L):
             if branch and l == min(base):
                 for b in range(nb):
@@ -181,19 +198,25 @@ class SkipVerifier:
                 with self.block(l, fixes[i][l]) as block:
                     for b in range(nb):
                         states[i, b] = self.call(block, l, states[i, b], b)
-        out = []
-        with self._kept.non_block_modules():
+        local = np.zeros((nb, len(plans) + 1), dtype=np.float64)  # per check batch: each plan's loss sum, terms
+        with self._kept.non_block_modules() if nb else contextlib.nullcontext():
             for i, p in enumerate(plans):
-                sums = []
                 for b in range(nb):
                     h = states.pop((i, b)) if (i, b) in states else self._kept.block_input(L, b)
-                    sums.append(float(self._loss_sum(h, b)))
-                value = sum(sums) / max(self._terms, 1)
-                if value != value or value in (float("inf"), float("-inf")):
-                    raise ValueError(f"verifier: the calibration loss with blocks {sorted(p)} removed is {value}; "
-                                     "the pruned model overflows (use dtype float32)")
-                out.append((value, [x / max(G.loss_count(self._kind, self._kept.batches[b]), 1)
-                                    for b, x in enumerate(sums)]))
+                    local[b, i] = float(self._loss_sum(h, b))
+        for b in range(nb):
+            local[b, -1] = G.loss_count(self._kind, self._kept.batches[b])
+        # data-parallel: the check batches in the global window order (the 1-SE rule pairs them by window)
+        table = dist.gather_rows(local, tag="check_losses")
+        counts = [float(c) for c in table[:, -1]]
+        out = []
+        for i, p in enumerate(plans):
+            sums = [float(x) for x in table[:, i]]
+            value = sum(sums) / max(sum(counts), 1)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError(f"verifier: the calibration loss with blocks {sorted(p)} removed is {value}; "
+                                 "the pruned model overflows (use dtype float32)")
+            out.append((value, [x / max(c, 1) for x, c in zip(sums, counts)]))
         return out
 
     def _loss_sum(self, hidden: torch.Tensor, batch: int) -> torch.Tensor:
@@ -237,9 +260,21 @@ class SkipVerifier:
         self.close()
 
 
-def _leading_batches(windows: Sequence[int], at_least: int) -> int:
-    """How many leading batches hold at least ``at_least`` windows (all of them if there are fewer)."""
-    total = 0
+class _NoKeptInputs:
+    """The kept inputs of a rank that keeps no window (data-parallel): no batch, nothing to run or free."""
+
+    def __init__(self, adapter, loss_kind: str, total_windows: int) -> None:
+        self.adapter, self.num_blocks, self.loss_kind = adapter, adapter.num_blocks, loss_kind
+        self.total_windows, self.windows, self.batches, self.num_batches = total_windows, [], [], 0
+
+    def close(self) -> None:
+        pass
+
+
+def _leading_batches(windows: Sequence[int], at_least: int, offset: int = 0) -> int:
+    """How many leading batches hold at least ``at_least`` windows (all of them if there are fewer); the
+    batches start at window ``offset`` of the whole set (data-parallel ranks after the first)."""
+    total = offset
     for i, w in enumerate(windows):
         if total >= at_least:
             return i

@@ -40,6 +40,7 @@ import torch
 
 from ..calibration.store import POLICIES as CACHE_TIERS
 from ..calibration.store import StoreFullError, TieredStore
+from .. import distributed
 from ..checks import check_choice, check_int
 from .hsic_terms import ESTIMATORS, hsic_terms
 from .rbf import rbf_from_linear_, rbf_gram_from_linear_, rbf_sigma2  # noqa: F401  (rbf_sigma2: public)
@@ -568,6 +569,20 @@ class CKAAccumulator:
         self.num_batches += other.num_batches
         self.num_tokens += other.num_tokens
         self._done_ids |= other._done_ids
+        return self
+
+    def all_reduce(self) -> "CKAAccumulator":
+        """Data-parallel: replace the sums and counts by their sums over the ranks of the process group
+        (``sglp_fast.distributed``; every rank calls it once, after its last batch). Identity without a group.
+        Communicates L² + 2 float64 numbers. Returns self."""
+        self._check_complete("all_reduce()")
+        if not distributed.is_distributed():
+            return self
+        flat = np.concatenate([self._hsic.ravel(), [float(self.num_batches), float(self.num_tokens)]])
+        total = distributed.all_reduce_sum(flat, tag="cka")
+        L = self.num_layers
+        self._hsic = total[:L * L].reshape(L, L).copy()
+        self.num_batches, self.num_tokens = int(round(total[-2])), int(round(total[-1]))
         return self
 
     def close(self) -> None:
