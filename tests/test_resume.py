@@ -206,3 +206,30 @@ def test_signals_leave_nothing_behind(model_dir, tmp_path, sig, rc, when):
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no .out.tmp-* folder
     assert not offload.exists() or list(offload.iterdir()) == []  # the offload cache is gone
+
+
+def test_checkpoint_disk_full_names_the_bytes_still_needed(tmp_path, monkeypatch):
+    import errno
+
+    import sglp_fast.calibration.checkpoint as ck
+
+    def full(tensors, path, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck, "save_file", full)
+    model = tiny_model("llama", layers=6, seed=4)
+    with pytest.raises(OSError, match=r"disk full .* about [\d.]+ KiB more are needed.*--resume") as e:
+        _run(model, tiny_batches("llama", seed=5), tmp_path / "ck")
+    assert e.value.errno == errno.ENOSPC
+    assert not list((tmp_path / "ck").glob("*.tmp"))
+
+
+def test_saved_files_get_the_usual_modes_and_help_names_the_default(tmp_path, model_dir):
+    run = _popen(["prune", model_dir, "--remove", 1, *FLAGS, "-o", tmp_path / "o"])
+    assert run.wait(timeout=300) == 0, run.stderr.read()
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (tmp_path / "o").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f  # weights too (written through 0600 temp files)
+    text = subprocess.run([sys.executable, "-m", "sglp_fast.cli", "--help"], capture_output=True, text=True).stdout
+    assert "default 'verified'" in text and "GradNorm with --scorer gradnorm" in text

@@ -320,6 +320,8 @@ def check_offload_dir(offload_dir, needed_bytes: int) -> str | None:
     if not isinstance(offload_dir, (str, os.PathLike)):
         raise TypeError(f"offload_dir: expected a folder path, got {type(offload_dir).__name__}")
     path = os.fspath(offload_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"offload_dir: {path!r} is a file, not a folder; pass a folder (it is created if missing)")
     try:
         os.makedirs(path, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".sglp-probe-", delete=True)
