@@ -28,6 +28,7 @@ from torch import nn
 
 from . import distributed as dist
 from .calibration import CalibrationData, CalibrationResult, calibrate, load_calibration
+from .calibration import lazy_weights
 from .calibration.losses import loss_kind
 from .checks import check_int
 from .evaluate import block_parameter_counts, count_parameters
@@ -209,18 +210,23 @@ class _CKAObserver:
 
 
 class _Stopwatch:
-    """``with clock("stage_s"):`` adds the stage's wall time to ``timings``."""
+    """``with clock("stage_s"):`` adds the stage's wall time to ``timings``, and once ``disk`` is set (a lazily
+    loaded model) the checkpoint bytes the stage read as ``stage_bytes_read``."""
 
     def __init__(self, timings: dict[str, float]) -> None:
         self.timings = timings
+        self.disk: Any = None  # () -> bytes read so far
 
     @contextlib.contextmanager
     def __call__(self, name: str):
         t0 = time.perf_counter()
+        b0 = self.disk() if self.disk else 0
         try:
             yield
         finally:
             self.timings[name] = time.perf_counter() - t0
+            if self.disk:
+                self.timings[name.removesuffix("_s") + "_bytes_read"] = self.disk() - b0
 
 
 def _all_ranks(fn):
@@ -292,6 +298,9 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
         loaded, loaded_tok = load_model(source, dtype=torch_dtype, device=device or "cpu", lazy=lazy)
         tokenizer = tokenizer if tokenizer is not None else loaded_tok
     adapter = get_adapter(loaded)
+    if lazy_weights.is_lazy(loaded):
+        timings["load_bytes_read"] = lazy_weights.bytes_read(loaded)
+        clock.disk = lambda: lazy_weights.bytes_read(loaded)
     L = adapter.num_blocks
     n_remove = _budget(loaded, L, remove, ratio, ratio_of)
     max_positions = adapter.max_positions()

@@ -585,9 +585,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.lazy:
         if args.model is None or not os.path.isdir(args.model):
             raise ValueError("--lazy: needs MODEL to be a safetensors model directory")
-        out = prune_checkpoint(args.model, plan, args.output, overwrite=args.overwrite)
+        streamed: dict[str, int] = {}
+        out = prune_checkpoint(args.model, plan, args.output, overwrite=args.overwrite, stats=streamed)
         _say("perplexity: not evaluated with --lazy (the model is never materialized)")
-        numbers: dict[str, Any] = {}
+        reads = {stage: int(analysis.timings.get(f"{stage}_bytes_read", 0))
+                 for stage in ("load", "calibrate", "plan")}
+        reads["save"] = streamed["bytes_read"]
+        size = _checkpoint_bytes(args.model)
+        _say("read from disk: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in reads.items())
+             + f"; total {sum(reads.values()) / 2**20:.1f} MiB = {sum(reads.values()) / max(size, 1):.2f}x the "
+             f"checkpoint's {size / 2**20:.1f} MiB")
+        numbers: dict[str, Any] = {"bytes_read": reads, "checkpoint_bytes": size}
     else:
         numbers = _apply_and_measure(args, analysis.model, analysis.tokenizer, plan)
         if args.format == "gguf":  # the plan was made on this very GGUF: its config needs no second check
@@ -643,6 +651,10 @@ def _save_gguf(args: argparse.Namespace, plan: Any, check_config: bool) -> tuple
          + (f"; {len(info['compensated'])} compensated tensors in {', '.join(folded)}" if folded else "")
          + "), plan.json, cka.png")
     return out, info
+
+
+def _checkpoint_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
 
 
 def _plan_summary(plan: Any) -> dict[str, Any]:

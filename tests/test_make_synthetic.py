@@ -60,4 +60,14 @@ def test_lazy_prune_of_the_synthetic_checkpoint(tmp_path):
                           "-q", "-o", str(tmp_path / "out"), "--json"], capture_output=True, text=True, timeout=300,
                          env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
     assert run.returncode == 0, run.stderr
-    assert len(json.loads(run.stdout)["result"]["removed"]) == 1
+    res = json.loads(run.stdout)["result"]
+    assert len(res["removed"]) == 1
+    # bytes read per stage, against the checkpoint's own tensor sizes (bf16 on disk)
+    sizes = {n: torch.Size(shape).numel() * 2 for n, shape, _ in tensor_specs(config_for("tiny", 4))}
+    blocks = sum(v for n, v in sizes.items() if ".layers." in n)
+    removed = sum(v for n, v in sizes.items() if f".layers.{res['removed'][0]}." in n)
+    reads = res["bytes_read"]
+    assert reads["load"] == sum(sizes.values()) - blocks  # embedding, final norm, head: read once, eagerly
+    assert reads["calibrate"] == blocks  # the pass reads every block exactly once
+    assert reads["save"] == sum(sizes.values()) - removed  # the streamed save reads the kept tensors only
+    assert reads["plan"] > 0 and res["checkpoint_bytes"] >= sum(sizes.values())

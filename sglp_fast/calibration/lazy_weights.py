@@ -24,6 +24,7 @@ class SafetensorsCheckpoint:
 
     def __init__(self, directory: str):
         self.directory = directory
+        self.bytes_read = 0  # tensor bytes read from disk so far (the scale benchmark reports it per stage)
         index = os.path.join(directory, INDEX_NAME)
         if os.path.isfile(index):
             self.weight_map: dict[str, str] = _read_index(index)
@@ -52,6 +53,7 @@ class SafetensorsCheckpoint:
                 header, data_start = _read_header(fh, path)
                 for key in sorted(file_keys, key=lambda k: header[k]["data_offsets"][0]):
                     t = _read_tensor(fh, header[key], data_start, key, path)
+                    self.bytes_read += t.numel() * t.element_size()
                     if dtype is not None and t.is_floating_point():
                         t = t.to(dtype)
                     out[key] = t.to(device)
@@ -213,6 +215,12 @@ def _init_missing(model: nn.Module, blocks_path: str, directory: str) -> None:
         f"{directory}: no checkpoint tensors for {sorted(owners)}; newly initialized (as from_pretrained does)",
         stacklevel=3,
     )
+
+
+def bytes_read(model: nn.Module) -> int:
+    """Tensor bytes a lazily built model has read from its checkpoint so far (0 for other models)."""
+    lazy = _LAZY_MODELS.get(model)
+    return 0 if lazy is None else lazy.checkpoint.bytes_read
 
 
 def is_lazy(model: nn.Module) -> bool:

@@ -37,8 +37,12 @@ def _block_key_regex(blocks_path: str, keys: list[str]) -> re.Pattern:
 
 
 def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, output_dir: str | os.PathLike,
-                     overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3) -> Path:
-    """Prune a safetensors checkpoint on disk without loading the model: kept tensors only, renamed."""
+                     overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3,
+                     stats: dict[str, int] | None = None) -> Path:
+    """Prune a safetensors checkpoint on disk without loading the model: kept tensors only, renamed.
+
+    ``stats`` (a dict) receives ``bytes_read`` and ``bytes_written`` (tensor bytes).
+    """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 (heavy)
 
     if plan.removed is None:
@@ -79,6 +83,7 @@ def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, output_dir: str | o
         pattern = _block_key_regex(blocks_path, [k for ks in keys_by_shard.values() for k in ks])
         weight_map: dict[str, str] = {}
         part, part_bytes, n_written = {}, 0, 0
+        read = written = 0
         files: list[str] = []
 
         def flush():
@@ -104,6 +109,7 @@ def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, output_dir: str | o
                     else:
                         new_key = key
                     tensor = f.get_tensor(key)
+                    read += tensor.numel() * tensor.element_size()
                     if m and (old, m.group(2)) in folds:
                         kind, T = folds[(old, m.group(2))]
                         tensor = fold_state_tensor(kind, m.group(2).rsplit(".", 1)[1], tensor, T)
@@ -112,7 +118,10 @@ def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, output_dir: str | o
                         flush()
                     part[new_key] = tensor.contiguous()
                     part_bytes += size
+                    written += size
         flush()
+        if stats is not None:
+            stats.update(bytes_read=read, bytes_written=written)
         if len(files) == 1:
             os.rename(tmp / files[0], tmp / "model.safetensors")
         else:
