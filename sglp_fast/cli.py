@@ -125,7 +125,7 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
                         "when compensation is off)")
     g.add_argument("--lazy", action="store_true",
                    help="big models (safetensors dirs): load block by block; the output is written by streaming "
-                        "the kept shards' tensors, and perplexity is not evaluated")
+                        "the kept shards' tensors, and the perplexity is computed block by block the same way")
     g.add_argument("--checkpoint-dir", default=None, metavar="DIR",
                    help="save the calibration pass block by block in DIR (an empty or new folder), so that a "
                         "killed run can continue with --resume DIR; removed once the result is saved")
@@ -570,8 +570,8 @@ def _fmt_params(n: int) -> str:
 # ------------------------------------------------------------------------------------------------ handlers
 def cmd_prune(args: argparse.Namespace) -> int:
     from .api import analyze  # noqa: PLC0415
-    from .evaluate import count_parameters  # noqa: PLC0415
-    from .pruning import apply_plan, prune_checkpoint, save_pruned  # noqa: PLC0415
+    from .calibration import lazy_weights  # noqa: PLC0415
+    from .pruning import prune_checkpoint, save_pruned  # noqa: PLC0415
 
     t0 = time.perf_counter()
     analysis = analyze(args.model, args.calib, collect_last_token=False, **_analyze_kwargs(args))
@@ -586,16 +586,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if args.model is None or not os.path.isdir(args.model):
             raise ValueError("--lazy: needs MODEL to be a safetensors model directory")
         streamed: dict[str, int] = {}
-        out = prune_checkpoint(args.model, plan, args.output, overwrite=args.overwrite, stats=streamed)
-        _say("perplexity: not evaluated with --lazy (the model is never materialized)")
         reads = {stage: int(analysis.timings.get(f"{stage}_bytes_read", 0))
                  for stage in ("load", "calibrate", "plan")}
+        before = lazy_weights.bytes_read(analysis.model)
+        lazy_numbers = _lazy_apply_and_measure(args, analysis, plan)
+        reads["eval"] = lazy_weights.bytes_read(analysis.model) - before
+        out = prune_checkpoint(args.model, plan, args.output, overwrite=args.overwrite, stats=streamed)
         reads["save"] = streamed["bytes_read"]
         size = _checkpoint_bytes(args.model)
         _say("read from disk: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in reads.items())
              + f"; total {sum(reads.values()) / 2**20:.1f} MiB = {sum(reads.values()) / max(size, 1):.2f}x the "
              f"checkpoint's {size / 2**20:.1f} MiB")
-        numbers: dict[str, Any] = {"bytes_read": reads, "checkpoint_bytes": size}
+        numbers: dict[str, Any] = {**lazy_numbers, "bytes_read": reads, "checkpoint_bytes": size}
     else:
         numbers = _apply_and_measure(args, analysis.model, analysis.tokenizer, plan)
         if args.format == "gguf":  # the plan was made on this very GGUF: its config needs no second check
@@ -629,6 +631,28 @@ def _apply_and_measure(args: argparse.Namespace, model: Any, tokenizer: Any, pla
              f"{ppl_before:.3f} -> {ppl_after:.3f}")
     return {"params_before": before, "params_after": after, "perplexity_before": ppl_before,
             "perplexity_after": ppl_after, "eval_text": None if eval_ids is None else args.eval_text,
+            "eval_tokens": None if eval_ids is None else int(eval_ids.numel())}
+
+
+def _lazy_apply_and_measure(args: argparse.Namespace, analysis: Any, plan: Any) -> dict[str, Any]:
+    """--lazy: the perplexity before and after, streamed block by block like the calibration (the model is
+    never materialized; compensation maps are folded into a block each time it is read)."""
+    from .api import _dtype  # noqa: PLC0415
+    from .evaluate import streamed_perplexity  # noqa: PLC0415
+    from .pruning import apply_plan  # noqa: PLC0415
+
+    model = analysis.model
+    eval_ids = None if _skip_eval(args, model) else _eval_ids(args, analysis.tokenizer)
+    run = dict(device=_device(args), dtype=_dtype(args.dtype))
+    ppl_before = None if eval_ids is None else streamed_perplexity(model, eval_ids, **run).perplexity
+    apply_plan(model, plan)  # a lazy model: the block list and config change, the maps fold in on each read
+    ppl_after = None if eval_ids is None else _finite_ppl(streamed_perplexity(model, eval_ids, **run).perplexity,
+                                                           "the pruned model")
+    if eval_ids is not None:
+        _say(f"held-out perplexity ({args.eval_text}, {args.eval_seqs} x {args.seq_len} tokens, streamed): "
+             f"{ppl_before:.3f} -> {ppl_after:.3f}")
+    return {"perplexity_before": ppl_before, "perplexity_after": ppl_after,
+            "eval_text": None if eval_ids is None else args.eval_text,
             "eval_tokens": None if eval_ids is None else int(eval_ids.numel())}
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .calibration import calibrate
 from .checks import check_int
 from .models import get_adapter
 
@@ -48,15 +49,14 @@ def _logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model: Any, input_ids: torch.Tensor, batch_size: int = 4, device: Any = None) -> PerplexityResult:
-    """Perplexity of a causal LM on windows ``input_ids`` [n, s] (s >= 2)."""
+def _check_windows(model: Any, input_ids: Any) -> None:
+    """Windows of int64 token ids, >= 2 tokens, within the model's positions, for a causal LM."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError(f"input_ids: expected an int64 tensor [n_windows, seq_len], got "
                          f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
                          f"{tuple(getattr(input_ids, 'shape', ()))}")
     if input_ids.shape[1] < 2:
         raise ValueError(f"input_ids: windows need at least 2 tokens to predict one, got seq_len={input_ids.shape[1]}")
-    batch_size = check_int("batch_size", batch_size, 1)
     if not is_causal_lm(model):
         raise ValueError(f"model: perplexity needs a decoder-only causal LM, got {type(model).__name__} (an "
                          "encoder); evaluate encoders on their downstream task instead")
@@ -64,6 +64,26 @@ def perplexity(model: Any, input_ids: torch.Tensor, batch_size: int = 4, device:
     if max_positions is not None and input_ids.shape[1] > max_positions:  # as calibration refuses it (api.analyze)
         raise ValueError(f"seq_len: {input_ids.shape[1]} tokens per window exceed the {max_positions} positions this "
                          f"model supports (config max_position_embeddings); use seq_len <= {max_positions}")
+
+
+def streamed_perplexity(model: Any, input_ids: torch.Tensor, batch_size: int = 4, device: Any = None,
+                        dtype: torch.dtype | None = None) -> PerplexityResult:
+    """``perplexity`` computed the calibration way: block by block, one block's weights in memory at a time,
+    so a lazily loaded (possibly pruned and compensated) model is evaluated without ever being materialized.
+
+    The same number as ``perplexity`` (the mean next-token NLL over every window), up to float summation order.
+    """
+    _check_windows(model, input_ids)
+    batch_size = check_int("batch_size", batch_size, 1)
+    batches = [{"input_ids": input_ids[i:i + batch_size]} for i in range(0, input_ids.shape[0], batch_size)]
+    result = calibrate(model, batches, gradients=False, device=device, dtype=dtype, progress=False)
+    return PerplexityResult(perplexity=math.exp(result.loss), nll=result.loss, tokens=result.loss_terms)
+
+
+def perplexity(model: Any, input_ids: torch.Tensor, batch_size: int = 4, device: Any = None) -> PerplexityResult:
+    """Perplexity of a causal LM on windows ``input_ids`` [n, s] (s >= 2)."""
+    _check_windows(model, input_ids)
+    batch_size = check_int("batch_size", batch_size, 1)
     if device is None:
         device = next(model.parameters()).device
     was_training = model.training

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -55,12 +56,23 @@ def test_70b_shapes_are_llama3_70b():
 
 def test_lazy_prune_of_the_synthetic_checkpoint(tmp_path):
     write_checkpoint(tmp_path / "m", blocks=4, shape="tiny", seed=1, shard_bytes=100_000, log=lambda *_: None)
-    run = subprocess.run([sys.executable, "-m", "sglp_fast.cli", "prune", str(tmp_path / "m"), "--lazy", "--remove",
-                          "1", "--calib-seqs", "4", "--seq-len", "32", "--verify-windows", "2", "--dtype", "bfloat16",
-                          "-q", "-o", str(tmp_path / "out"), "--json"], capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
+    def sglp(*argv):
+        return subprocess.run([sys.executable, "-m", "sglp_fast.cli", *map(str, argv)], capture_output=True,
+                              text=True, timeout=300, env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
+
+    run = sglp("prune", tmp_path / "m", "--lazy", "--remove", 1, "--calib-seqs", 4, "--seq-len", 32,
+               "--verify-windows", 2, "--eval-seqs", 2, "-q", "-o", tmp_path / "out", "--json")
     assert run.returncode == 0, run.stderr
     res = json.loads(run.stdout)["result"]
+    # the streamed perplexity (never materialized, maps folded on each read) == the in-memory model's
+    mem = sglp("apply", tmp_path / "out" / "plan.json", tmp_path / "m", "--eval-seqs", 2, "--seq-len", 32, "-q",
+               "-o", tmp_path / "mem", "--json")
+    assert mem.returncode == 0, mem.stderr
+    ref = json.loads(mem.stdout)["result"]
+    assert res["perplexity_before"] == pytest.approx(ref["perplexity_before"], rel=1e-5)
+    assert res["perplexity_after"] == pytest.approx(ref["perplexity_after"], rel=1e-5)
+    assert res["perplexity_after"] != pytest.approx(res["perplexity_before"], rel=1e-3)  # the pruning shows
+    assert res["compensated"]  # so the fold-on-read path was the one measured (seed 1 gives a compensated plan)
     assert len(res["removed"]) == 1
     # bytes read per stage, against the checkpoint's own tensor sizes (bf16 on disk)
     sizes = {n: torch.Size(shape).numel() * 2 for n, shape, _ in tensor_specs(config_for("tiny", 4))}
@@ -71,3 +83,4 @@ def test_lazy_prune_of_the_synthetic_checkpoint(tmp_path):
     assert reads["calibrate"] == blocks  # the pass reads every block exactly once
     assert reads["save"] == sum(sizes.values()) - removed  # the streamed save reads the kept tensors only
     assert reads["plan"] > 0 and res["checkpoint_bytes"] >= sum(sizes.values())
+    assert reads["eval"] == 2 * blocks - removed  # before: every block; after: the kept ones

@@ -123,6 +123,9 @@ class LazyWeights:
     key_map: dict[str, str]  # model parameter name (original block numbering) -> checkpoint key
     dtype: torch.dtype
     original_index: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)  # block -> i
+    # block -> what to do to it right after each load (compensation folds its map in: a pruned lazy model
+    # never holds its weights, so the fold happens whenever the block is read)
+    after_load: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
 
 
 # the models build_lazy_model made -> their lazy weights (weak: a model that is dropped leaves no trace)
@@ -237,6 +240,13 @@ def load_block(model: nn.Module, block: nn.Module, blocks_path: str, device, dty
     tensors = lazy.checkpoint.read(keys, dtype or lazy.dtype, device)
     for n, k in zip(names, keys):
         _assign(block, n, tensors[k])
+    if block in lazy.after_load:
+        lazy.after_load[block](block)
+
+
+def on_load(model: nn.Module, block: nn.Module, change) -> None:
+    """Apply ``change(block)`` each time ``block`` of the lazy ``model`` is read (e.g. fold a map in)."""
+    _LAZY_MODELS[model].after_load[block] = change
 
 
 def unload_block(block: nn.Module) -> None:

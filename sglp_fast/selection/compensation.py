@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .. import distributed as dist
+from ..calibration import lazy_weights
 from ..models.base import resolve_path
 from .protocols import BlockRunner
 
@@ -212,9 +213,17 @@ def _check_additive(real: torch.Tensor, expect: torch.Tensor, layer: int) -> Non
 
 
 def apply_transforms(adapter: Any, transforms: dict[int, torch.Tensor]) -> None:
-    """Fold the fitted maps into the model's projections in place (before removing the blocks)."""
+    """Fold the fitted maps into the model's projections in place (before removing the blocks); a lazily
+    loaded model folds each map whenever its block is read."""
     blocks = adapter.blocks
     for l, T in transforms.items():
-        proj = mlp_output_module(adapter, blocks[int(l)])
-        for name, value in folded(proj, T).items():
-            getattr(proj, name).data = value
+        if lazy_weights.is_lazy(adapter.model):
+            lazy_weights.on_load(adapter.model, blocks[int(l)], lambda block, T=T: _fold(adapter, block, T))
+        else:
+            _fold(adapter, blocks[int(l)], T)
+
+
+def _fold(adapter: Any, block: nn.Module, T: torch.Tensor) -> None:
+    proj = mlp_output_module(adapter, block)
+    for name, value in folded(proj, T).items():
+        getattr(proj, name).data = value
