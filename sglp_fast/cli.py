@@ -610,7 +610,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - t0
     _say(f"wall time: {wall:.1f} s")
     return _emit(args, {**_plan_summary(plan), "model": analysis.model_info, **numbers, "output": str(out),
-                        "wall_s": wall})
+                        "wall_s": wall, "timings": analysis.timings})
 
 
 def _apply_and_measure(args: argparse.Namespace, model: Any, tokenizer: Any, plan: Any) -> dict[str, Any]:

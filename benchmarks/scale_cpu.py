@@ -1,0 +1,131 @@
+"""70B-shaped checkpoints on this CPU: `sglp prune --lazy --remove 1` with 4 and with 8 blocks (one command).
+
+    .venv/bin/python benchmarks/scale_cpu.py [--scratch DIR] [--blocks 4 8] [--keep]    (~20 GB of disk)
+
+Writes each checkpoint with benchmarks/make_synthetic.py (random bf16, Llama-3-70B shapes), runs the CLI in a
+child process (small calibration: 2 windows x 64 tokens, 2 x 64 tokens of perplexity), samples the child's
+resident memory every 50 ms (peak RSS, /proc), and writes benchmarks/results/scale_cpu.md: peak RSS against
+2 blocks + embedding/head + activations + 1 GiB, wall time per stage and per block, bytes read from disk per
+stage against the checkpoint's size.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from make_synthetic import config_for, tensor_specs, write_checkpoint  # noqa: E402
+
+GiB = 2**30
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_one(model: Path, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "sglp_fast.cli", "prune", str(model), "--lazy", "--remove", "1", "--calib-seqs",
+           "2", "--seq-len", "64", "--eval-seqs", "2", "--verify-windows", "1", "--dtype", "bfloat16", "-q",
+           "-o", str(out), "--json"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def sample():
+        while proc.poll() is None:
+            peak[0] = max(peak[0], _rss(proc.pid))
+            time.sleep(0.05)
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    stdout, stderr = proc.communicate()
+    watcher.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"sglp prune failed ({proc.returncode}):\n{stderr}")
+    result = json.loads(stdout)["result"]
+    result["peak_rss"] = peak[0]
+    result["command_s"] = time.perf_counter() - t0
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scratch", default=None, help="folder for the checkpoints (default: a temp folder)")
+    ap.add_argument("--blocks", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    args = ap.parse_args()
+    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="sglp-scale-"))
+    rows = []
+    try:
+        for n in args.blocks:
+            model = scratch / f"llama70b-shaped-{n}"
+            if not (model / "config.json").exists():
+                info = write_checkpoint(model, blocks=n, shape="70b", seed=0, log=lambda *a: print(*a, flush=True))
+                print(f"wrote {n} blocks: {info['bytes'] / 1e9:.1f} GB in {info['seconds']:.0f} s", flush=True)
+            res = run_one(model, scratch / f"out-{n}")
+            shutil.rmtree(scratch / f"out-{n}", ignore_errors=True)
+            res["blocks"] = n
+            rows.append(res)
+            print(json.dumps({k: res[k] for k in ("blocks", "peak_rss", "command_s", "bytes_read")}), flush=True)
+    finally:
+        if not args.keep and args.scratch is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    write_report(rows)
+    return 0
+
+
+def write_report(rows: list[dict]) -> None:
+    cfg = config_for("70b", 1)
+    sizes = {n: __import__("math").prod(s) * 2 for n, s, _ in tensor_specs(cfg)}
+    block = sum(v for k, v in sizes.items() if ".layers.0." in k)
+    other = sum(v for k, v in sizes.items() if ".layers." not in k)
+    acts = 2 * 64 * cfg.hidden_size * 4 * 8  # generous: a few fp32 activation slots of 2 x 64 tokens
+    bound = 2 * block + other + acts + GiB  # two bf16 blocks, the bf16 embedding/head, activations, 1 GiB
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"# 70B-shaped checkpoints on the CPU (`benchmarks/scale_cpu.py`, {now}, {os.cpu_count()} cores)", "",
+             "`sglp prune MODEL --lazy --remove 1 --calib-seqs 2 --seq-len 64 --eval-seqs 2 --verify-windows 1 "
+             "--dtype bfloat16` on Llama-3-70B-shaped checkpoints of random bf16 weights "
+             "(`benchmarks/make_synthetic.py`: one block 1.71 GB, embedding + head 4.2 GB on disk).", "",
+             "| blocks | checkpoint | peak RSS | bound (2 blocks + embedding/head + activations + 1 GiB) "
+             "| wall | per block (calibrate) |", "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        t = r["timings"]
+        lines.append(f"| {r['blocks']} | {r['checkpoint_bytes'] / 1e9:.1f} GB | {r['peak_rss'] / GiB:.2f} GiB | "
+                     f"{bound / GiB:.2f} GiB | {r['command_s']:.0f} s | {t['calibrate_s'] / r['blocks']:.1f} s |")
+    if len(rows) >= 2:
+        a, b = rows[0], rows[-1]
+        lines += ["", f"Peak RSS from {a['blocks']} to {b['blocks']} blocks: "
+                      f"{100 * (b['peak_rss'] / a['peak_rss'] - 1):+.1f}% (goal <= +10%)."]
+    lines += ["", "Seconds per stage and bytes read from disk per stage:", "",
+              "| blocks | load | calibrate | plan (search + fit) | eval (before + after) | save | read total / checkpoint |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        t, br = r["timings"], r["bytes_read"]
+        total = sum(br.values())
+        cell = lambda k, s: f"{t.get(s, 0):.0f} s, {br.get(k, 0) / 1e9:.1f} GB"  # noqa: E731
+        lines.append(f"| {r['blocks']} | {cell('load', 'load_s')} | {cell('calibrate', 'calibrate_s')} | "
+                     f"{cell('plan', 'plan_s')} | {br.get('eval', 0) / 1e9:.1f} GB | {br.get('save', 0) / 1e9:.1f} GB | "
+                     f"{total / r['checkpoint_bytes']:.2f}x (calibrate + plan + save: "
+                     f"{(br['calibrate'] + br['plan'] + br['save']) / r['checkpoint_bytes']:.2f}x) |")
+    (HERE / "results" / "scale_cpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
