@@ -48,7 +48,6 @@ def _logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-@torch.no_grad()
 def _check_windows(model: Any, input_ids: Any) -> None:
     """Windows of int64 token ids, >= 2 tokens, within the model's positions, for a causal LM."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
@@ -80,6 +79,7 @@ def streamed_perplexity(model: Any, input_ids: torch.Tensor, batch_size: int = 4
     return PerplexityResult(perplexity=math.exp(result.loss), nll=result.loss, tokens=result.loss_terms)
 
 
+@torch.no_grad()
 def perplexity(model: Any, input_ids: torch.Tensor, batch_size: int = 4, device: Any = None) -> PerplexityResult:
     """Perplexity of a causal LM on windows ``input_ids`` [n, s] (s >= 2)."""
     _check_windows(model, input_ids)

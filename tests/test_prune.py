@@ -162,3 +162,19 @@ def test_api_inplace_false_keeps_the_analysed_model(tmp_path):
     res = sglp_fast.prune(str(src), "builtin", remove=1, inplace=False, **CALIB)
     assert len(res.analysis.model.model.layers) == 5 and len(res.model.model.layers) == 4
     assert np.allclose(res.plan.cka, res.plan.cka.T)
+
+
+def test_perplexity_builds_no_autograd_graph(tmp_path):
+    """Evaluation runs without gradients (a graph over every window would hold all activations)."""
+    import warnings
+
+    import transformers as tf
+
+    from sglp_fast.evaluate import perplexity
+
+    model = tf.AutoModelForCausalLM.from_pretrained(save_tiny(tmp_path / "m", "llama", layers=2))
+    assert torch.is_grad_enabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Converting a tensor with requires_grad=True to a scalar" would raise
+        res = perplexity(model, torch.randint(0, 100, (3, 12), generator=torch.Generator().manual_seed(0)))
+    assert res.tokens == 33 and res.perplexity > 1
