@@ -34,7 +34,7 @@ from .checks import check_int
 from .evaluate import block_parameter_counts, count_parameters
 from .models import get_adapter, load_model
 from .models.loading import default_model_path
-from .plan import Plan, build_plan, config_fingerprint, resolve_budget
+from .plan import Plan, build_plan, check_ratio, config_fingerprint, resolve_budget
 from .segmentation import Segmentation, fisher_segment
 from .selection.baselines import LastTokenObserver
 from .selection.registry import DEFAULT_SELECTOR, Evidence, Frame, get_selector
@@ -282,8 +282,8 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
         check_int("segments", segments, 1, expected="a positive int k or 'auto'")
     check_int("seq_len", seq_len, 1)
     check_int("calib_seqs", calib_seqs, 1)
-    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1):
-        raise ValueError(f"ratio: expected a number in [0, 1), got {ratio!r}")
+    if ratio is not None:
+        check_ratio(ratio)
     timings: dict[str, float] = {}
     clock = _Stopwatch(timings)
     torch_dtype = _dtype(dtype)
@@ -303,10 +303,7 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
         clock.disk = lambda: lazy_weights.bytes_read(loaded)
     L = adapter.num_blocks
     n_remove = _budget(loaded, L, remove, ratio, ratio_of)
-    max_positions = adapter.max_positions()
-    if max_positions is not None and seq_len > max_positions:
-        raise ValueError(f"seq_len: {seq_len} tokens per window exceed the {max_positions} positions this model "
-                         f"supports (config max_position_embeddings); use seq_len <= {max_positions}")
+    adapter.check_window_length(seq_len)
     if isinstance(segments, int) and segments > L:
         raise ValueError(f"segments: k={segments} exceeds the {L} blocks of the model; use k <= {L} or 'auto'")
     verified = selector.kind == "search"

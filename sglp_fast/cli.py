@@ -388,14 +388,14 @@ def configure_logging(quiet: bool = False, errors_only: bool = False) -> None:
 def preflight(args: argparse.Namespace) -> None:
     """Everything that can be checked before the model loads (minutes at 70B): devices, ranges, every path."""
     from .calibration.store import check_offload_dir  # noqa: PLC0415
+    from .plan import check_ratio  # noqa: PLC0415
     from .calibration.text import check_text_source  # noqa: PLC0415
     from .pruning import check_output_dir  # noqa: PLC0415
 
     if getattr(args, "device", None):
         _check_device(args.device)
-    ratio = getattr(args, "ratio", None)
-    if ratio is not None and not 0.0 <= ratio < 1.0:
-        raise ValueError(f"--ratio: expected a number in [0, 1) (the fraction to remove), got {ratio}")
+    if getattr(args, "ratio", None) is not None:
+        check_ratio(args.ratio)  # "ratio: ..." is shown as "--ratio: ..." (_as_flags)
     if getattr(args, "calib", None) is not None:
         check_text_source(args.calib, "--calib", text_field=args.text_field)
     if getattr(args, "eval_text", None) is not None and not getattr(args, "no_eval", False):

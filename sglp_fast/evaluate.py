@@ -59,10 +59,7 @@ def _check_windows(model: Any, input_ids: Any) -> None:
     if not is_causal_lm(model):
         raise ValueError(f"model: perplexity needs a decoder-only causal LM, got {type(model).__name__} (an "
                          "encoder); evaluate encoders on their downstream task instead")
-    max_positions = get_adapter(model).max_positions()
-    if max_positions is not None and input_ids.shape[1] > max_positions:  # as calibration refuses it (api.analyze)
-        raise ValueError(f"seq_len: {input_ids.shape[1]} tokens per window exceed the {max_positions} positions this "
-                         f"model supports (config max_position_embeddings); use seq_len <= {max_positions}")
+    get_adapter(model).check_window_length(input_ids.shape[1])  # as calibration refuses it (api.analyze)
 
 
 def streamed_perplexity(model: Any, input_ids: torch.Tensor, batch_size: int = 4, device: Any = None,

@@ -9,7 +9,6 @@ candidate and how the pick was made, and in ``compensation`` the folded maps (``
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -23,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .checks import check_int
 from .models import get_adapter
+from .models.base import config_fingerprint  # noqa: F401  (part of the plan's API)
 from .selection.frame import check_segments
 from .selection.registry import SELECTORS, Evidence, Frame, get_selector
 
@@ -30,20 +30,14 @@ SCHEMA_VERSION = 1
 PLAN_FORMAT = "sglp-plan"
 COMPENSATION_FILE = "compensation.safetensors"
 
-# Config keys that say nothing about the architecture (paths, versions, load-time dtype/quantization).
-_VOLATILE_CONFIG_KEYS = {"transformers_version", "dtype", "torch_dtype", "quantization_config", "use_cache",
-                         "architectures", "output_hidden_states", "output_attentions", "return_dict"}
-
-
-def config_fingerprint(config: Any) -> str:
-    """Stable hash of a model config's architecture keys (not of the weights), to match a plan to a model."""
-    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    keep = {k: v for k, v in d.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
-    blob = json.dumps(keep, sort_keys=True, default=str)
-    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------- budget
+def check_ratio(ratio: Any) -> float:
+    """A fraction to remove: a number in [0, 1)."""
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio: expected a number in [0, 1), got {ratio!r}")
+    return float(ratio)
+
+
 def resolve_budget(num_blocks: int, *, remove: int | None = None, ratio: float | None = None,
                    ratio_of: str = "blocks", total_params: int | None = None,
                    block_params: Sequence[int] | None = None) -> int:
@@ -54,8 +48,7 @@ def resolve_budget(num_blocks: int, *, remove: int | None = None, ratio: float |
     if remove is not None:
         return check_int("remove", remove, 0, num_blocks - 1, expected=f"an int in [0, {num_blocks - 1}] (the "
                          f"model has {num_blocks} blocks and keeps at least one)")
-    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio: expected a number in [0, 1), got {ratio!r}")
+    check_ratio(ratio)
     if ratio_of == "blocks":
         n = math.floor(ratio * num_blocks + 0.5)
     elif ratio_of == "params":

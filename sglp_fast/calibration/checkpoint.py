@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..models.base import config_fingerprint
 from ..sizes import fmt_bytes
 
 FORMAT = "sglp-calibration-checkpoint"
@@ -36,14 +37,12 @@ MANIFEST = "manifest.json"
 def fingerprint(adapter: Any, batches: list[dict], act_dtype: torch.dtype, device: torch.device,
                 gradients: bool) -> dict[str, Any]:
     """What a checkpoint must have been made with to be continued."""
-    config = adapter.config.to_dict() if hasattr(adapter.config, "to_dict") else {}
-    config = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("transformers_version",)}
     tokens = hashlib.sha256()
     for b in batches:
         for key in sorted(b):
             tokens.update(key.encode())
             tokens.update(b[key].detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
-    return {"config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+    return {"config": config_fingerprint(adapter.config),
             "weights": _weights_sample(adapter), "tokens": tokens.hexdigest(),
             "num_blocks": adapter.num_blocks, "dtype": str(act_dtype).replace("torch.", ""),
             "device": torch.device(device).type, "gradients": bool(gradients)}

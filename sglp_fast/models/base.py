@@ -10,6 +10,8 @@ and read ``.logits`` (final norm, soft-capping, projections included).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -27,6 +29,20 @@ MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_i
 
 class _StopForward(Exception):
     """Raised by the last catcher during capture: nothing after the blocks needs to run."""
+
+
+
+# Config keys that say nothing about the architecture (paths, versions, load-time dtype/quantization).
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "dtype", "torch_dtype", "quantization_config", "use_cache",
+                         "architectures", "output_hidden_states", "output_attentions", "return_dict"}
+
+
+def config_fingerprint(config: Any) -> str:
+    """Stable hash of a model config's architecture keys (not of the weights), to match a plan to a model."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    keep = {k: v for k, v in d.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+    blob = json.dumps(keep, sort_keys=True, default=str)
+    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
 
 @dataclass
@@ -109,6 +125,13 @@ class BlockAdapter:
     def block_prefix(self, index: int) -> str:
         """State-dict prefix of block ``index`` (e.g. ``model.layers.3.``)."""
         return f"{self.blocks_path}.{index}."
+
+    def check_window_length(self, seq_len: int) -> None:
+        """Refuse windows longer than the model's positions (calibration, search and evaluation alike)."""
+        limit = self.max_positions()
+        if limit is not None and seq_len > limit:
+            raise ValueError(f"seq_len: {seq_len} tokens per window exceed the {limit} positions this model "
+                             f"supports (config max_position_embeddings); use seq_len <= {limit}")
 
     def max_positions(self) -> int | None:
         """Longest sequence the model supports, or None when the architecture has no limit."""
