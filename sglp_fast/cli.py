@@ -589,7 +589,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         reads = {stage: int(analysis.timings.get(f"{stage}_bytes_read", 0))
                  for stage in ("load", "calibrate", "plan")}
         before = lazy_weights.bytes_read(analysis.model)
-        lazy_numbers = _lazy_apply_and_measure(args, analysis, plan)
+        lazy_numbers = _apply_and_measure(args, analysis.model, analysis.tokenizer, plan, streamed=True)
         reads["eval"] = lazy_weights.bytes_read(analysis.model) - before
         out = prune_checkpoint(args.model, plan, args.output, overwrite=args.overwrite, stats=streamed)
         reads["save"] = streamed["bytes_read"]
@@ -613,46 +613,35 @@ def cmd_prune(args: argparse.Namespace) -> int:
                         "wall_s": wall, "timings": analysis.timings})
 
 
-def _apply_and_measure(args: argparse.Namespace, model: Any, tokenizer: Any, plan: Any) -> dict[str, Any]:
-    """Prune ``model`` in place by ``plan``; parameters and (unless --no-eval) perplexity before and after."""
-    from .evaluate import count_parameters  # noqa: PLC0415
+def _apply_and_measure(args: argparse.Namespace, model: Any, tokenizer: Any, plan: Any,
+                       streamed: bool = False) -> dict[str, Any]:
+    """Prune ``model`` in place by ``plan``; parameters and (unless --no-eval) perplexity before and after.
+
+    ``streamed`` (--lazy): the perplexity is computed block by block like the calibration, so the model is
+    never materialized (compensation maps fold into a block each time it is read).
+    """
+    from .api import _dtype  # noqa: PLC0415
+    from .evaluate import count_parameters, streamed_perplexity  # noqa: PLC0415
     from .pruning import apply_plan  # noqa: PLC0415
 
-    before = count_parameters(model)
+    def ppl() -> float:
+        if streamed:
+            return streamed_perplexity(model, eval_ids, device=_device(args), dtype=_dtype(args.dtype)).perplexity
+        return _ppl(model, eval_ids)
+
+    before = count_parameters(model)  # also right for a lazy model: its meta tensors know their sizes
     eval_ids = None if _skip_eval(args, model) else _eval_ids(args, tokenizer)
-    ppl_before = None if eval_ids is None else _ppl(model, eval_ids)
+    ppl_before = None if eval_ids is None else ppl()
     apply_plan(model, plan)
     after = count_parameters(model)
     _say(f"parameters: {_fmt_params(before)} -> {_fmt_params(after)} ({100 * (after - before) / before:+.1f}%)")
     ppl_after = None
     if eval_ids is not None:
-        ppl_after = _finite_ppl(_ppl(model, eval_ids), "the pruned model")
-        _say(f"held-out perplexity ({args.eval_text}, {args.eval_seqs} x {args.seq_len} tokens): "
-             f"{ppl_before:.3f} -> {ppl_after:.3f}")
+        ppl_after = _finite_ppl(ppl(), "the pruned model")
+        _say(f"held-out perplexity ({args.eval_text}, {args.eval_seqs} x {args.seq_len} tokens"
+             f"{', streamed' if streamed else ''}): {ppl_before:.3f} -> {ppl_after:.3f}")
     return {"params_before": before, "params_after": after, "perplexity_before": ppl_before,
             "perplexity_after": ppl_after, "eval_text": None if eval_ids is None else args.eval_text,
-            "eval_tokens": None if eval_ids is None else int(eval_ids.numel())}
-
-
-def _lazy_apply_and_measure(args: argparse.Namespace, analysis: Any, plan: Any) -> dict[str, Any]:
-    """--lazy: the perplexity before and after, streamed block by block like the calibration (the model is
-    never materialized; compensation maps are folded into a block each time it is read)."""
-    from .api import _dtype  # noqa: PLC0415
-    from .evaluate import streamed_perplexity  # noqa: PLC0415
-    from .pruning import apply_plan  # noqa: PLC0415
-
-    model = analysis.model
-    eval_ids = None if _skip_eval(args, model) else _eval_ids(args, analysis.tokenizer)
-    run = dict(device=_device(args), dtype=_dtype(args.dtype))
-    ppl_before = None if eval_ids is None else streamed_perplexity(model, eval_ids, **run).perplexity
-    apply_plan(model, plan)  # a lazy model: the block list and config change, the maps fold in on each read
-    ppl_after = None if eval_ids is None else _finite_ppl(streamed_perplexity(model, eval_ids, **run).perplexity,
-                                                           "the pruned model")
-    if eval_ids is not None:
-        _say(f"held-out perplexity ({args.eval_text}, {args.eval_seqs} x {args.seq_len} tokens, streamed): "
-             f"{ppl_before:.3f} -> {ppl_after:.3f}")
-    return {"perplexity_before": ppl_before, "perplexity_after": ppl_after,
-            "eval_text": None if eval_ids is None else args.eval_text,
             "eval_tokens": None if eval_ids is None else int(eval_ids.numel())}
 
 
