@@ -37,7 +37,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from quality_smollm2 import fmt, machine, readme_text  # noqa: E402
+from domains import readme_text  # noqa: E402
+from quality_smollm2 import fmt, machine  # noqa: E402
 
 from sglp_fast import __version__, analyze  # noqa: E402
 from sglp_fast.calibration.text import CalibrationData, builtin_text, tokenize_windows  # noqa: E402

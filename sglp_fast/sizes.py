@@ -8,6 +8,7 @@ trailing ``B``: decimal ``k``/``M``/``G``/``T`` (``8G`` = ``8GB`` = 8·10⁹ byt
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from fractions import Fraction
 
 from .checks import is_int
@@ -20,6 +21,15 @@ UNITS.update({f"{unit}b": factor for unit, factor in list(UNITS.items())})  # ""
 _SIZE = re.compile(r"\s*((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", re.IGNORECASE)
 HOW_TO_WRITE = ("write bytes like 8000000000 or 1e9, or a number with a unit: decimal k, M, G, T "
                 "(8G = 8GB = 8*10^9 bytes) or binary Ki, Mi, Gi, Ti (8Gi = 8GiB = 8*2^30 bytes)")
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A byte limit that carries more than its size (``calibration.memory.Budget``: what later stages hold).
+
+    Why here: every reader of a budget argument parses it with ``parse_bytes``, which takes the ``limit``."""
+
+    limit: int | str | None = None
 
 
 def size_from_text(text: str) -> int:
@@ -35,7 +45,9 @@ def size_from_text(text: str) -> int:
 def parse_bytes(value, name: str) -> int | None:
     """``None`` | an int number of bytes | a string like ``"8GiB"`` or ``"1e9"`` -> int bytes (or None).
 
-    ``name`` (the argument or flag) starts every error message."""
+    A ``Limit`` gives its ``limit``. ``name`` (the argument or flag) starts every error message."""
+    if isinstance(value, Limit):
+        value = value.limit
     if value is None:
         return None
     if is_int(value):

@@ -184,10 +184,13 @@ def test_compare(model_dir, tmp_path, capsys):
                         "--markdown", tmp_path / "c.md", "--json", tmp_path / "c.json")
     assert rc == 0, err
     md = (tmp_path / "c.md").read_text()
-    for m in ("sglp-gradnorm", "sglp-relative_update", "shortgpt", "angular", "last", "random"):
+    for m in ("sglp-gradnorm", "sglp-relative_update", "shortgpt", "angular", "replaceme", "last", "random"):
         assert f"| {m} |" in md and f"| {m} |" in text
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
-    assert len(rows) == 2 * 9 and rows[0]["method"] == "sglp-verified"
+    assert len(rows) == 2 * 10 and rows[0]["method"] == "sglp-verified"
+    for n in (1, 2):  # ReplaceMe: Gromov's run, plus a map unless the run starts at block 0
+        rm, ang = (next(r for r in rows if r["method"] == m and r["remove"] == n) for m in ("replaceme", "angular"))
+        assert rm["removed"] == ang["removed"] and rm["compensated"] == (ang["removed"][0] > 0)
     last = next(r for r in rows if r["method"] == "last" and r["remove"] == 2)
     assert last["removed"] == [4, 5]
     model = tf.AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -279,3 +282,22 @@ def test_console_script_entry_point():
     cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "sglp_fast.cli"]
     r = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("sglp-fast ")
+
+
+def test_compensation_flags_reach_the_plan(model_dir, tmp_path, capsys):
+    """--folds, --fit-windows and --map-policy: the plan records them; bad values are refused by argparse."""
+    rc, _, err = run(capsys, "prune", model_dir, "--remove", 2, "--calib-seqs", 4, "--seq-len", 16, "-q",
+                     "--folds", 2, "--fit-windows", 2, "--map-policy", "fixed", "--no-eval", "-o", tmp_path / "o",
+                     "--json", tmp_path / "p.json")
+    assert rc == 0, err
+    plan = json.loads((tmp_path / "o" / "plan.json").read_text())
+    assert plan["calibration"]["fit_only_windows"] == 2 and plan["calibration"]["n_seqs"] == 4
+    sel = plan["selection"]
+    assert sel["verify_windows"] == 4  # every calibration window, cross-fitted; the fit-only ones are not checked
+    comp = plan.get("compensation")
+    assert comp is None or (comp["policy"], comp["folds"], comp["fit_only_windows"]) == ("fixed", 2, 2)
+    for bad, words in ((["--folds", "0"], ("--folds", "positive")), (["--map-policy", "ridge"], ("--map-policy",))):
+        with pytest.raises(SystemExit) as exit_:
+            main(["analyze", model_dir, *bad, *FAST])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and all(w in err for w in words)

@@ -36,7 +36,7 @@ def plans(tmp_path_factory):
         plan = build_plan(model_info=an.model_info, calibration=an.calibration_info, cka=an.cka,
                           segments=an.plan.segments, k=an.plan.k, k_rule=an.plan.k_rule, scorer="verified",
                           scores=an.scores, remove=2, selection={"removed": removed, "method": "verified"},
-                          transforms=an.verifier.transforms(removed), compensation={"alpha": 1.0},
+                          transforms=an.verifier.transforms(removed, policy="fixed"), compensation={"alpha": 1.0},
                           allow_empty_segments=True)
     (root / "comp").mkdir()
     plan.save(root / "comp" / "plan.json")

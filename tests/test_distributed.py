@@ -49,7 +49,7 @@ WORKER = textwrap.dedent('''
     kw = dict(calib="builtin", calib_seqs=7, seq_len=16, seed=0, progress=False)
     try:
         a = sglp_fast.analyze(model_dir, remove=2, scorer="verified", gradients=True, compensate=True, **kw)
-        maps = a.verifier.transforms([2, 3], all_windows=True)
+        maps = a.verifier.transforms([2, 3], policy="fixed")
         gradnorm_plan = a.plan_for(remove=2, scorer="gradnorm").removed
         a.close()
         b = sglp_fast.analyze(model_dir, remove=2, compensate=False, greedy=True, **kw)

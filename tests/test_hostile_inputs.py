@@ -709,7 +709,8 @@ def shared_before(shared) -> dict:
 def results(request, shared, shared_before, tmp_path_factory) -> dict[str, tuple[Path, Result]]:
     """Stage every case (every selected one, under ``-k``) in its own folder, then run them, a few at a time."""
     selected = {item.callspec.params["case"].name for item in request.session.items
-                if "case" in getattr(getattr(item, "callspec", None), "params", {})}
+                if item.path == request.path  # this module's cases (other modules have a "case" too)
+                and "case" in getattr(getattr(item, "callspec", None), "params", {})}
     base = tmp_path_factory.mktemp("cases")
     staged: dict[str, tuple[Path, Result]] = {}
     for case in CASES:

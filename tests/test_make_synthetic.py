@@ -61,7 +61,7 @@ def test_lazy_prune_of_the_synthetic_checkpoint(tmp_path):
                               text=True, timeout=300, env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
 
     run = sglp("prune", tmp_path / "m", "--lazy", "--remove", 1, "--calib-seqs", 4, "--seq-len", 32,
-               "--verify-windows", 2, "--eval-seqs", 2, "-q", "-o", tmp_path / "out", "--json")
+               "--verify-windows", 2, "--map-policy", "fixed", "--eval-seqs", 2, "-q", "-o", tmp_path / "out", "--json")
     assert run.returncode == 0, run.stderr
     res = json.loads(run.stdout)["result"]
     # the streamed perplexity (never materialized, maps folded on each read) == the in-memory model's
@@ -82,5 +82,8 @@ def test_lazy_prune_of_the_synthetic_checkpoint(tmp_path):
     assert reads["load"] == sum(sizes.values()) - blocks  # embedding, final norm, head: read once, eagerly
     assert reads["calibrate"] == blocks  # the pass reads every block exactly once
     assert reads["save"] == sum(sizes.values()) - removed  # the streamed save reads the kept tensors only
-    assert reads["plan"] > 0 and res["checkpoint_bytes"] >= sum(sizes.values())
+    # the search: the statistics pass (the blocks before the candidate runs), one pass for the plain and
+    # cross-fitted variants of every candidate, one for the kept plan's saved-model loss (from its first
+    # block): each block at most once per round; 1.5x the blocks here (the wave-1 search read 3.5x)
+    assert 0 < reads["plan"] <= 2 * blocks and res["checkpoint_bytes"] >= sum(sizes.values())
     assert reads["eval"] == 2 * blocks - removed  # before: every block; after: the kept ones

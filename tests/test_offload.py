@@ -258,8 +258,12 @@ def test_cuda_paths_agree(family, tmp_path):
     with pytest.warns(UserWarning) if family == "bert" else contextlib.nullcontext():
         lazy, _ = load_model(tmp_path / "ckpt", lazy=True)
     block = max(module_bytes(b) for b in get_adapter(model).blocks)
-    # room for one block + its gradients only: the whole activation cache goes to disk
-    tiered = _run(lazy, batches, device="cuda", max_device_memory=2 * block + 1024, max_cpu_memory=0,
+    # room for the least this run needs only (one block, its gradients, the working set): the whole
+    # activation cache goes to disk
+    from sglp_fast.calibration.memory import BudgetTooSmall
+    with pytest.raises(BudgetTooSmall) as too_small:
+        _run(lazy, batches, device="cuda", max_device_memory=block, max_cpu_memory=0, offload_dir=tmp_path / "off")
+    tiered = _run(lazy, batches, device="cuda", max_device_memory=too_small.value.least + 1024, max_cpu_memory=0,
                   offload_dir=tmp_path / "off")
     assert tiered[0].cache_peak_bytes["device"] == 0 and tiered[0].cache_peak_bytes["disk"] > 0
     resident = _run(model.cuda(), batches, device="cuda")

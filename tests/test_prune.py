@@ -29,10 +29,14 @@ class _Identity(nn.Module):
         return (hidden_states,) if self.returns_tuple else hidden_states
 
 
-def _reference_logits(directory, removed, ids, family):
-    """The ORIGINAL checkpoint with the removed layers turned into identities (no re-indexing, no cache)."""
+def _reference_logits(directory, removed, ids, family, transforms=None):
+    """The ORIGINAL checkpoint with the removed layers turned into identities (no re-indexing, no cache),
+    and each compensation map T applied to its block's MLP output (a hook: out @ T, no weight folding)."""
     model = tf.AutoModelForCausalLM.from_pretrained(directory).eval()
     layers = model.transformer.h if family == "gpt2" else model.model.layers
+    for p, T in (transforms or {}).items():
+        proj = layers[p].mlp.c_proj if family == "gpt2" else layers[p].mlp.down_proj
+        proj.register_forward_hook(lambda mod, inp, out, T=T: (out.double() @ T.double()).to(out.dtype))
     probe = layers[0](model.get_input_embeddings()(ids[:, :2])) if family == "gpt2" else None
     for i in removed:
         layers[i] = _Identity(isinstance(probe, tuple))
@@ -59,7 +63,8 @@ def test_prune_save_reload_generate(tmp_path, family):
         in_memory = res.model(ids, use_cache=False).logits
         from_disk = reloaded(ids, use_cache=False).logits
     torch.testing.assert_close(from_disk, in_memory, rtol=0, atol=0)  # same fp32 weights, same math
-    torch.testing.assert_close(in_memory, _reference_logits(src, removed, ids, family), rtol=1e-5, atol=1e-5)
+    reference = _reference_logits(src, removed, ids, family, res.plan.transforms)
+    torch.testing.assert_close(in_memory, reference, rtol=1e-5, atol=1e-5)
 
     prompt = ids[:1, :6]
     with_cache = reloaded.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=True, pad_token_id=0)

@@ -7,6 +7,7 @@ numpy from activations recorded by forward hooks.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 
 import numpy as np
@@ -78,7 +79,7 @@ def setup():
 def test_verifier_loss_equals_the_pruned_model(setup, removed):
     model, batches, ver = setup
     # keep_inputs=3 windows -> the first two batches (1 + 2 windows)
-    assert ver.num_windows == 3 and ver.fit_batches == [2, 3, 4]
+    assert ver.num_windows == 3 and ver.fold_of_batch == [0, 1, 4, 4, 4]  # 2 check batches; the rest trains
     got = ver.loss(removed)
     want = _reference(model, removed, batches[:2])
     assert abs(got - want) <= 1e-10 * max(1.0, abs(want)), (removed, got, want)
@@ -150,7 +151,7 @@ def test_greedy_candidates_branching_off_the_base_stream_give_the_same_losses():
 def test_verifier_refuses_bad_plans_and_use_after_close():
     model = tiny_model("llama", layers=3, seed=3).double()
     ver = _verifier(model, _batches(4), 1)
-    assert ver.fit_batches == []  # only the check windows were kept: nothing to fit on
+    assert ver.fold_of_batch == [0]  # only the check windows were kept
     with pytest.raises(ValueError, match="leaving at least one block"):
         ver.loss([0, 1, 2])
     with pytest.raises(ValueError, match=r"in \[0, 2\]"):
@@ -190,8 +191,8 @@ def _hooked_run(model, batches, stop_after: int):
     return rec
 
 
-def _numpy_ridge(model, fit, stop_after: int, target: list[np.ndarray], alpha: float = 1.0) -> np.ndarray:
-    """T = I + D of compensate.py's ridge problem, from activations recorded on ``model`` (numpy, float64)."""
+def _numpy_rows(model, fit, stop_after: int, target: list[np.ndarray], weighted: bool = True):
+    """X, Y of one run's least-squares problem, from activations recorded on ``model`` (numpy, float64)."""
     rec = _hooked_run(model, fit, stop_after=stop_after)
     X, Y = [], []
     for b, batch in enumerate(fit):
@@ -199,52 +200,229 @@ def _numpy_ridge(model, fit, stop_after: int, target: list[np.ndarray], alpha: f
         m = rec["mlp"][b][mask].numpy()
         h_mid = rec["out"][b][mask].numpy() - m
         need = target[b][mask.numpy()] - h_mid
-        w = 1.0 / np.linalg.norm(need, axis=1, keepdims=True)
+        w = 1.0 / np.linalg.norm(need, axis=1, keepdims=True) if weighted else 1.0
         X.append(m * w)
         Y.append((need - m) * w)
-    X, Y = np.concatenate(X), np.concatenate(Y)
+    return np.concatenate(X), np.concatenate(Y)
+
+
+def _numpy_ridge(X, Y, alpha: float = 1.0) -> np.ndarray:
     G = X.T @ X
     D = np.linalg.solve(G + alpha * np.trace(G) / G.shape[0] * np.eye(G.shape[0]), X.T @ Y)
     return np.eye(D.shape[0]) + D
 
 
-@pytest.mark.parametrize("all_windows", [False, True])
-def test_compensation_map_equals_numpy_ridge_solution(setup, all_windows):
+def _run_rows(model, batches, removed):
+    """The rows of run removed = a..b (one run) per batch, numpy."""
+    (a, b), = runs_of(removed)
+    dense = [x.numpy() for x in _hooked_run(model, batches, stop_after=a - 1)["ins"][b + 1]]
+    return [_numpy_rows(model, [bt], a - 1, [dense[i]]) for i, bt in enumerate(batches)]
+
+
+def test_run_statistics_equal_numpy_per_fold(setup):
+    """XᵀX, XᵀY and tr(YᵀY) of run 2..3 per fold: check batches 0 and 1 are folds 0 and 1, the rest trains."""
     model, batches, ver = setup
-    removed = [2, 3]  # one run 2..3: fitted on block 1's MLP output, target = dense input of block 4
-    T = ver.transforms(removed, all_windows=all_windows)
+    ver.prepare([[2, 3]])
+    st = ver._stats[(2, 3), True]
+    rows = _run_rows(model, batches, [2, 3])
+    for slot, members in {0: [0], 1: [1], 2: [], 3: [], 4: [2, 3, 4]}.items():
+        X = np.concatenate([rows[i][0] for i in members]) if members else np.zeros((0, 32))
+        Y = np.concatenate([rows[i][1] for i in members]) if members else np.zeros((0, 32))
+        np.testing.assert_allclose(st.gram[slot].numpy(), X.T @ X, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(st.cross[slot].numpy(), X.T @ Y, rtol=1e-10, atol=1e-12)
+        assert float(st.energy[slot]) == pytest.approx(float((Y * Y).sum()), rel=1e-10, abs=1e-12)
+        assert int(st.tokens[slot]) == X.shape[0]
+
+
+@pytest.mark.parametrize("fold", [None, 0, 1])
+def test_fixed_policy_map_equals_numpy_ridge(setup, fold):
+    """The wave-1 rule (ridge 1 x tr/d, no shrink) on every window, or on every window but one fold's."""
+    model, batches, ver = setup
+    rows = _run_rows(model, batches, [2, 3])
+    use = [i for i in range(len(batches)) if fold is None or ver.fold_of_batch[i] != fold]
+    X, Y = (np.concatenate([rows[i][k] for i in use]) for k in (0, 1))
+    T = ver.transforms([2, 3], fold=fold, policy="fixed")
     assert list(T) == [1]
-    fit = batches if all_windows else [batches[i] for i in ver.fit_batches]
-    dense = [x.numpy() for x in _hooked_run(model, fit, stop_after=1)["ins"][4]]
-    np.testing.assert_allclose(T[1].numpy(), _numpy_ridge(model, fit, 1, dense), rtol=1e-8, atol=1e-10)
-    if not all_windows:  # the check windows stay out of the fit the check is judged on
-        assert not set(ver.fit_batches) & set(range(2))
+    np.testing.assert_allclose(T[1].numpy(), _numpy_ridge(X, Y, 1.0), rtol=1e-8, atol=1e-10)
 
 
-def test_second_run_is_fitted_on_the_compensated_pruned_stream(setup):
-    """Runs 1 and 3..4: block 2's map is fitted on the model with block 0's map folded in and block 1 gone."""
+def test_replaceme_policy_is_the_unweighted_least_squares_map(setup):
     model, batches, ver = setup
-    T = ver.transforms([1, 3, 4])
-    assert sorted(T) == [0, 2]
-    fit = [batches[i] for i in ver.fit_batches]
-    dense = _hooked_run(model, fit, stop_after=0)["ins"]
-    np.testing.assert_allclose(T[0].numpy(), _numpy_ridge(model, fit, 0, [x.numpy() for x in dense[2]]),
-                               rtol=1e-8, atol=1e-10)
-    first = _pruned(model, [1], {0: T[0]})  # blocks 0, 2, 3, 4, 5: the old block 2 is now block 1
-    np.testing.assert_allclose(T[2].numpy(), _numpy_ridge(first, fit, 1, [x.numpy() for x in dense[5]]),
-                               rtol=1e-8, atol=1e-10)
+    rows = [_numpy_rows(model, [bt], 1, [x]) for bt, x in zip(batches, [
+        x.numpy() for x in _hooked_run(model, batches, stop_after=1)["ins"][4]])]
+    Xw = np.concatenate([r[0] for r in rows])
+    # unweighted rows: recompute without w
+    X, Y = _numpy_rows(model, batches, 1, [x.numpy() for x in _hooked_run(model, batches, 1)["ins"][4]],
+                       weighted=False)
+    T = ver.transforms([2, 3], policy="replaceme")[1].numpy()
+    want = np.eye(32) + np.linalg.lstsq(X, Y, rcond=None)[0]
+    np.testing.assert_allclose(T, want, rtol=1e-6, atol=1e-8)
+    assert not np.allclose(Xw, X)  # the default's rows are weighted, ReplaceMe's are not
+
+
+def test_cross_validated_choice_equals_brute_force(setup):
+    """The closed-form ridge path + shrinkage equals solving every fold's map and scoring it directly."""
+    from sglp_fast.selection import regularization as R
+
+    model, batches, ver = setup
+    ver.prepare([[2, 3]])
+    st = ver._stats[(2, 3), True]
+    folds = [0, 1]
+    best = None
+    for alpha in R.RIDGE_GRID:
+        A = B = 0.0
+        for f in folds:
+            G, C = (x.numpy() for x in st.without(f))
+            D = np.linalg.solve(G + alpha * np.trace(G) / 32 * np.eye(32), C)
+            A += float(np.trace(D.T @ st.cross[f].numpy()))
+            B += float(np.trace(D.T @ st.gram[f].numpy() @ D))
+        shrink = min(max(A / B, 0.0), 1.0)
+        gain = (2 * shrink * A - shrink ** 2 * B) / float(st.energy[folds].sum())
+        if best is None or gain > best[2] or (gain == best[2] and alpha > best[0]):
+            best = (alpha, shrink, gain)
+    got = R.choose(st, R.CV, range(ver.folds))
+    assert [a for a, _, _ in got.path] == list(R.RIDGE_GRID)
+    assert max(got.path, key=lambda x: (x[2], x[0])) == pytest.approx(best, rel=1e-6)
+    if got.has_map:  # the default halves the CV shrinkage (scale 0.5, chosen on another domain)
+        assert (got.alpha, got.shrink) == pytest.approx((best[0], R.CV.scale * best[1]), rel=1e-6)
+        T = R.fit(st, got)
+        G, C = (x.numpy() for x in st.without(None))
+        D = np.linalg.solve(G + got.alpha * np.trace(G) / 32 * np.eye(32), C)
+        np.testing.assert_allclose(T.numpy(), np.eye(32) + got.shrink * D, rtol=1e-8, atol=1e-10)
+    # nested: each fold scores the choice the other fold made
+    honest = 0.0
+    for f, other in ((0, 1), (1, 0)):
+        Go, Co = (x.numpy() for x in st.without(other))
+        opts = []
+        for alpha in R.RIDGE_GRID:
+            Do = np.linalg.solve(Go + alpha * np.trace(Go) / 32 * np.eye(32), Co)
+            a_o, b_o = np.trace(Do.T @ st.cross[other].numpy()), np.trace(Do.T @ st.gram[other].numpy() @ Do)
+            beta = min(max(a_o / b_o, 0.0), 1.0)
+            opts.append((2 * beta * a_o - beta ** 2 * b_o, alpha, beta))
+        _, alpha, beta = max(opts, key=lambda x: (x[0], x[1]))
+        G, C = (x.numpy() for x in st.without(f))
+        D = np.linalg.solve(G + alpha * np.trace(G) / 32 * np.eye(32), C)
+        honest += 2 * beta * np.trace(D.T @ st.cross[f].numpy()) - beta ** 2 * np.trace(D.T @ st.gram[f].numpy() @ D)
+    honest /= float(st.energy[folds].sum())
+    assert got.cv_gain == pytest.approx(honest, rel=1e-6, abs=1e-12)
+    assert got.has_map == (best[2] > 0 and honest > 0)
+
+
+def test_cv_gives_noise_no_map_or_a_negligible_one_and_a_linear_signal_a_full_map():
+    """Synthetic statistics (d=8, 4 folds x 40 rows): Y independent of X -> over 20 draws, most get no map
+    and any map kept is negligible (nested gain < 1% of the error, ||T - I|| < 0.3, chance alone); Y = X D
+    (plus tiny noise) -> a full map (shrink ~ 1, weak ridge) that recovers D."""
+    from sglp_fast.selection import regularization as R
+    from sglp_fast.selection.run_statistics import RunStatistics
+
+    d, folds = 8, 4
+    kept = 0
+    for seed in _seeds(20, seed=7):
+        g = torch.Generator().manual_seed(seed)
+        noise = RunStatistics.zeros(folds, d)
+        for f in range(folds):
+            noise.add(f, torch.randn(40, d, generator=g, dtype=torch.float64),
+                      torch.randn(40, d, generator=g, dtype=torch.float64))
+        c = R.choose(noise, R.CV, range(folds))
+        if c.has_map:
+            kept += 1
+            assert c.cv_gain < 0.01
+            assert float((R.fit(noise, c) - torch.eye(d, dtype=torch.float64)).norm()) < 0.3
+    assert kept <= 5
+    g = torch.Generator().manual_seed(_seeds(1, seed=8)[0])
+    D = torch.randn(d, d, generator=g, dtype=torch.float64)
+    signal = RunStatistics.zeros(folds, d)
+    for f in range(folds):
+        X = torch.randn(40, d, generator=g, dtype=torch.float64)
+        signal.add(f, X, X @ D + 1e-3 * torch.randn(40, d, generator=g, dtype=torch.float64))
+    full = dataclasses.replace(R.CV, name="cv-full", scale=1.0)
+    c = R.choose(signal, full, range(folds))
+    assert c.has_map and c.shrink > 0.99 and c.alpha <= 1e-3 and c.cv_gain > 0.99
+    torch.testing.assert_close(R.fit(signal, c), torch.eye(d, dtype=torch.float64) + D, rtol=1e-3, atol=1e-3)
+    half = R.choose(signal, R.CV, range(folds))  # the default: the same map, halfway to the identity
+    assert R.CV.scale == 0.5 and half.shrink == pytest.approx(0.5 * c.shrink) and half.alpha == c.alpha
 
 
 @pytest.mark.parametrize("removed", [(2, 3), (1, 3, 4), (0, 2)])
-def test_compensated_loss_equals_the_folded_pruned_model(setup, removed):
+def test_compensated_loss_is_cross_fitted_and_equals_the_folded_pruned_model(setup, removed):
+    """Check batch b runs with the maps fitted without its fold: each batch's loss equals the reference
+    model with those maps folded in."""
     model, batches, ver = setup
-    T = ver.transforms(removed)
-    assert sorted(T) == [a - 1 for a, _ in runs_of(removed) if a >= 1]  # a run at block 0 stays as is
-    got = ver.loss(removed, compensated=True)
-    want = _reference(model, removed, batches[:2], T)
-    assert abs(got - want) <= 1e-10 * max(1.0, abs(want))
-    # compensation really changed the model that was checked
-    assert ver.loss(removed, compensated=True) != ver.loss(removed)
+    maps = [a - 1 for a, _ in runs_of(removed) if a >= 1]  # a run at block 0 stays as is
+    per = ver.batch_losses([removed], compensated=True, maps=[maps], policy="fixed")[0]
+    for b in range(2):
+        T = ver.transforms(removed, fold=ver.fold_of_batch[b], maps=maps, policy="fixed")
+        assert sorted(T) == maps
+        want = _reference(model, removed, batches[b:b + 1], T)
+        assert abs(per[b] - want) <= 1e-10 * max(1.0, abs(want)), (b, per[b], want)
+    if maps:  # compensation really changed the model that was checked
+        assert ver.losses([removed], compensated=True, maps=[maps], policy="fixed")[0] != ver.loss(removed)
+
+
+def test_each_block_is_read_once_per_round(setup):
+    """Several plans, plain and compensated with per-fold maps, in one call: every block acquired once."""
+    model, batches, _ = setup
+    ver = _verifier(model, batches, 3, keep_all=True)
+    kept = ver._kept
+    counts: dict[int, int] = {}
+    original = kept.block
+
+    def counting(layer):
+        counts[layer] = counts.get(layer, 0) + 1
+        return original(layer)
+    kept.block = counting
+    try:
+        plans = [[1, 2], [3], [2, 4]]
+        ver.prepare(plans, policy="fixed")  # the statistics round: the blocks before the runs, once each
+        assert counts == {0: 1, 1: 1, 2: 1, 3: 1}
+        counts.clear()
+        ver._memo.clear()
+        ver.losses(plans + plans, compensated=False)
+        ver.losses(plans, compensated=True, maps=[[0], [2], [1, 3]], policy="fixed")
+        # one pass for the plain plans (blocks 3.. : 1 and 2 are removed or not yet reached by any), one for
+        # the compensated ones (from block 0, the first map's block), every block once per pass
+        assert counts == {0: 1, 1: 1, 2: 1, 3: 2, 4: 2, 5: 2}
+    finally:
+        kept.block = original
+        ver.close()
+
+
+def test_the_compensated_search_is_one_pass_after_the_statistics(setup):
+    """verified_pick with compensation: the statistics pass, then ONE pass for the plain and cross-fitted
+    variants of every candidate (plus one per elimination step, if a map had to be dropped); the saved
+    model's loss (maps fitted on every window) is one more pass, for the kept plan only."""
+    model, batches, _ = setup
+    ver = _verifier(model, batches, 3, keep_all=True)
+    passes = []
+    run = ver._run
+    ver._run = lambda plans, fixes, base=None: passes.append(len(plans)) or run(plans, fixes, base)
+    try:
+        r = [0.5, 0.1, 0.2, 0.3, 0.4, 0.6]
+        hidden = np.random.default_rng(0).normal(size=(7, 3, 32))
+        sel = verified_pick(segments=[(0, 2), (3, 5)], n=2, relative_update=r, block_influence=r, verifier=ver,
+                            last_token_hidden=hidden, compensate=True, greedy=False)
+        rounds = max([len(c.get("maps_dropped_by_check", [])) for c in sel.candidates.values()])
+        assert len(passes) == 1 + rounds
+        ver.losses([sel.removed], compensated=True, all_windows=True, maps=[sel.maps])  # the saved model's loss
+        if sel.compensated:  # one more pass, of one plan
+            assert len(passes) == 2 + rounds and passes[-1] == 1
+        else:  # a plain pick: its loss is memoized
+            assert len(passes) == 1 + rounds
+    finally:
+        ver.close()
+
+
+def test_never_worse_drops_maps_until_the_check_is_not_above_plain(setup):
+    from sglp_fast.selection.verified import never_worse
+
+    model, batches, ver = setup
+    plans = [[2, 3], [1, 3, 4], [4], [1, 2, 3, 4]]
+    plain = ver.losses(plans)
+    for (loss, maps, dropped), p, base in zip(never_worse(ver, plans, plain), plans, plain):
+        assert loss <= base
+        assert maps <= ver.map_blocks(p) and not (maps & set(dropped))
+        if maps:
+            assert loss == ver.losses([p], compensated=True, maps=[maps])[0]
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt", "gpt_neox"])
@@ -271,7 +449,7 @@ def test_compensation_refused_where_the_mlp_output_is_normalized():
     ver = _verifier(model, tiny_batches("gemma2"), 1, keep_all=True)
     try:
         with pytest.raises(ValueError, match="compensate: not supported for llama models \\(gemma2\\)"):
-            ver.transforms([1])
+            ver.prepare([[1]])
     finally:
         ver.close()
 
@@ -287,19 +465,30 @@ class FakeVerifier:
         self.cost, self.pair, self.comp_gain = np.asarray(cost, float), dict(pair or {}), comp_gain
         self.calls = []
 
-    def losses(self, plans, compensated=False, base=None, all_windows=False):
+    def losses(self, plans, compensated=False, base=None, all_windows=False, maps=None, policy=None):
+        comps = [compensated] * len(plans) if isinstance(compensated, bool) else list(compensated)
         out = []
-        for p in plans:
+        for p, comp in zip(plans, comps):
             p = sorted(set(p))
-            self.calls.append((tuple(p), compensated))
+            self.calls.append((tuple(p), comp))
             value = float(self.cost[p].sum()) + sum(self.pair.get((a, b), 0.0) for a, b in itertools.combinations(p, 2))
-            out.append(value - (self.comp_gain * len(p) if compensated else 0.0))
+            out.append(value - (self.comp_gain * len(p) if comp else 0.0))
         return out
 
-    def batch_losses(self, plans, compensated=False, all_windows=False):  # one check batch: 1-SE = the lowest
-        return [[x] for x in self.losses(plans, compensated)]
+    def batch_losses(self, plans, compensated=False, all_windows=False, maps=None, policy=None):
+        return [[x] for x in self.losses(plans, compensated)]  # one check batch: 1-SE = the lowest
 
-    def transforms(self, removed, alpha=None, all_windows=False):
+    def prepare(self, plans, policy=None):
+        pass
+
+    def map_choices(self, removed, policy=None):
+        from sglp_fast.selection.regularization import MapChoice
+        return {a - 1: MapChoice(alpha=1.0, shrink=1.0, cv_gain=None) for a, _ in runs_of(removed) if a >= 1}
+
+    def map_blocks(self, removed, policy=None):
+        return frozenset(self.map_choices(removed))
+
+    def transforms(self, removed, fold=None, maps=None, policy=None):
         return {}
 
 
@@ -310,7 +499,7 @@ class NoisyFakeVerifier(FakeVerifier):
         super().__init__(cost)
         self.noise = {tuple(sorted(k)): np.asarray(v, float) for k, v in noise.items()}
 
-    def batch_losses(self, plans, compensated=False, all_windows=False):
+    def batch_losses(self, plans, compensated=False, all_windows=False, maps=None, policy=None):
         return [list(x + self.noise.get(tuple(sorted(set(p))), np.zeros(4)))
                 for p, x in zip(plans, self.losses(plans, compensated))]
 
@@ -439,10 +628,10 @@ def test_default_prune_is_verified_without_backward_and_its_loss_is_real(tiny_di
     assert "gradnorm" not in plan.scores and "relative_update" in plan.scores
     sel = plan.extra["selection"]
     picked = sel["candidates"][sel["picked"]]
-    assert plan.removed == picked["removed"] and sel["verify_windows"] == 4
+    assert plan.removed == picked["removed"] and sel["verify_windows"] == 6  # every window, cross-fitted
     assert res.analysis.verifier.closed  # prune frees the cached inputs
     reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    ids = load_calibration("builtin", res.tokenizer, n_seqs=6, seq_len=20).input_ids[:4]
+    ids = load_calibration("builtin", res.tokenizer, n_seqs=6, seq_len=20).input_ids
     with torch.no_grad():
         loss = float(reference_loss(reloaded, "llama", [{"input_ids": w[None]} for w in ids])[0])
     # compensated: the maps were refitted on every window once the check had picked; that model's loss
@@ -463,7 +652,7 @@ def test_compensated_plan_saves_loads_applies_and_streams(tiny_dir, tmp_path):
     with sglp_fast.analyze(str(tiny_dir), "builtin", **API_CALIB) as an:
         assert an.compensate and an.plan.removed is None
         removed = [2, 3, 5]
-        T = an.verifier.transforms(removed)
+        T = an.verifier.transforms(removed, policy="fixed")
         assert sorted(T) == [1, 4]
         plan = build_plan(model_info=an.model_info, calibration=an.calibration_info, cka=an.cka,
                           segments=an.plan.segments, k=an.plan.k, k_rule=an.plan.k_rule, scorer="verified",
@@ -494,8 +683,10 @@ def test_compensated_plan_saves_loads_applies_and_streams(tiny_dir, tmp_path):
 def test_compensate_switch(tiny_dir):
     import sglp_fast
 
-    with pytest.raises(ValueError, match="all 4 calibration windows are used by the loss check"):
-        sglp_fast.analyze(str(tiny_dir), "builtin", calib_seqs=4, seq_len=20, compensate=True)
+    with pytest.raises(ValueError, match="all 4 calibration windows are used by the loss check.*folds=1"):
+        sglp_fast.analyze(str(tiny_dir), "builtin", calib_seqs=4, seq_len=20, compensate=True, folds=1)
+    with pytest.raises(ValueError, match="fit_windows: extra fit windows only feed compensation"):
+        sglp_fast.analyze(str(tiny_dir), "builtin", compensate=False, fit_windows=2, **API_CALIB)
     with pytest.raises(ValueError, match="part of the 'verified' scorer"):
         sglp_fast.analyze(str(tiny_dir), "builtin", scorer="block_influence", compensate=True, **API_CALIB)
     with pytest.raises(ValueError, match="gradients: scorer 'gradnorm' needs the backward"):
@@ -513,12 +704,35 @@ def test_compensate_switch(tiny_dir):
 
 
 def test_chosen_plan_maps_are_refitted_on_every_window(tiny_dir):
-    """The search compares maps fitted without the check windows; the saved ones use every window."""
+    """The search checks each window with maps fitted without its fold; the saved ones use every window."""
     import sglp_fast
 
     with sglp_fast.analyze(str(tiny_dir), "builtin", **API_CALIB) as an:
         ver, removed = an.verifier, [2, 3, 5]
-        search, final = ver.transforms(removed), ver.transforms(removed, all_windows=True)
+        search, final = ver.transforms(removed, fold=0, policy="fixed"), ver.transforms(removed, policy="fixed")
         assert sorted(search) == sorted(final) == [1, 4]
         assert all(not torch.equal(search[b], final[b]) for b in search)
-        assert ver.losses([removed], compensated=True, all_windows=True)[0] != ver.loss(removed, compensated=True)
+        assert ver.losses([removed], compensated=True, all_windows=True, maps=[[1, 4]], policy="fixed")[0] != \
+            ver.losses([removed], compensated=True, maps=[[1, 4]], policy="fixed")[0]
+
+
+def test_fit_only_windows_feed_the_statistics_and_nothing_else(tiny_dir):
+    """fit_windows=3: the CKA, scores and check see the same 6 windows; the maps' statistics gain the 3
+    extra windows, exactly the statistics those windows give when kept."""
+    import sglp_fast
+    from sglp_fast.calibration.text import load_calibration
+
+    with sglp_fast.analyze(str(tiny_dir), "builtin", **API_CALIB) as plain:
+        ids = load_calibration("builtin", plain.tokenizer, n_seqs=9, seq_len=20).input_ids
+        with sglp_fast.analyze(str(tiny_dir), ids, fit_windows=3, **API_CALIB) as extra, \
+                sglp_fast.analyze(str(tiny_dir), ids, calib_seqs=9, seq_len=20, verify_windows=6) as kept:
+            np.testing.assert_array_equal(extra.cka, plain.cka)
+            assert extra.scores == plain.scores and extra.verifier.num_windows == 6
+            assert extra.calibration_info["fit_only_windows"] == 3
+            for v in (plain.verifier, extra.verifier, kept.verifier):
+                v.prepare([[2, 3]])
+            a, b, c = (v.verifier._stats[(2, 3), True] for v in (plain, extra, kept))
+            torch.testing.assert_close(b.gram[:4], a.gram[:4], rtol=0, atol=0)  # same held-out folds
+            torch.testing.assert_close(b.gram.sum(0), c.gram.sum(0), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(b.cross.sum(0), c.cross.sum(0), rtol=1e-5, atol=1e-6)
+            assert int(b.tokens.sum()) == int(c.tokens.sum()) > int(a.tokens.sum())

@@ -9,6 +9,8 @@
                 to the lowest option +- its paired standard error (the 1-SE rule), and the pick ("Why the pick
                 matters for compensation", the refit table, the one-SE data, greedy on/off, 8 check windows)
     kl          the candidates judged by KL(dense || pruned) on the check windows instead of the label loss
+                (since the cross-fitted check, a compensated candidate's recomputed nll uses the maps fitted
+                without fold 0 on every check window, so it differs from the package's check loss)
     profile     wall time of the paper pipeline and of the default with the greedy off / on, search work
     ksweep      the paper's GradNorm and the relative update per segment (proportional split) and the default,
                 for fixed k ("Segmentation k and the budget split")
@@ -20,7 +22,7 @@ same calls the search makes). Held-out perplexity: ``sglp_fast.pruning.remove_bl
 ``sglp_fast.evaluate.perplexity``. Calibration subset ``S`` (``--subset S``) = windows 16S..16S+15 of the
 built-in text, as in ``benchmarks/quality_smollm2.py``; ``--subset rS`` = the stop-7 research subsets (windows
 ``perm[16S:16S+16]`` of a seed-1234 permutation of the text's 387 windows of 256 tokens). Text A =
-``builtin:heldout``, text B = the README prose of ``benchmarks/quality_smollm2.readme_text`` (one definition).
+``builtin:heldout``, text B = the README prose of ``benchmarks/domains.readme_text`` (one definition).
 """
 from __future__ import annotations
 
@@ -70,7 +72,7 @@ def eval_texts(tok, names: str, n: int, seq_len: int) -> dict[str, torch.Tensor]
             out["A"] = load_calibration("builtin:heldout", tok, n_seqs=n, seq_len=seq_len).input_ids
         elif name == "B":
             sys.path.insert(0, os.path.join(HERE, "..", "..", "benchmarks"))
-            from quality_smollm2 import readme_text  # noqa: PLC0415  (text B has one definition)
+            from domains import readme_text  # noqa: PLC0415  (text B has one definition)
 
             out["B"] = load_calibration([readme_text()], tok, n_seqs=n, seq_len=seq_len).input_ids
         elif name:
@@ -162,8 +164,8 @@ def cmd_candidates(args, model, tok, data, out):
                 line = (f"  {k:28s} {str(c['removed']):26s} runs {row['runs']} | plain loss {c['calib_loss']:.3f} "
                         f"{fmt(row['ppl_plain'])}")
                 if a.compensate:
-                    search_maps = a.verifier.transforms(c["removed"])
-                    refit = a.verifier.transforms(c["removed"], all_windows=True)
+                    search_maps = a.verifier.transforms(c["removed"], fold=0)  # fitted without the first fold
+                    refit = a.verifier.transforms(c["removed"])
                     row.update(loss_comp=c["calib_loss_compensated"],
                                ppl_comp=held(c["removed"], search_maps, tag="search"),
                                ppl_comp_refit=held(c["removed"], refit, tag="refit"))
@@ -205,13 +207,13 @@ def cmd_kl(args, model, tok, data, out):
                 if c.get("calib_loss") is None:
                     continue
                 for comp in (False, True) if a.compensate else (False,):
-                    maps = a.verifier.transforms(c["removed"]) if comp else None
+                    maps = a.verifier.transforms(c["removed"], fold=0) if comp else None
                     pruned = remove_blocks(copy.deepcopy(a.model), c["removed"], maps)
                     kls[(k, comp)] = kl_to_dense(a.model, pruned, check)
                     nll = perplexity(pruned, check).nll  # must equal the package's check loss
                     del pruned
                     ref = c["calib_loss_compensated" if comp else "calib_loss"]
-                    refit = a.verifier.transforms(c["removed"], all_windows=True) if comp else None
+                    refit = a.verifier.transforms(c["removed"]) if comp else None
                     ppl = held(c["removed"], refit, tag="refit")
                     print(f"n={n} {k:28s}{' +comp' if comp else '      '} {str(c['removed']):26s} nll {ref:.4f} "
                           f"(recomputed {nll:.4f}) kl {kls[(k, comp)]:.4f} | {fmt(ppl)}", flush=True)

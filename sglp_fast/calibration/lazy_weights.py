@@ -3,12 +3,15 @@
 Why: a 70B checkpoint does not fit in RAM; the calibration runtime needs one block at a time. The skeleton
 is built with real buffers (rotary ``inv_freq`` etc. are computed, not stored) and meta parameters; the
 embedding, final norm and head are loaded eagerly, each block on demand. Shards are opened per block and
-closed right after, so their memory-mapped pages leave the resident set with the block.
+closed right after, so their memory-mapped pages leave the resident set with the block. Reading a block
+(``read_block``, safe in a background thread: it touches no module) is apart from putting it into the
+skeleton (``assign_block``, the calling thread's), so the next block can be read while the current computes.
 """
 from __future__ import annotations
 
 import json
 import os
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ class SafetensorsCheckpoint:
     def __init__(self, directory: str):
         self.directory = directory
         self.bytes_read = 0  # tensor bytes read from disk so far (the scale benchmark reports it per stage)
+        self._count_lock = threading.Lock()  # a prefetch thread reads while the main thread may too
         index = os.path.join(directory, INDEX_NAME)
         if os.path.isfile(index):
             self.weight_map: dict[str, str] = _read_index(index)
@@ -43,21 +47,31 @@ class SafetensorsCheckpoint:
 
     def read(self, keys: list[str], dtype: torch.dtype | None, device="cpu") -> dict[str, torch.Tensor]:
         """Read ``keys`` with plain file reads (no mmap: the resident set holds exactly these tensors)."""
+        out = {}
+        for key, t in self._each(keys, pin=False):
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            out[key] = t.to(device)
+        return out
+
+    def read_pinned(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Read ``keys`` as stored, straight into pinned host memory: a copy to a GPU can then run
+        asynchronously on a side stream with no staging copy (the dtype is converted on the GPU)."""
+        return dict(self._each(keys, pin=True))
+
+    def _each(self, keys: list[str], pin: bool):
         by_file: dict[str, list[str]] = {}
         for key in keys:
             by_file.setdefault(self.weight_map[key], []).append(key)
-        out = {}
         for name, file_keys in by_file.items():
             path = os.path.join(self.directory, name)
             with open(path, "rb", buffering=0) as fh:
                 header, data_start = _read_header(fh, path)
                 for key in sorted(file_keys, key=lambda k: header[k]["data_offsets"][0]):
-                    t = _read_tensor(fh, header[key], data_start, key, path)
-                    self.bytes_read += t.numel() * t.element_size()
-                    if dtype is not None and t.is_floating_point():
-                        t = t.to(dtype)
-                    out[key] = t.to(device)
-        return out
+                    t = _read_tensor(fh, header[key], data_start, key, path, pin)
+                    with self._count_lock:
+                        self.bytes_read += t.numel() * t.element_size()
+                    yield key, t
 
 
 def _read_index(index: str) -> dict[str, str]:
@@ -94,12 +108,12 @@ def _read_header(fh, path: str) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def _read_tensor(fh, info: dict, data_start: int, key: str, path: str) -> torch.Tensor:
+def _read_tensor(fh, info: dict, data_start: int, key: str, path: str, pin: bool = False) -> torch.Tensor:
     dtype = _ST_DTYPES.get(info["dtype"])
     if dtype is None:
         raise ValueError(f"source: tensor {key!r} in {path!r} has dtype {info['dtype']}, which lazy loading does not read")
     begin, end = info["data_offsets"]
-    buf = torch.empty(end - begin, dtype=torch.uint8)
+    buf = torch.empty(end - begin, dtype=torch.uint8, pin_memory=pin)
     fh.seek(data_start + begin)
     view = memoryview(buf.numpy())
     got = 0
@@ -231,17 +245,47 @@ def is_lazy(model: nn.Module) -> bool:
     return model in _LAZY_MODELS
 
 
-def load_block(model: nn.Module, block: nn.Module, blocks_path: str, device, dtype: torch.dtype | None) -> None:
-    """Materialize ``block``'s parameters (on ``device``) from its checkpoint entries (original numbering)."""
+def block_keys(model: nn.Module, block: nn.Module, blocks_path: str) -> dict[str, str]:
+    """``block``'s parameter names -> their checkpoint keys (the block's original numbering)."""
     lazy = _LAZY_MODELS[model]
     original_prefix = f"{blocks_path}.{lazy.original_index[block]}."
-    names = [n for n, _ in block.named_parameters()]
-    keys = [lazy.key_map[original_prefix + n] for n in names]
-    tensors = lazy.checkpoint.read(keys, dtype or lazy.dtype, device)
-    for n, k in zip(names, keys):
-        _assign(block, n, tensors[k])
+    return {n: lazy.key_map[original_prefix + n] for n, _ in block.named_parameters()}
+
+
+def read_block(model: nn.Module, block: nn.Module, blocks_path: str, dtype: torch.dtype | None, device="cpu",
+               pinned: bool = False) -> dict[str, torch.Tensor]:
+    """``block``'s tensors by parameter name, read from the checkpoint; touches no module.
+
+    Why apart from ``assign_block``: a prefetch thread reads the next block while the current one computes;
+    only the main thread changes modules. ``pinned``: as stored, in pinned host memory (``dtype`` and
+    ``device`` unused: the caller copies them to its GPU and converts there).
+    """
+    lazy = _LAZY_MODELS[model]
+    keys = block_keys(model, block, blocks_path)
+    if pinned:
+        tensors = lazy.checkpoint.read_pinned(list(keys.values()))
+    else:
+        tensors = lazy.checkpoint.read(list(keys.values()), dtype or lazy.dtype, device)
+    return {n: tensors[k] for n, k in keys.items()}
+
+
+def assign_block(model: nn.Module, block: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Put ``read_block``'s tensors into ``block`` and run its after-load change (e.g. a folded map)."""
+    for n, t in tensors.items():
+        _assign(block, n, t)
+    lazy = _LAZY_MODELS[model]
     if block in lazy.after_load:
         lazy.after_load[block](block)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a lazy model's floating tensors are read in unless the caller asks for another."""
+    return _LAZY_MODELS[model].dtype
+
+
+def load_block(model: nn.Module, block: nn.Module, blocks_path: str, device, dtype: torch.dtype | None) -> None:
+    """Materialize ``block``'s parameters (on ``device``) from its checkpoint entries (original numbering)."""
+    assign_block(model, block, read_block(model, block, blocks_path, dtype, device))
 
 
 def on_load(model: nn.Module, block: nn.Module, change) -> None:

@@ -1,13 +1,55 @@
-"""The memory plan printed before calibration: what goes where, in bytes, and the tiers' projected use."""
+"""The memory plan printed before calibration: what goes where, in bytes, the tiers' projected use, and the
+predicted peak of device and host memory. ``max_device_memory`` (``--max-memory``) is a hard budget, checked
+here before any work: below the least the run needs, a ValueError names both numbers and the fix.
+
+What the peak counts: the bytes of the tensors the run holds at once, in whichever phase holds most:
+  calibration  the weights (the whole model when resident; else one block, two with prefetch, plus its
+               gradients with the backward; the embedding/head while they run), the activation cache's
+               device/CPU tiers, the CKA items (``Budget.cka_item_bytes``), one block call's working set;
+  selection    the same weights, the kept block inputs, one call's working set, and the d x d float64
+               matrices compensation holds (``Budget.host_matrices``).
+Calibration knows nothing of similarity or selection: the caller that runs them says what they hold, in a
+``Budget`` passed as ``max_device_memory``. Not counted: the interpreter and libraries, allocator slack, the
+model's loading, and what ``sglp prune`` does once the plan is made (perplexity, save), which holds less.
+How it was checked: the peak RSS of a fresh process over its RSS before the model is built, glibc's mmap
+threshold pinned at 1 MiB so that a freed tensor leaves the RSS at once (tests/test_memory_budget.py):
+within 20% (resident, lazy, GradNorm, long windows, compensated, spilling to disk).
+On the CPU the device is the host: one budget, one peak.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
 
-from ..sizes import fmt_bytes, parse_bytes
+from ..sizes import Limit, fmt_bytes, parse_bytes
 from .store import check_offload_dir, free_memory_bytes
 from .weights import BlockWeights, module_bytes
+
+FLOAT64 = 8
+
+
+class BudgetTooSmall(ValueError):
+    """The budget is below the least the run needs; ``least`` and ``limit`` in bytes (callers retry with it)."""
+
+    def __init__(self, message: str, least: int, limit: int):
+        super().__init__(message)
+        self.least, self.limit = least, limit
+
+
+@dataclass(frozen=True)
+class Budget(Limit):
+    """``max_device_memory`` with what the stages after calibration hold (passed through ``calibrate``).
+
+    Why a type and not two more arguments of ``calibrate``: the budget must cover stages calibration knows
+    nothing of; the caller that runs them says what they hold, and the plan counts it with the rest.
+    ``limit``: the bytes (``parse_bytes`` reads it); ``name``: the argument the user set, which errors name.
+    """
+
+    name: str = "max_device_memory"
+    cka_item_bytes: int = 0  # the CKA accumulator's items held at once (every layer's, to the last layer)
+    cka_work_bytes: int = 0  # the CKA accumulator's transient when a batch completes (its panel, copies)
+    host_matrices: int = 0  # d x d float64 matrices the selection holds at once on the host (compensation)
 
 
 @dataclass
@@ -24,25 +66,55 @@ class MemoryPlan:
     tiers: dict[str, int] = field(default_factory=dict)  # projected bytes per tier
     checkpoint_bytes: int = 0  # disk the resumable checkpoint takes (checkpoint_dir), 0 without one
     budgets: dict[str, int | None] = field(default_factory=dict)
+    working_set_bytes: int = 0  # one block call (or the head) at its largest
+    cka_item_bytes: int = 0
+    cka_budget: int | None = None  # memory the CKA items may take before they spill to disk (None: its default)
+    selection_bytes: int = 0  # compensation's d x d float64 matrices, on the host
+    peak_device_bytes: int = 0  # on the CPU: the same as peak_host_bytes
+    peak_host_bytes: int = 0
+    minimum_bytes: int = 0  # the least the budget must hold: everything but the caches that can spill
+    limit_bytes: int | None = None  # max_device_memory (None: no limit)
+
+    @property
+    def on_cpu(self) -> bool:
+        return torch.device(self.device).type == "cpu"
 
     def __str__(self) -> str:
         lines = [
-            f"memory plan (compute device: {self.device})",
+            f"memory plan (compute device: {self.device}"
+            + ("; the device is the host: one budget, one peak)" if self.on_cpu else ")"),
             f"  weights      : {self.weights_mode}",
             f"    largest block       {fmt_bytes(self.max_block_bytes):>12}",
             f"    embedding/head/norm {fmt_bytes(self.other_weight_bytes):>12}",
-            f"  activations  : {self.num_slots} slot(s) x {fmt_bytes(self.activation_slot_bytes)}"
-            f" + gradients {fmt_bytes(self.grad_bytes)}",
+            f"  activations  : {self.num_slots:.3g} slot(s) x {fmt_bytes(self.activation_slot_bytes)}"
+            f" + gradients {fmt_bytes(self.grad_bytes)}; one call's working set "
+            f"{fmt_bytes(self.working_set_bytes)}",
         ]
         for tier in ("device", "cpu", "disk"):
-            if tier == "device" and self.device == "cpu":
+            if tier == "device" and self.on_cpu:
                 continue  # computing on the CPU: the CPU tier is the device
             budget = self.budgets.get(tier)
             b = "unbounded" if budget is None else fmt_bytes(budget)
             lines.append(f"    {tier:<6} {fmt_bytes(self.tiers.get(tier, 0)):>12}  (budget {b})")
+        if self.cka_item_bytes:
+            room = "its default" if self.cka_budget is None else fmt_bytes(self.cka_budget)
+            lines.append(f"  CKA items    : {fmt_bytes(self.cka_item_bytes)} (in memory up to {room}, the rest on "
+                         "disk)")
+        if self.selection_bytes:
+            lines.append(f"  compensation : about {fmt_bytes(self.selection_bytes)} of d x d float64 matrices "
+                         "(host)")
         if self.checkpoint_bytes:
             lines.append(f"  checkpoint   : {fmt_bytes(self.checkpoint_bytes)} on disk (every block's outputs)")
+        lines.append(self._peak_line())
         return "\n".join(lines)
+
+    def _peak_line(self) -> str:
+        limit = "no limit" if self.limit_bytes is None else f"limit {fmt_bytes(self.limit_bytes)}"
+        budget = f"({limit}; the least this run needs: {fmt_bytes(self.minimum_bytes)})"
+        if self.on_cpu:
+            return f"  predicted peak: {fmt_bytes(self.peak_host_bytes)} {budget}"
+        return (f"  predicted peak: device {fmt_bytes(self.peak_device_bytes)} {budget}, host "
+                f"{fmt_bytes(self.peak_host_bytes)}")
 
 
 def project_tiers(total: int, budgets: dict[str, int]) -> dict[str, int]:
@@ -56,52 +128,328 @@ def project_tiers(total: int, budgets: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def plan_memory(adapter, weights: BlockWeights, batches, gradients, act_dtype, device, max_device_memory, max_cpu_memory,
-          offload_dir, kept_batches: int = 0) -> tuple[MemoryPlan, dict[str, int], str | None]:
-    hidden = int(getattr(adapter.config, "hidden_size", 0) or getattr(adapter.config, "n_embd", 0) or 0)
-    itemsize = torch.tensor([], dtype=act_dtype).element_size()
-    tokens_padded = sum(b["input_ids"].numel() for b in batches)
-    slot = tokens_padded * hidden * itemsize
-    grad = tokens_padded * hidden * 4 if gradients else 0
+# --- sizes ---------------------------------------------------------------------------------------------------
+def _config_int(config, *names: str, default: int = 0) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default
+
+
+def hidden_size(config) -> int:
+    """The residual stream's width (the names the supported families use)."""
+    return _config_int(config, "hidden_size", "n_embd", "d_model")
+
+
+def _head_dim(config) -> int:
+    heads = _config_int(config, "num_attention_heads", "n_head", default=1)
+    return _config_int(config, "head_dim", default=hidden_size(config) // heads)
+
+
+def block_call_bytes(adapter, windows: int, seq_len: int, itemsize: int) -> int:
+    """Transient memory of one block forward over ``windows`` x ``seq_len`` tokens.
+
+    Per token: the MLP's gate/up/product (3 x intermediate) beside the input, residual, norm and output
+    (4 x hidden); with eager attention also the scores and probabilities in fp32 (fused attention, sdpa's and
+    flash, does not materialize them). Measured on the CPU (tests/test_memory_budget.py): within 20%.
+    """
+    cfg = adapter.config
+    d = hidden_size(cfg)
+    f = _config_int(cfg, "intermediate_size", "ffn_dim", "n_inner", default=4 * d)
+    heads = _config_int(cfg, "num_attention_heads", "n_head", default=1)
+    eager = getattr(cfg, "_attn_implementation", "eager") in (None, "eager")
+    scores = 2 * windows * heads * seq_len * seq_len * 4 if eager else 0
+    return windows * seq_len * (3 * f + 4 * d) * itemsize + scores
+
+
+def head_call_bytes(adapter, tokens: int, itemsize: int, gradients: bool) -> int:
+    """The head over one batch: the logits, their fp32 copy and log-softmax (and their gradient)."""
+    vocab = _config_int(adapter.config, "vocab_size")
+    return tokens * vocab * (itemsize + 4 * (3 if gradients else 2))
+
+
+def _grad_record_bytes(adapter) -> int:
+    """``losses.BlockGradStats.record``: float64 weight, gradient, product and its abs of the largest tensor."""
+    largest = max((p.numel() for p in adapter.blocks.parameters()), default=0)
+    return 4 * FLOAT64 * largest
+
+
+@dataclass
+class _Shape:
+    """The calibration set's sizes the plan needs."""
+
+    hidden: int
+    itemsize: int
+    tokens: int  # every batch, padded
+    seq_len: int  # the longest window
+    batch_tokens: int  # the largest batch
+    call_windows: int  # windows in one block call
+    kept_tokens: int  # tokens of the kept batches
+    head_dim: int  # the rotary tables every batch's block calls keep (cos, sin: 2 x head_dim per token)
+
+    def call_args(self, tokens: int) -> int:
+        """The block-call arguments (rotary tables) ``tokens`` keep for the whole pass, in fp32."""
+        return tokens * 2 * self.head_dim * 4
+
+    @classmethod
+    def of(cls, adapter, batches, act_dtype, windows_per_call: int, kept_batches: int) -> _Shape:
+        shapes = [tuple(b["input_ids"].shape) for b in batches]
+        windows = min(max(windows_per_call, max(s[0] for s in shapes)), sum(s[0] for s in shapes))
+        return cls(hidden=hidden_size(adapter.config),
+                   itemsize=torch.tensor([], dtype=act_dtype).element_size(),
+                   tokens=sum(s[0] * s[1] for s in shapes), seq_len=max(s[1] for s in shapes),
+                   batch_tokens=max(s[0] * s[1] for s in shapes), call_windows=windows,
+                   kept_tokens=sum(s[0] * s[1] for s in shapes[:kept_batches]), head_dim=_head_dim(adapter.config))
+
+
+@dataclass
+class _Phase:
+    """One phase of the run: what it holds that cannot spill (device side, host side) and its caches."""
+
+    name: str
+    weights: int  # weights in use on the device side (the CPU itself when computing there)
+    work: int  # one call's transient bytes
+    matrices: int = 0  # compensation's d x d float64 matrices (host), with their device-side products
+    solve: int = 0
+    args: int = 0  # the batches' block-call arguments (rotary tables), kept for the whole pass
+    caches: tuple[int, int] = (0, 0)  # (device, host) bytes of the caches this phase holds
+
+    def fixed(self, host_weights: int) -> tuple[int, int]:
+        return self.weights + self.work + self.solve + self.args, host_weights + self.matrices
+
+
+@dataclass
+class _Weights:
+    """Weight bytes by where they sit: the device side while a block runs / while the embedding and head
+    run, and the host (the model's CPU copy, or a lazy model's embedding/head)."""
+
+    mode: str
+    what: str
+    block: int
+    other: int
+    device_block: int
+    device_head: int
+    host: int
+
+
+def _weights_bytes(weights: BlockWeights, adapter, on_cpu: bool, prefetch: bool, gradients: bool) -> _Weights:
+    n = adapter.num_blocks
+    block = max(weights.block_bytes(i) for i in range(n))
+    everything = module_bytes(adapter.model, weights.dtype)
+    other = everything - sum(weights.block_bytes(i) for i in range(n))
+    grads = block if gradients else 0
+    if weights.mode == "resident":
+        return _Weights(weights.mode, "the whole model" + (" + one block's gradients" if gradients else ""),
+                        block, other, everything + grads, everything, 0)
+    held = (2 if prefetch else 1) * block
+    what = ("two blocks (prefetch)" if prefetch else "one block") + (" + its gradients" if gradients else "")
+    # copy: the model stays where it is (the CPU) in its own dtype; lazy: only the embedding/head are loaded
+    host = module_bytes(adapter.model) if weights.mode == "copy" else other
+    if prefetch and weights.mode == "lazy" and not on_cpu:
+        host += block  # the next block is read into pinned host memory before its copy to the GPU
+    head = 0 if (on_cpu and weights.mode == "lazy") else other  # on the CPU a lazy model's head is in ``host``
+    return _Weights(weights.mode, what, block, other, held + grads, head, host)
+
+
+def preflight(adapter, batches, budget: Budget, *, gradients: bool, device=None, dtype=None, offload_dir=None,
+              keep_inputs: int = 0, max_cpu_memory=None) -> MemoryPlan:
+    """The plan ``calibrate`` will make with these arguments (its own planning step), made before anything runs.
+
+    Why: a caller that runs other stages beside calibration (the CKA accumulator) sizes them from it, and a
+    budget below the least the run needs fails here, before any work.
+    """
+    from .runtime import _first_device, _kept_batches, _plan, _validate_batches  # runtime imports this module
+
+    batches = _validate_batches(batches, adapter)  # the errors calibrate would give, first
+    device = _first_device(adapter) if device is None else torch.device(device)
+    act_dtype = dtype or next((p.dtype for p in adapter.blocks.parameters() if p.is_floating_point()), torch.float32)
+    weights = BlockWeights(adapter, device, dtype)
+    return _plan(adapter, weights, batches, gradients, act_dtype, device, budget, max_cpu_memory, offload_dir,
+                 _kept_batches(batches, keep_inputs), None, None)[0]
+
+
+# --- the plan ---------------------------------------------------------------------------------------------
+def plan_memory(adapter, weights: BlockWeights, batches, gradients, act_dtype, device, max_device_memory,
+                max_cpu_memory, offload_dir, kept_batches: int = 0, *, prefetch: bool | None = None,
+                windows_per_call: int = 1) -> tuple[MemoryPlan, dict[str, int], str | None]:
+    """The plan, the activation store's budgets and the checked offload folder; a ValueError when the budget
+    is below the least the run needs (before any work).
+
+    ``max_device_memory``: bytes, a size string, None, or a ``Budget`` (which also says what later stages
+    hold). On the CPU it bounds the whole run's memory (the device is the host); ``max_cpu_memory`` bounds
+    the activation cache's CPU tier. ``prefetch`` (None: the weights' own setting) holds a second block;
+    ``windows_per_call`` windows go through a block in one call.
+    """
+    budget = max_device_memory if isinstance(max_device_memory, Budget) else Budget(max_device_memory)
+    limit = parse_bytes(budget.limit, budget.name)
+    cpu_limit = parse_bytes(max_cpu_memory, "max_cpu_memory")
+    prefetch = bool(getattr(weights, "prefetch", False)) if prefetch is None else bool(prefetch)
+    on_cpu = device.type == "cpu"
+    shape = _Shape.of(adapter, batches, act_dtype, windows_per_call, kept_batches)
+    slot = shape.tokens * shape.hidden * shape.itemsize
+    grad = shape.tokens * shape.hidden * 4 if gradients else 0
     n_slots = adapter.num_blocks + 1 if gradients else 2
     if kept_batches and not gradients:  # every block's input stays cached for the kept batches (the verifier)
-        kept_tokens = sum(b["input_ids"].numel() for b in batches[:kept_batches])
-        n_slots += (adapter.num_blocks - 1) * kept_tokens / max(tokens_padded, 1)
-    block_bytes = max(weights.block_bytes(i) for i in range(adapter.num_blocks))
-    all_bytes = module_bytes(adapter.model, weights.dtype)
-    blocks_total = sum(weights.block_bytes(i) for i in range(adapter.num_blocks))
-    dev_budget = parse_bytes(max_device_memory, "max_device_memory")
-    cpu_budget = parse_bytes(max_cpu_memory, "max_cpu_memory")
-    if device.type == "cpu":
-        given = [b for b in (dev_budget, cpu_budget) if b is not None]
-        cache_cpu = min(given) if given else free_memory_bytes("cpu") // 2
-        cache_dev = 0
-    else:
-        if dev_budget is None:
-            free, _ = torch.cuda.mem_get_info(device) if device.type == "cuda" else (0, 0)
-            dev_budget = int(free * 0.9)
-        resident = all_bytes if weights.mode == "resident" else block_bytes * 2  # weights + their gradients
-        if dev_budget < resident:
-            raise ValueError(
-                f"max_device_memory: {dev_budget} bytes cannot hold {'the model' if weights.mode == 'resident' else 'one block'} "
-                f"({resident} bytes with gradients); raise it, or load the model to CPU / lazily to stream blocks"
-            )
-        cache_dev = max(0, dev_budget - resident - 4 * (slot // max(len(batches), 1)))
-        cache_cpu = cpu_budget if cpu_budget is not None else free_memory_bytes("cpu") // 2
-    budgets = {"device": cache_dev, "cpu": cache_cpu}
-    tiers = project_tiers(int(n_slots * slot) + grad, budgets)
+        n_slots += (adapter.num_blocks - 1) * shape.kept_tokens / max(shape.tokens, 1)
+    cache_total = int(n_slots * slot) + grad
+    w = _weights_bytes(weights, adapter, on_cpu, prefetch, gradients)
+    phases = _phases(adapter, shape, w, gradients, budget, kept_batches > 0)
+    worst = max(phases, key=lambda ph: _cost(ph.fixed(w.host), on_cpu))
+    least = _cost(worst.fixed(w.host), on_cpu)
+
+    if not on_cpu and limit is None:
+        free, _ = torch.cuda.mem_get_info(device) if device.type == "cuda" else (0, 0)
+        limit = int(free * 0.9)  # no limit asked: what is free now (the device cannot give more)
+    name = budget.name if budget.limit is not None else None
+    # a cache that spills makes copies: a call's input read back from disk, its output on its way there, and
+    # the previous call's pair until the next replaces them; on the CPU they count against the budget, so the
+    # least (everything spilled) includes them
+    copies = 4 * shape.call_windows * shape.seq_len * shape.hidden * shape.itemsize if cache_total else 0
+    if on_cpu:
+        least += copies
+    if limit is not None and limit < least:
+        raise BudgetTooSmall(_below_minimum(name, limit, least, worst, w, shape, device, copies if on_cpu else 0),
+                             least, limit)
+    room = None if limit is None else limit - least + (copies if on_cpu else 0)
+    budgets = _cache_budgets(on_cpu, room, cpu_limit)
+    tiers = project_tiers(cache_total, budgets)
+    spill = copies if tiers["disk"] else 0
+    if spill and on_cpu and room is not None:  # spilling after all: the copies take their share of the room
+        room -= spill
+        budgets = _cache_budgets(on_cpu, room, cpu_limit)
+        tiers = project_tiers(cache_total, budgets)
     checked_dir = check_offload_dir(offload_dir, tiers["disk"])
     if tiers["disk"] > 0 and checked_dir is None:
         raise ValueError(
-            f"offload_dir: the activation cache needs {fmt_bytes(int(n_slots * slot) + grad)} but the memory "
-            f"budget (max_device_memory / max_cpu_memory) leaves room for {fmt_bytes(cache_dev + cache_cpu)}; pass "
+            f"offload_dir: the activation cache needs {fmt_bytes(cache_total)} but the memory "
+            f"budget (max_device_memory / max_cpu_memory) leaves room for {fmt_bytes(sum(budgets.values()))}; pass "
             f"offload_dir=<a folder with {fmt_bytes(tiers['disk'])} free> to spill the rest to disk, raise the "
             "budget, or use fewer/shorter calibration windows"
         )
+    cka_budget = None if room is None else max(0, room - tiers["cpu" if on_cpu else "device"])
+    cka = _cka_tiers(budget.cka_item_bytes, cka_budget, device)
+    kept = (adapter.num_blocks + 1) * shape.kept_tokens * shape.hidden * shape.itemsize
+    _place_caches(phases, tiers, cka, kept, spill)
+    peak_dev, peak_host = _peaks(phases, w.host, on_cpu)
     plan = MemoryPlan(
-        device=str(device), weights_mode=weights.describe(), max_block_bytes=block_bytes,
-        other_weight_bytes=all_bytes - blocks_total, activation_slot_bytes=slot, num_slots=n_slots,
-        grad_bytes=grad, tiers=tiers,
-        budgets={"device": cache_dev if device.type != "cpu" else 0, "cpu": cache_cpu, "disk": None if checked_dir else 0},
+        device=str(device), weights_mode=weights.describe(), max_block_bytes=w.block, other_weight_bytes=w.other,
+        activation_slot_bytes=slot, num_slots=n_slots, grad_bytes=grad, tiers=tiers,
+        budgets={"device": budgets["device"], "cpu": budgets["cpu"], "disk": None if checked_dir else 0},
+        working_set_bytes=max(ph.work for ph in phases), cka_item_bytes=budget.cka_item_bytes,
+        cka_budget=cka_budget, selection_bytes=budget.host_matrices * shape.hidden ** 2 * FLOAT64,
+        peak_device_bytes=peak_dev, peak_host_bytes=peak_host, minimum_bytes=least, limit_bytes=limit,
     )
     return plan, budgets, checked_dir
+
+
+def _cache_budgets(on_cpu: bool, room: int | None, cpu_limit: int | None) -> dict[str, int]:
+    """The activation store's budgets: on the CPU the room the budget leaves (and max_cpu_memory), on a GPU
+    the device's room and max_cpu_memory; unbounded ones take half the free RAM."""
+    if on_cpu:
+        given = [b for b in (room, cpu_limit) if b is not None]
+        return {"device": 0, "cpu": min(given) if given else free_memory_bytes("cpu") // 2}
+    return {"device": room, "cpu": cpu_limit if cpu_limit is not None else free_memory_bytes("cpu") // 2}
+
+
+def _cost(fixed: tuple[int, int], on_cpu: bool) -> int:
+    """What a phase asks of the budget: the device's bytes, or on the CPU everything (the device is the host)."""
+    return fixed[0] + fixed[1] if on_cpu else fixed[0]
+
+
+def _phases(adapter, shape: _Shape, w: _Weights, gradients: bool, budget: Budget, kept: bool) -> list[_Phase]:
+    """Calibration's forward, head and backward, and the selection that re-runs blocks from the kept inputs."""
+    host_matrices = budget.host_matrices
+    # a block call, or after it the observers (the CKA panel of a completing batch): not both at once
+    call = block_call_bytes(adapter, shape.call_windows, shape.seq_len, shape.itemsize)
+    forward = max(call, budget.cka_work_bytes)
+    args = shape.call_args(shape.tokens)
+    out = [_Phase("forward", w.device_block, forward, args=args),
+           _Phase("head", w.device_head, head_call_bytes(adapter, shape.batch_tokens, shape.itemsize, gradients),
+                  args=args)]
+    if gradients:  # the autograd graph of one batch and its fp32 gradients, or the float64 statistics after
+        one = block_call_bytes(adapter, 1, shape.seq_len, shape.itemsize) * shape.batch_tokens // shape.seq_len
+        work = max(2 * one + 2 * shape.batch_tokens * shape.hidden * 4, _grad_record_bytes(adapter))
+        out.append(_Phase("backward", w.device_block, work, args=args))
+    if kept or host_matrices:
+        check = block_call_bytes(adapter, 1, shape.seq_len, shape.itemsize) * shape.batch_tokens // shape.seq_len
+        d2 = shape.hidden * shape.hidden * FLOAT64
+        out.append(_Phase("selection", w.device_block, check, matrices=host_matrices * d2,
+                          solve=2 * d2 if host_matrices else 0,  # one batch's XᵀX and XᵀY where the block runs
+                          args=shape.call_args(shape.kept_tokens)))
+    return out
+
+
+def _place_caches(phases: list[_Phase], tiers: dict[str, int], cka: dict[str, int], kept: int,
+                  spill: int) -> None:
+    """The caches each phase holds: the activation cache (and the CKA items while the forward runs), then
+    only the kept block inputs, wherever first fit put them. ``spill``: with a disk tier, the copies of the
+    activations read back and written out (on the CPU)."""
+    for ph in phases:
+        if ph.name == "selection":
+            on_dev = min(kept, tiers["device"])
+            ph.caches = (on_dev, min(kept - on_dev, tiers["cpu"]) + spill)
+        elif ph.name == "forward":
+            ph.caches = (tiers["device"] + cka["device"], tiers["cpu"] + cka["cpu"] + spill)
+        else:
+            ph.caches = (tiers["device"], tiers["cpu"] + spill)
+
+
+def _peaks(phases: list[_Phase], host_weights: int, on_cpu: bool) -> tuple[int, int]:
+    """The largest phase on each side: (device bytes, host bytes); on the CPU both are the one sum."""
+    sides = [tuple(f + c for f, c in zip(ph.fixed(host_weights), ph.caches)) for ph in phases]
+    if on_cpu:
+        both = max(d + h for d, h in sides)
+        return both, both
+    return max(d for d, _ in sides), max(h for _, h in sides)
+
+
+def _below_minimum(name: str | None, limit: int, least: int, worst: _Phase, w: _Weights, shape: _Shape,
+                   device, spill: int = 0) -> str:
+    """One line: the budget (``name``; None: a GPU's free memory), what the run cannot do without, the fix."""
+    on_cpu = device.type == "cpu"
+    if w.mode == "resident":
+        held = "the whole model" + (" + one block's gradients" if worst.weights > w.device_head else "")
+    else:
+        held = "the embedding/head" if worst.name == "head" else w.what
+        if on_cpu and w.mode == "copy":
+            held += " + the model's CPU copy"
+        elif on_cpu and worst.name != "head":
+            held += " + the embedding/head"
+    calls = shape.call_windows if worst.name == "forward" else 1
+    parts = [(f"weights ({held})", worst.weights + (w.host if on_cpu else 0)),
+             (f"one {worst.name if worst.name != 'selection' else 'check'} call's working set ({calls} window(s) x "
+              f"{shape.seq_len} tokens)", worst.work),
+             ("the batches' block-call arguments", worst.args),
+             ("compensation's d x d float64 matrices", worst.matrices + worst.solve),
+             ("activations copied from and to disk (two calls' inputs and outputs)", spill)]
+    parts = [(what, n) for what, n in parts if n]
+    biggest = max(parts, key=lambda p: p[1])[0]
+    if biggest.startswith("weights") and w.mode == "resident":
+        fix = "or load the model with lazy=True (one block at a time)"
+    elif biggest.startswith("weights"):
+        fix = f"or use a device with more memory: {held} must fit at once"
+    elif biggest.startswith("compensation"):
+        fix = "or use compensate=False"
+    else:
+        fix = "or lower seq_len"
+    where = "CPU (the device is the host)" if on_cpu else str(device)
+    listed = " + ".join(f"{what} {fmt_bytes(n)}" for what, n in parts)
+    head = f"{name}: {fmt_bytes(limit)} is" if name else f"{device} has {fmt_bytes(limit)} free, which is"
+    raise_it = f"raise {name} to" if name else "free memory there, or pass max_device_memory with"
+    return (f"{head} below the least this run needs on the {where}: {listed} = {fmt_bytes(least)} (the "
+            f"activation cache can spill to offload_dir, these cannot); {raise_it} at least {fmt_bytes(least)}, "
+            f"{fix}")
+
+
+def _cka_tiers(total: int, budget: int | None, device: torch.device) -> dict[str, int]:
+    """Where the CKA items go: memory up to ``budget`` (None: the accumulator's default, half the free
+    memory; on a GPU then pinned CPU memory), the rest to disk."""
+    if not total:
+        return {"device": 0, "cpu": 0, "disk": 0}
+    take = min(total, budget if budget is not None else free_memory_bytes(device) // 2)
+    rest = total - take
+    if device.type == "cpu":
+        return {"device": 0, "cpu": take, "disk": rest}
+    spill = min(rest, free_memory_bytes("cpu") // 2)
+    return {"device": take, "cpu": spill, "disk": rest - spill}

@@ -20,16 +20,17 @@ import torch.nn.functional as F
 
 from .. import distributed as dist
 from ..checks import check_int
+from ..sizes import parse_bytes
 from ..progress import bar as progress_bar
 from ..progress import shown
 from . import losses as G
 from ..models import get_adapter
 from ..models.base import BlockAdapter, BlockCall
-from .memory import plan_memory
-from .store import TieredStore
+from .memory import BudgetTooSmall, block_call_bytes, plan_memory
+from .store import TieredStore, free_memory_bytes
 from .checkpoint import PassCheckpoint, fingerprint
 from .kept_inputs import KeptInputs
-from .weights import BlockWeights, NonBlockModules
+from .weights import BlockWeights, NonBlockModules, module_bytes
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,8 @@ def _check_finite(t: torch.Tensor, what: str, dtype: torch.dtype) -> None:
 def calibrate(model_or_adapter, batches, *, observers=(), gradients: bool = True, device=None, dtype=None,
               max_device_memory=None, max_cpu_memory=None, offload_dir=None, seed: int = 0,
               progress: bool = True, generic: bool = False, keep_inputs: int = 0,
-              checkpoint_dir: str | os.PathLike | None = None, resume: bool = False) -> CalibrationResult:
+              checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
+              prefetch: bool | None = None, windows_per_call: int | None = None) -> CalibrationResult:
     """Run the calibration passes; see the module docstring and docs/contracts.md for the contract.
 
     ``keep_inputs=m``: keep every block's dense input for the leading batches holding >= m windows (all of
@@ -159,6 +161,12 @@ def calibrate(model_or_adapter, batches, *, observers=(), gradients: bool = True
     continues the pass a killed run left there (same model, calibration and settings, else an error): the
     result is bit-identical to an uninterrupted run. The caller removes the checkpoint when it is done with it
     (``result.checkpoint.remove()``).
+    ``prefetch``: bring block l+1's weights in (background thread; pinned memory and a side stream on CUDA)
+    while block l computes: at most two blocks in memory, the same results; None = on where it helps
+    (lazy or copied weights; ``weights.BlockWeights``) and the device budget holds the second block.
+    ``windows_per_call``: the forward runs up to this many windows of consecutive batches of one shape
+    through a block in one call (concatenated, split back: the same values up to float rounding; bigger
+    matrix products keep a GPU busy); None = ``default_windows_per_call``, 1 = one batch per call.
     """
     t_start = time.perf_counter()
     adapter = get_adapter(model_or_adapter, generic=generic)
@@ -166,6 +174,10 @@ def calibrate(model_or_adapter, batches, *, observers=(), gradients: bool = True
         raise TypeError(f"dtype: expected a torch.dtype such as torch.float32, got {dtype!r}")
     batches = _validate_batches(batches, adapter)
     observers = _validate_observers(observers)
+    check_int("windows_per_call", windows_per_call, 1, optional=True,
+              expected="a positive int (windows per block call) or None")
+    if prefetch is not None and not isinstance(prefetch, bool):
+        raise TypeError(f"prefetch: expected True, False or None (automatic), got {prefetch!r}")
     kept_batches = _kept_batches(batches, keep_inputs)
     device = _first_device(adapter) if device is None else torch.device(device)
     model = adapter.model
@@ -174,12 +186,13 @@ def calibrate(model_or_adapter, batches, *, observers=(), gradients: bool = True
     model.eval()
     for p, _ in flags:
         p.requires_grad_(False)
-    weights = BlockWeights(adapter, device, dtype)
-    cache = None
+    weights = cache = None
     try:
         act_dtype = dtype or next((p.dtype for p in adapter.blocks.parameters() if p.is_floating_point()), torch.float32)
-        plan, budgets, checked_dir = plan_memory(adapter, weights, batches, gradients, act_dtype, device,
-                                           max_device_memory, max_cpu_memory, offload_dir, kept_batches)
+        weights = BlockWeights(adapter, device, dtype, prefetch=prefetch)
+        plan, budgets, checked_dir, windows_per_call = _plan(adapter, weights, batches, gradients, act_dtype,
+                                                             device, max_device_memory, max_cpu_memory,
+                                                             offload_dir, kept_batches, prefetch, windows_per_call)
         checkpoint = None
         if checkpoint_dir is not None:
             checkpoint = PassCheckpoint(checkpoint_dir, fingerprint(adapter, batches, act_dtype, device, gradients),
@@ -195,17 +208,163 @@ def calibrate(model_or_adapter, batches, *, observers=(), gradients: bool = True
                     log.info("resuming: %d of %d blocks are in the checkpoint (replayed, not run)",
                              checkpoint.completed, adapter.num_blocks)
             result = _run(adapter, weights, batches, observers, gradients, device, act_dtype, cache, plan,
-                          progress, t_start, kept_batches, checkpoint)
+                          progress, t_start, kept_batches, checkpoint, windows_per_call)
             result.checkpoint = checkpoint
         if result.kept_inputs is not None:
             cache = None  # the handle owns it now
         return result
     finally:
+        if weights is not None:
+            weights.discard_prefetch()  # only left over when the pass broke off
         if cache is not None:
             cache.close()
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)
+
+
+# --- how much runs at once: prefetch and windows per block call ------------------------------------------
+# tokens per block call the automatic grouping aims at: on a GPU, enough rows for the matrix products to
+# reach the tensor cores' rate at small widths (SmolLM2: 576); on a CPU past where bigger products stop paying
+GPU_TOKENS_PER_CALL = 16384
+CPU_TOKENS_PER_CALL = 2048
+
+
+def _plan(adapter, weights, batches, gradients, act_dtype, device, max_device_memory, max_cpu_memory,
+          offload_dir, kept_batches, prefetch, windows_per_call):
+    """The memory plan and the windows per call. What was left automatic gives way to a budget too small for
+    it (the budget is the hard limit, these are only speed-ups): first the prefetch's second block, then the
+    grouped calls' working set."""
+    def attempt(windows):
+        windows = windows or default_windows_per_call(adapter, batches, device, act_dtype, max_device_memory,
+                                                      weights.prefetch)
+        return (*plan_memory(adapter, weights, batches, gradients, act_dtype, device, max_device_memory,
+                             max_cpu_memory, offload_dir, kept_batches, prefetch=weights.prefetch,
+                             windows_per_call=windows), windows)
+    try:
+        return attempt(windows_per_call)
+    except BudgetTooSmall:
+        if prefetch is None and weights.prefetch:
+            weights.prefetch = False
+            try:
+                return attempt(windows_per_call)
+            except BudgetTooSmall:
+                pass
+        if windows_per_call is not None:
+            raise
+        return attempt(1)
+
+
+def default_windows_per_call(adapter: BlockAdapter, batches: list[dict], device, act_dtype: torch.dtype,
+                             max_device_memory=None, prefetch: bool = False) -> int:
+    """Windows per block call when the caller leaves it open.
+
+    CPU: up to ``CPU_TOKENS_PER_CALL`` tokens, from the shapes alone, so that runs with other memory
+    budgets or offload tiers compute the very same products (bit-identical results). GPU: up to
+    ``GPU_TOKENS_PER_CALL`` tokens, and at most what a quarter of the device budget left after the block
+    weights holds (``memory.block_call_bytes``); the rest of the budget is the caches'.
+    """
+    device = torch.device(device)
+    seq_len = max(int(b["input_ids"].shape[1]) for b in batches)
+    target = GPU_TOKENS_PER_CALL if device.type == "cuda" else CPU_TOKENS_PER_CALL
+    windows = min(max(1, target // seq_len), sum(int(b["input_ids"].shape[0]) for b in batches))
+    if device.type == "cuda":
+        budget = parse_bytes(max_device_memory, "max_device_memory")
+        budget = budget if budget is not None else free_memory_bytes(device)
+        itemsize = torch.tensor([], dtype=act_dtype).element_size()
+        block = max(module_bytes(b, act_dtype) for b in adapter.blocks)
+        room = budget - (2 if prefetch else 1) * block
+        per_window = block_call_bytes(adapter, 1, seq_len, itemsize)
+        windows = min(windows, max(1, room // (4 * per_window)))
+    return int(windows)
+
+
+def _call_groups(batches: list[dict], windows_per_call: int, kept_batches: int) -> list[list[int]]:
+    """Consecutive batches of one shape and the same keys, up to ``windows_per_call`` windows together.
+
+    A group never straddles the kept batches' boundary: kept and freed outputs never share a call.
+    """
+    groups: list[list[int]] = []
+    windows = 0
+    for b, batch in enumerate(batches):
+        n = int(batch["input_ids"].shape[0])
+        prev = batches[groups[-1][-1]] if groups else None
+        if (prev is not None and windows + n <= windows_per_call and b != kept_batches
+                and prev["input_ids"].shape[1:] == batch["input_ids"].shape[1:] and prev.keys() == batch.keys()):
+            groups[-1].append(b)
+            windows += n
+        else:
+            groups.append([b])
+            windows = n
+    return groups
+
+
+class _Unmergeable(Exception):
+    """Two batches' block arguments differ in a way concatenation cannot express: call them one by one."""
+
+
+def _merge_values(values: list, sizes: list[int]):
+    """One argument for the concatenated batches: a shared value as is (broadcast over the windows when its
+    first dimension is 1), per-window tensors concatenated along the batch dimension."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        if not all(isinstance(v, torch.Tensor) and v.dtype == first.dtype and v.device == first.device
+                   and v.dim() == first.dim() for v in values):
+            raise _Unmergeable
+        per_window = first.dim() > 0 and all(v.shape[0] == n and v.shape[1:] == first.shape[1:]
+                                             for v, n in zip(values, sizes))
+        shared = all(v is first or (v.shape == first.shape and torch.equal(v, first)) for v in values[1:])
+        if shared and (first.dim() == 0 or first.shape[0] == 1 or not per_window):
+            return first
+        if per_window:
+            return torch.cat(values, dim=0)
+        raise _Unmergeable
+    if isinstance(first, dict):
+        if any(not isinstance(v, dict) or v.keys() != first.keys() for v in values):
+            raise _Unmergeable
+        return {k: _merge_values([v[k] for v in values], sizes) for k in first}
+    if isinstance(first, (tuple, list)):
+        if any(type(v) is not type(first) or len(v) != len(first) for v in values):
+            raise _Unmergeable
+        items = [_merge_values([v[i] for v in values], sizes) for i in range(len(first))]
+        return type(first)(*items) if hasattr(first, "_fields") else type(first)(items)
+    try:
+        if all(v is first or bool(v == first) for v in values[1:]):
+            return first
+    except (TypeError, ValueError, RuntimeError):
+        pass
+    raise _Unmergeable
+
+
+def _merged_call(calls: list[BlockCall], sizes: list[int]) -> BlockCall | None:
+    """The block arguments of the concatenated batches, or None when they cannot be merged."""
+    try:
+        args = _merge_values([c.args for c in calls], sizes)
+        kwargs = _merge_values([c.kwargs for c in calls], sizes)
+    except _Unmergeable:
+        return None
+    return BlockCall(tuple(args), dict(kwargs))
+
+
+def _run_group(adapter: BlockAdapter, block, xs: list[torch.Tensor], calls: list[BlockCall],
+               memo: dict) -> list[torch.Tensor]:
+    """Block outputs for the batches ``xs``: one call on their concatenation when their arguments merge
+    (``memo`` keeps merged arguments: blocks share them), one call per batch otherwise."""
+    if len(xs) == 1:
+        return [adapter.call_block(block, xs[0], calls[0])]
+    sizes = [int(x.shape[0]) for x in xs]
+    # keyed by the argument objects, which the model's forward made once for all its blocks
+    key = tuple((tuple(map(id, c.args)), tuple((k, id(v)) for k, v in c.kwargs.items())) for c in calls)
+    if key not in memo:
+        memo[key] = (_merged_call(calls, sizes), calls)  # the calls stay referenced: their ids stay theirs
+    merged = memo[key][0]
+    if merged is None:
+        return [adapter.call_block(block, x, c) for x, c in zip(xs, calls)]
+    y = adapter.call_block(block, torch.cat(xs, dim=0), merged)
+    if y.shape[0] != sum(sizes):
+        raise RuntimeError(f"{type(block).__name__} returned {y.shape[0]} rows for {sum(sizes)} concatenated "
+                           "windows; pass windows_per_call=1")
+    return [part.clone() for part in y.split(sizes, dim=0)]  # owned copies: no kept view pins the whole call
 
 
 def _kept_batches(batches: list[dict], keep_inputs: int) -> int:
@@ -224,8 +383,21 @@ def _free_unkept(cache, slot, n_batches: int, kept_batches: int) -> None:
         cache.free(slot, b)
 
 
+def _observe(l: int, b: int, x: torch.Tensor, y: torch.Tensor, observers, mask: torch.Tensor) -> tuple[float, float]:
+    """Hand block ``l``'s (input, output) of batch ``b`` to the observers; its influence and relative update sums."""
+    _check_finite(y, f"block {l} (batch {b})", y.dtype)
+    x32, y32 = G.at_least_fp32(x), G.at_least_fp32(y)
+    for obs in observers:
+        obs.observe(l, x32, y32, b, mask)
+    cos = F.cosine_similarity(x32, y32, dim=-1)
+    infl = float((1.0 - cos)[mask].double().sum())
+    rel = (y32 - x32).norm(dim=-1) / x32.norm(dim=-1).clamp_min(torch.finfo(x32.dtype).tiny)
+    return infl, float(rel[mask].double().sum())
+
+
 def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cache, plan, progress,
-         t_start, kept_batches: int = 0, checkpoint: PassCheckpoint | None = None) -> CalibrationResult:
+         t_start, kept_batches: int = 0, checkpoint: PassCheckpoint | None = None,
+         windows_per_call: int = 1) -> CalibrationResult:
     n_blocks, n_batches = adapter.num_blocks, len(batches)
     kind = G.loss_kind(adapter)
     counts = [G.loss_count(kind, b) for b in batches]
@@ -260,30 +432,28 @@ def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cac
     rel_sum = np.zeros(n_blocks, dtype=np.float64)
     t0 = time.perf_counter()
     bar = progress_bar(n_blocks, "calibrating", progress)
+    groups = _call_groups(batches, windows_per_call, kept_batches if not gradients else 0)
+    waited = weights.wait_s
+    merged_calls: dict = {}
     with torch.no_grad():
         for l in range(n_blocks):
             replay = checkpoint is not None and l < checkpoint.completed  # done before the run was killed
             bar.set_description("replaying" if replay else "calibrating")
-            block = None if replay else weights.acquire(l)
-            for b in range(n_batches):
-                x = cache.get(l, b)
+            block = None if replay else weights.acquire(l, next_index=l + 1 if l + 1 < n_blocks else None)
+            for group in groups:
+                xs = [cache.get(l, b) for b in group]
                 if replay:
-                    y = checkpoint.load(l + 1, b, device)
+                    ys = [checkpoint.load(l + 1, b, device) for b in group]
                 else:
-                    y = adapter.call_block(block, x, calls[b][l])
-                    if checkpoint is not None:
+                    ys = _run_group(adapter, block, xs, [calls[b][l] for b in group], merged_calls)
+                for b, x, y in zip(group, xs, ys):
+                    if checkpoint is not None and not replay:
                         checkpoint.save(l + 1, b, y)
-                _check_finite(y, f"block {l} (batch {b})", y.dtype)
-                x32, y32 = G.at_least_fp32(x), G.at_least_fp32(y)
-                for obs in observers:
-                    obs.observe(l, x32, y32, b, masks[b])
-                cos = F.cosine_similarity(x32, y32, dim=-1)
-                infl_sum[l] += float((1.0 - cos)[masks[b]].double().sum())
-                rel = (y32 - x32).norm(dim=-1) / x32.norm(dim=-1).clamp_min(torch.finfo(x32.dtype).tiny)
-                rel_sum[l] += float(rel[masks[b]].double().sum())
-                del x32, y32, x
-                cache.put(l + 1, b, y)
-                del y
+                    infl, rel = _observe(l, b, x, y, observers, masks[b])
+                    infl_sum[l] += infl
+                    rel_sum[l] += rel
+                    cache.put(l + 1, b, y)
+                del xs, ys
             if not gradients:
                 _free_unkept(cache, l, n_batches, kept_batches)
             if not replay:
@@ -295,6 +465,8 @@ def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cac
     bar.close()
     infl_sum, rel_sum = dist.all_reduce_sum(np.stack([infl_sum, rel_sum]), tag="forward_stats")
     timings["forward_s"] = time.perf_counter() - t0
+    timings["forward_weights_wait_s"] = weights.wait_s - waited  # reading blocks the forward waited for
+    timings["windows_per_call"] = windows_per_call
 
     # 3. loss on the final hidden states (and dL/dh_L per batch)
     t0 = time.perf_counter()
@@ -329,7 +501,7 @@ def _run(adapter, weights, batches, observers, gradients, device, act_dtype, cac
         stats = G.BlockGradStats()
         bar = progress_bar(n_blocks, "gradients", progress)
         for l in reversed(range(n_blocks)):
-            block = weights.acquire(l)
+            block = weights.acquire(l, next_index=l - 1 if l > 0 else None)
             named = list(block.named_parameters())
             for _, p in named:
                 p.requires_grad_(True)

@@ -26,24 +26,34 @@ class Verifier(Protocol):
         """Work spent so far, in block-forwards over the whole calibration set."""
 
     def losses(self, plans: Sequence[Iterable[int]], compensated: bool = False,
-               base: Iterable[int] | None = None, all_windows: bool = False) -> list[float]:
-        """Mean check loss of each plan (a set of removed blocks), optionally compensated."""
+               base: Iterable[int] | None = None, all_windows: bool = False,
+               maps: Sequence[Iterable[int] | None] | None = None, policy: Any = None) -> list[float]:
+        """Mean check loss of each plan (a set of removed blocks), optionally compensated (cross-fitted)."""
 
     def batch_losses(self, plans: Sequence[Iterable[int]], compensated: bool = False,
-                     all_windows: bool = False) -> list[list[float]]:
+                     all_windows: bool = False, maps: Sequence[Iterable[int] | None] | None = None,
+                     policy: Any = None) -> list[list[float]]:
         """Each plan's mean loss per check batch."""
 
-    def transforms(self, removed: Iterable[int], alpha: float | None = None,
-                   all_windows: bool = False) -> dict[int, torch.Tensor]:
-        """The compensation maps of a plan."""
+    def prepare(self, plans: Iterable[Iterable[int]], policy: Any = None) -> None:
+        """Gather the compensation statistics of every run of ``plans`` in one pass."""
+
+    def map_choices(self, removed: Iterable[int], policy: Any = None) -> dict[int, Any]:
+        """{block before a run: its regularization (``regularization.MapChoice``)}."""
+
+    def map_blocks(self, removed: Iterable[int], policy: Any = None) -> frozenset[int]:
+        """The blocks the held-out folds give a map."""
+
+    def transforms(self, removed: Iterable[int], fold: int | None = None, maps: Iterable[int] | None = None,
+                   policy: Any = None) -> dict[int, torch.Tensor]:
+        """The compensation maps of a plan (fitted without fold ``fold``; None: on every window)."""
 
 
 @runtime_checkable
 class BlockRunner(Protocol):
-    """Dense block inputs and blocks to re-run them through (what ``compensation.fit_transforms`` streams)."""
+    """Dense block inputs and blocks to re-run them through (what ``run_statistics.accumulate`` streams)."""
 
     adapter: Any
-    fit_batches: list[int]
 
     def cached_input(self, layer: int, batch: int) -> torch.Tensor:
         """The dense model's input of block ``layer`` for kept batch ``batch``."""

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .compensation import DEFAULT_ALPHA
+from . import regularization as R
 from .frame import protected_blocks, select_removed, split_budget
 from .protocols import Verifier
 from .scores import SCORERS
@@ -105,14 +105,21 @@ def _verified_search(n: int, frame: Frame, evidence: Evidence) -> Choice:
                           greedy=bool(settings.greedy))
     record = {**found.to_dict(), "shortlist": settings.shortlist, "verify_windows": verifier.num_windows}
     choice = Choice(removed=list(found.removed), record=record)
-    if found.compensated:  # refit the chosen plan's maps on every window, and record its loss
-        choice.transforms = verifier.transforms(found.removed, all_windows=True)
-        record["calib_loss_refit"] = verifier.losses([found.removed], compensated=True, all_windows=True)[0]
+    if found.compensated:  # the chosen plan's maps, fitted on every window, and its (in-sample) loss
+        choice.transforms = verifier.transforms(found.removed, maps=found.maps)
+        record["calib_loss_refit"] = verifier.losses([found.removed], compensated=True, all_windows=True,
+                                                     maps=[found.maps])[0]
+        policy = R.get_policy(settings.map_policy)
+        choices = verifier.map_choices(found.removed)
         choice.compensation = {
-            "method": "ridge least squares folded into the MLP output projection (selection/compensation.py)",
-            "module": evidence.compensation_module, "alpha": DEFAULT_ALPHA,
-            "fit_windows": evidence.calib_windows,
-            "search_fit_windows": evidence.calib_windows - verifier.num_windows}
+            "method": "least squares folded into the MLP output projection (selection/compensation.py); "
+                      + {"cv": "ridge strength and shrinkage towards the identity chosen per map by "
+                               f"{settings.folds}-fold cross-validation (selection/regularization.py)",
+                         "fixed": "fixed ridge strength", "replaceme": "unweighted, no ridge (ReplaceMe)"}[policy.name],
+            "module": evidence.compensation_module, "policy": policy.name, "folds": settings.folds,
+            "maps": {str(p): choices[p].to_dict() for p in found.maps},
+            "fit_windows": evidence.calib_windows + settings.fit_windows,
+            "fit_only_windows": settings.fit_windows}
     return choice
 
 

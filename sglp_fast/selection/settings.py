@@ -6,49 +6,75 @@ import dataclasses
 from ..checks import check_int, check_optional_bool
 
 DEFAULT_SHORTLIST = 4
-DEFAULT_VERIFY_WINDOWS = 4
+DEFAULT_VERIFY_WINDOWS = 4  # the check without compensation (the greedy's many small checks)
+DEFAULT_FOLDS = 4
+MAP_POLICIES = ("cv", "fixed", "replaceme")  # selection/regularization.py
 
 
 @dataclasses.dataclass(frozen=True)
 class SearchSettings:
     """How the verified search checks plans.
 
-    ``verify_windows``: calibration windows the loss is checked on; None = 4 for token losses (about a
-    thousand loss terms), every window for sentence-embedding encoders (one term per window).
-    ``shortlist``: greedy candidates checked per removal. ``compensate``: also weigh compensated plans; None =
-    when the architecture allows it and windows are left to fit on. ``greedy``: run the loss-checked greedy;
-    None = only without compensation. ``resolved()`` fills every None for one model and calibration set.
+    ``verify_windows``: calibration windows the loss is checked on; None = every window when compensating
+    (cross-fitted over ``folds`` folds) and for sentence-embedding encoders (one term per window), else 4
+    (about a thousand loss terms). ``shortlist``: greedy candidates checked per removal. ``compensate``: also
+    weigh compensated plans; None = when the architecture allows it. ``greedy``: run the loss-checked greedy;
+    None = only without compensation. ``folds``: cross-fitting folds of the check windows (1 = the maps are
+    fitted on the windows outside the check only). ``fit_windows``: extra calibration windows that only feed
+    the compensation statistics (forward only; not in the CKA, the scores or the check). ``map_policy``: how
+    each map is regularized (``regularization.POLICIES``). ``resolved()`` fills every None for one model and
+    calibration set.
     """
 
     verify_windows: int | None = None
     shortlist: int = DEFAULT_SHORTLIST
     compensate: bool | None = None
     greedy: bool | None = None
+    folds: int = DEFAULT_FOLDS
+    fit_windows: int = 0
+    map_policy: str = "cv"
     check_every_window: bool = False  # set by resolved(): the check uses every calibration window
 
     def __post_init__(self) -> None:
         check_int("verify_windows", self.verify_windows, 1, expected="a positive int", optional=True)
         check_int("shortlist", self.shortlist, 1, expected="a positive int")
+        check_int("folds", self.folds, 1, expected="a positive int (cross-fitting folds)")
+        check_int("fit_windows", self.fit_windows, 0, expected="a non-negative int (extra fit-only windows)")
         check_optional_bool("compensate", self.compensate, "auto")
         check_optional_bool("greedy", self.greedy, "auto: only without compensation")
+        if self.map_policy not in MAP_POLICIES:
+            raise ValueError(f"map_policy: expected one of {list(MAP_POLICIES)}, got {self.map_policy!r}")
 
     def resolved(self, *, loss_kind: str, calib_windows: int, compensation_blocked_by: str | None,
                  search: bool = True) -> SearchSettings:
         """Every None decided: ``compensation_blocked_by`` says why the model cannot be compensated (or None)."""
-        every = self.verify_windows is None and loss_kind == "pooled_energy"
-        windows = calib_windows if every else (self.verify_windows or DEFAULT_VERIFY_WINDOWS)
         why = compensation_blocked_by
         if not search:
             why = "it is part of the 'verified' scorer"
-        elif why is None and calib_windows <= windows:
-            why = (f"all {calib_windows} calibration windows are used by the loss check (verify_windows="
-                   f"{windows}); use more calibration windows")
+        elif why is None:
+            why = self._no_fit_data(calib_windows)
         if self.compensate and why is not None:
             raise ValueError(f"compensate: not possible here: {why}; drop compensate=True (--compensate)")
+        if self.fit_windows and (self.compensate is False or why is not None):
+            raise ValueError(f"fit_windows: extra fit windows only feed compensation, which is off here"
+                             f"{'' if why is None else ' (' + why + ')'}; drop fit_windows (--fit-windows)")
         compensate = self.compensate is not False and why is None
+        every = self.verify_windows is None and (loss_kind == "pooled_energy" or compensate)
+        windows = calib_windows if every else (self.verify_windows or DEFAULT_VERIFY_WINDOWS)
         greedy = (not compensate) if self.greedy is None else self.greedy
-        return dataclasses.replace(self, verify_windows=windows, compensate=compensate, greedy=greedy,
-                                   check_every_window=every)
+        return dataclasses.replace(self, verify_windows=min(windows, calib_windows) if every else windows,
+                                   compensate=compensate, greedy=greedy, check_every_window=every)
+
+    def _no_fit_data(self, calib_windows: int) -> str | None:
+        """Why no window would be left to fit a map on once the check's held-out fold is set aside."""
+        check = calib_windows if self.verify_windows is None else min(self.verify_windows, calib_windows)
+        outside = calib_windows - check + self.fit_windows
+        if self.folds == 1 and outside <= 0:
+            return (f"all {calib_windows} calibration windows are used by the loss check (verify_windows="
+                    f"{check}) and folds=1 leaves none to fit on; use folds >= 2 or more calibration windows")
+        if self.folds > 1 and outside <= 0 and check < 2:
+            return f"{calib_windows} calibration window(s) cannot be split into a fit and a held-out part"
+        return None
 
     def with_calibration_windows(self, windows: int) -> SearchSettings:
         """After tokenizing: a check over every window counts the windows calibration really has."""

@@ -15,12 +15,15 @@ loss well (+0.89), so it proposes; the loss decides:
    (paired, over the check windows) of the lowest; a proposal that breaks the frame (empties a segment,
    removes a protected block) is left out. Ties go to the lower loss, then the earlier name in
    ``CANDIDATES``.
-3. with ``compensate=True`` every candidate is also scored compensated (``compensate.py``: a least-squares
-   map folded into the block before each removed run, fitted on the calibration windows the loss check does
-   not use), and the pick is over plain and compensated candidates together (plain first on ties). The
-   greedy is off then by default: its choices are made on plain losses, compensation reverses them (it
-   picks the blocks right after the massive-activation block, which compensation cannot repair), it won
-   1 of 9 picks of the stop-8 benchmark and was over half of the search's work.
+3. with ``compensate=True`` every candidate is also scored compensated: a least-squares map folded into the
+   block before each removed run (``compensation.py``), each map's regularization chosen on held-out folds
+   (``regularization.py``; a run whose held-out folds favour no map gets none), and the loss checked
+   cross-fitted over every check window (``verifier.py``). A compensated candidate is never worse than the
+   same plan plain on the check (``never_worse``: maps that raise the loss are dropped). The pick is over
+   plain and compensated candidates together (plain first on ties). The greedy is off then by default: its
+   choices are made on plain losses, compensation reverses them (it picks the blocks right after the
+   massive-activation block, which compensation cannot repair), it won 1 of 9 picks of the stop-8 benchmark
+   and was over half of the search's work.
 
 No gradient is needed, so the calibration skips the backward; on SmolLM2 the whole default analysis takes
 1.2x the paper's pipeline (benchmarks/results/quality_smollm2.md).
@@ -54,11 +57,13 @@ class VerifiedSelection:
     greedy_steps: list[dict[str, Any]]
     block_forwards: float
     lowest_loss: str = ""  # the option with the lowest check loss (the pick may be a simpler one within 1 SE)
+    maps: list[int] = dataclasses.field(default_factory=list)  # blocks that keep a map (compensated picks)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": "verified", "picked": self.picked, "compensated": self.compensated,
                 "rule": "one standard error", "lowest_loss": self.lowest_loss, "candidates": self.candidates,
-                "greedy_steps": self.greedy_steps, "block_forwards": round(self.block_forwards, 3)}
+                "greedy_steps": self.greedy_steps, "block_forwards": round(self.block_forwards, 3),
+                **({"maps": self.maps} if self.compensated else {})}
 
 
 def verified_pick(*, segments: Sequence[Sequence[int]], n: int, relative_update: Sequence[float],
@@ -97,6 +102,8 @@ def verified_pick(*, segments: Sequence[Sequence[int]], n: int, relative_update:
     valid = {name: plan for name, plan in proposals.items()
              if plan is not None and fits_frame(plan, segments, protected, allow_empty_segments)}
     names = [name for name in CANDIDATES if name in valid]
+    if compensate:
+        every_variant(verifier, [valid[name] for name in names])
     losses = verifier.losses([valid[name] for name in names])
     candidates = {name: {"removed": valid[name], "calib_loss": float(loss)} for name, loss in zip(names, losses)}
     for name in CANDIDATES:
@@ -105,22 +112,70 @@ def verified_pick(*, segments: Sequence[Sequence[int]], n: int, relative_update:
                 if proposals[name] is None else "breaks the frame"
             candidates[name] = {"removed": proposals[name], "calib_loss": None, "skipped": why}
     options = [(name, False) for name in names]
+    kept_maps: dict[str, frozenset[int]] = {}
     if compensate:
-        comp = verifier.losses([valid[name] for name in names], compensated=True)
-        for name, loss in zip(names, comp):
+        found = never_worse(verifier, [valid[name] for name in names], [candidates[n]["calib_loss"] for n in names])
+        for name, (loss, maps, dropped) in zip(names, found):
+            choices = verifier.map_choices(valid[name])
             candidates[name]["calib_loss_compensated"] = float(loss)
-        options += [(name, True) for name in names]
+            candidates[name]["maps"] = {str(p): {**c.to_dict(), "kept": p in maps} for p, c in choices.items()}
+            if dropped:
+                candidates[name]["maps_dropped_by_check"] = sorted(dropped)
+            if maps:  # a plan left with no map is the plain plan: no separate option
+                kept_maps[name] = maps
+                options.append((name, True))
 
     def loss_of(option):
         name, comp = option
         return candidates[name]["calib_loss_compensated" if comp else "calib_loss"]
     lowest = min(options, key=lambda o: (loss_of(o), options.index(o)))
-    per_batch = {o: np.asarray(verifier.batch_losses([valid[o[0]]], compensated=o[1])[0]) for o in options}
+    per_batch = {o: np.asarray(verifier.batch_losses([valid[o[0]]], compensated=o[1],
+                                                     maps=[kept_maps.get(o[0]) if o[1] else None])[0])
+                 for o in options}
     picked, comp = one_standard_error_pick(options, loss_of, per_batch, lowest,
                                            complexity=lambda o: len(runs_of(valid[o[0]])))
     return VerifiedSelection(removed=list(valid[picked]), picked=picked, compensated=comp, candidates=candidates,
                              greedy_steps=steps, block_forwards=verifier.block_forwards - work0,
-                             lowest_loss=lowest[0] + (" + compensation" if lowest[1] else ""))
+                             lowest_loss=lowest[0] + (" + compensation" if lowest[1] else ""),
+                             maps=sorted(kept_maps[picked]) if comp else [])
+
+
+def every_variant(verifier: Verifier, plans: Sequence[Sequence[int]]) -> list[frozenset[int]]:
+    """Each plan's map blocks; its plain and cross-fitted compensated losses in one pass.
+
+    Why: at 70B scale reading the blocks dominates; the statistics take one pass over the blocks before the
+    runs, and both variants of every candidate then share one pass over the rest.
+    """
+    verifier.prepare(plans)
+    maps = [verifier.map_blocks(p) for p in plans]
+    k = len(plans)
+    verifier.losses(list(plans) * 2, compensated=[False] * k + [True] * k, maps=[None] * k + maps)
+    return maps
+
+
+def never_worse(verifier: Verifier, plans: Sequence[Sequence[int]], plain: Sequence[float]
+                ) -> list[tuple[float, frozenset[int], list[int]]]:
+    """(compensated check loss, blocks keeping a map, maps dropped) of each plan, never above its plain loss.
+
+    Why: a map chosen on held-out least-squares error can still raise the loss the model is judged by. Each
+    plan starts with the maps the held-out folds favour; while its cross-fitted loss is above the plain one,
+    the map whose removal lowers the loss most goes (backward elimination; all trials of a step in one pass).
+    A plan left with no map has exactly its plain loss.
+    """
+    maps = every_variant(verifier, plans)
+    loss = verifier.losses(plans, compensated=True, maps=maps)  # memoized by every_variant
+    dropped: list[list[int]] = [[] for _ in plans]
+    while True:
+        over = [i for i in range(len(plans)) if maps[i] and loss[i] > plain[i]]
+        if not over:
+            break
+        trials = [(i, maps[i] - {p}) for i in over for p in sorted(maps[i])]
+        tried = verifier.losses([plans[i] for i, _ in trials], compensated=True, maps=[m for _, m in trials])
+        for i in over:
+            j = min((j for j, (k, _) in enumerate(trials) if k == i), key=lambda j: (tried[j], j))
+            dropped[i] += sorted(maps[i] - trials[j][1])
+            maps[i], loss[i] = trials[j][1], tried[j]
+    return [(min(float(l), float(p)) if not m else float(l), m, d) for l, p, m, d in zip(loss, plain, maps, dropped)]
 
 
 def one_standard_error_pick(options, loss_of, per_batch, lowest, complexity):

@@ -3,18 +3,21 @@
 Why: single-block scores miss interactions (removing neighbours costs more than the sum of their single
 costs; docs/quality.md), so the default plan checks its choices against the real loss. The check is cheap:
 the calibration forward already produced every block's dense input, so a plan that removes blocks R starts
-at block min(R) from its cached input, runs the kept blocks after it and the head, on the first few
-calibration windows only. Several plans are evaluated in one layer-major pass (each block's weights are
-brought to the device once per pass, as in calibration), and results are memoized per removed set.
-With ``compensated=True`` the plan is first compensated (``compensate.py``, fitted on the other cached
-windows) and the loss is that of the compensated model. For an encoder without a head the "loss" is the
-embedding distortion against the dense model (mean 1 - cos of the pooled embeddings), not the pooled-energy
-proxy GradNorm backpropagates: a plan is judged by how far it moves what the model outputs.
+at block min(R) from its cached input, runs the kept blocks after it and the head. Every plan of a call
+shares one layer-major pass: each block is brought to the device once per pass (a search round), whatever
+the number of plans and maps, and results are memoized per removed set.
+
+Compensated plans are checked cross-fitted: the check windows are split into ``folds`` contiguous folds,
+and a window of fold f runs with maps fitted on every kept window but fold f's (``run_statistics.py``,
+``regularization.py``), so every check window is held out from the maps it is judged with. For an encoder
+without a head the "loss" is the embedding distortion against the dense model (mean 1 - cos of the pooled
+embeddings), not the pooled-energy proxy GradNorm backpropagates: a plan is judged by how far it moves what
+the model outputs.
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,51 +28,67 @@ from .. import distributed as dist
 from ..calibration import losses as G
 from ..calibration.kept_inputs import KeptInputs
 from ..checks import check_int
-from .compensation import DEFAULT_ALPHA, fit_transforms, mlp_output_module, patched
+from . import regularization as R
+from .compensation import mlp_output_module, patched, runs_of
+from .run_statistics import RunStatistics, accumulate
+from .settings import DEFAULT_FOLDS
 
 
 class SkipVerifier:
     """``loss(removed)``: mean calibration loss on the check windows with blocks ``removed`` skipped.
 
     Built by the selection stage from the handle calibration returns (``calibrate(..., keep_inputs=m)
-    .kept_inputs``): the leading kept batches holding >= ``verify_windows`` windows are the loss check, the
-    other kept batches are what compensation is fitted on. It owns the handle: close it (``close()`` or
-    ``with``). It implements ``protocols.Verifier`` (the search) and ``protocols.BlockRunner`` (compensation).
+    .kept_inputs``): the leading kept batches holding >= ``verify_windows`` windows are the loss check, split
+    into ``folds`` folds for the cross-fitted compensated check; the trailing ``fit_only_windows`` windows
+    (over every rank) only feed the compensation statistics. It owns the handle: close it (``close()`` or
+    ``with``). It implements ``protocols.Verifier`` (the search) and ``protocols.BlockRunner`` (the statistics).
     """
 
-    def __init__(self, kept: KeptInputs, verify_windows: int, window_offset: int = 0) -> None:
+    def __init__(self, kept: KeptInputs, verify_windows: int, window_offset: int = 0, folds: int = DEFAULT_FOLDS,
+                 policy: str | R.MapPolicy = R.CV, extra_statistics: Callable | None = None) -> None:
         check_int("verify_windows", verify_windows, 1)
         check_int("window_offset", window_offset, 0)
+        check_int("folds", folds, 1, expected="a positive int (cross-fitting folds of the check windows)")
         self._kept = kept
         self.adapter = kept.adapter
         self.num_blocks = kept.num_blocks
         self._kind = kept.loss_kind
         self._windows = kept.windows
+        self.policy = R.get_policy(policy)
+        self.folds = folds
+        # extra_statistics(runs, weighted) -> {run: RunStatistics}: the fit-only windows' statistics (a
+        # forward-only pass over them, built by the API); they land in the never-held-out slot
+        self._extra_statistics = extra_statistics
         # data-parallel (sglp_fast.distributed): this rank's kept batches start at global window
         # ``window_offset``; the check batches are the leading ones globally (on one rank or several), and
         # their losses are gathered in the global window order. Without a process group: offset 0, all local.
         self._nv = _leading_batches(kept.windows, verify_windows, window_offset)
-        self.fit_batches = list(range(self._nv, kept.num_batches))
         self._check_windows, self._all_windows = (int(x) for x in dist.all_reduce_sum(
             np.array([sum(self._windows[:self._nv]), kept.total_windows], dtype=np.float64), tag="check_losses"))
-        self._transforms: dict[tuple[frozenset[int], bool], dict[int, torch.Tensor]] = {}
-        self._memo: dict[tuple[frozenset[int], bool, bool], tuple[float, list[float]]] = {}  # loss, per batch
+        starts = window_offset + np.concatenate([[0], np.cumsum(self._windows)])[:-1]
+        # the fold of each kept batch: contiguous folds of the check windows; ``folds`` = never held out
+        self.fold_of_batch = [min(folds - 1, int(starts[b]) * folds // max(self._check_windows, 1))
+                              if b < self._nv else folds for b in range(kept.num_batches)]
+        self._stats: dict[tuple[tuple[int, int], bool], RunStatistics] = {}
+        self._choices: dict[tuple[tuple[int, int], str], R.MapChoice] = {}
+        self._fitted: dict[tuple[tuple[int, int], str, int | None], torch.Tensor] = {}
+        self._memo: dict[tuple, tuple[float, list[float]]] = {}  # loss, per batch
         self._dense_pooled: dict[int, torch.Tensor] = {}  # headless encoders: the dense sentence embeddings
         self.window_block_forwards = 0  # block calls x windows, the work spent so far
         self.closed = False
 
     @classmethod
     def without_inputs(cls, adapter, loss_kind: str, total_windows: int, verify_windows: int,
-                       window_offset: int) -> SkipVerifier:
+                       window_offset: int, folds: int = DEFAULT_FOLDS) -> SkipVerifier:
         """Data-parallel: a rank that keeps none of the check or fit windows still joins every sum and gather."""
-        return cls(_NoKeptInputs(adapter, loss_kind, total_windows), verify_windows, window_offset)
+        return cls(_NoKeptInputs(adapter, loss_kind, total_windows), verify_windows, window_offset, folds)
 
     @property
     def num_windows(self) -> int:
         """Windows the loss is checked on (over every rank)."""
         return self._check_windows
 
-    # -- the pieces compensate.fit_transforms streams with --------------------------------------------
+    # -- the pieces run_statistics.accumulate streams with --------------------------------------------
     def cached_input(self, layer: int, batch: int) -> torch.Tensor:
         """The dense model's input of block ``layer`` (``num_blocks``: the last block's output)."""
         return self._kept.block_input(layer, batch)
@@ -91,20 +110,72 @@ class SkipVerifier:
         self.window_block_forwards += self._windows[batch]
         return self._kept.call(block, layer, hidden, batch)
 
-    def transforms(self, removed: Iterable[int], alpha: float | None = None,
-                   all_windows: bool = False) -> dict[int, torch.Tensor]:
-        """The compensation maps of a plan (fitted once, memoized).
+    # -- compensation maps ------------------------------------------------------------------------------
+    def map_choices(self, removed: Iterable[int], policy: str | R.MapPolicy | None = None) -> dict[int, R.MapChoice]:
+        """{block before a run: its regularization} for every run of the plan that can have a map (a >= 1).
 
-        Fitted on the windows the loss check does not use, so the check stays a held-out test; with
-        ``all_windows`` (the chosen plan, once the check has done its job) on every cached window.
+        A choice without a map (``has_map`` False: the held-out folds say no map is better) is included, so
+        the caller sees why. The statistics of every run not seen before come from one pass over the blocks.
         """
-        key = (self._check(removed), bool(all_windows))
-        if key not in self._transforms:
-            batches = range(self._kept.num_batches) if all_windows else self.fit_batches
-            with self._eval_mode(), torch.no_grad():
-                self._transforms[key] = fit_transforms(self, sorted(key[0]), DEFAULT_ALPHA if alpha is None else alpha,
-                                                       batches=list(batches))
-        return self._transforms[key]
+        policy = R.get_policy(policy or self.policy)
+        runs = [run for run in runs_of(self._check(removed)) if run[0] >= 1]
+        self._ensure_statistics(runs, policy.weighted)
+        out = {}
+        for run in runs:
+            key = (run, policy.name)
+            if key not in self._choices:
+                self._choices[key] = R.choose(self._stats[run, policy.weighted], policy, range(self.folds))
+            out[run[0] - 1] = self._choices[key]
+        return out
+
+    def map_blocks(self, removed: Iterable[int], policy: str | R.MapPolicy | None = None) -> frozenset[int]:
+        """The blocks that get a map under ``policy`` (the runs where the held-out folds favour one)."""
+        return frozenset(p for p, c in self.map_choices(removed, policy).items() if c.has_map)
+
+    def transforms(self, removed: Iterable[int], fold: int | None = None, maps: Iterable[int] | None = None,
+                   policy: str | R.MapPolicy | None = None) -> dict[int, torch.Tensor]:
+        """{block p: T} for the plan's maps (``maps``: the blocks to keep one at; None = ``map_blocks``).
+
+        ``fold`` None: fitted on every kept window (the final model); f: on every window but fold f's.
+        """
+        policy = R.get_policy(policy or self.policy)
+        choices = self.map_choices(removed, policy)
+        keep = self.map_blocks(removed, policy) if maps is None else frozenset(int(p) for p in maps)
+        if not keep <= set(choices):
+            raise ValueError(f"maps: blocks {sorted(keep - set(choices))} are not right before a removed run of "
+                             f"{sorted(self._check(removed))}")
+        out = {}
+        for p in sorted(keep):
+            choice = choices[p]
+            if not choice.has_map:
+                continue
+            run = next(r for r in runs_of(self._check(removed)) if r[0] - 1 == p)
+            key = (run, policy.name, fold)
+            if key not in self._fitted:
+                self._fitted[key] = R.fit(self._stats[run, policy.weighted], choice, without_fold=fold)
+            out[p] = self._fitted[key]
+        return out
+
+    def prepare(self, plans: Iterable[Iterable[int]], policy: str | R.MapPolicy | None = None) -> None:
+        """The statistics of every run of ``plans`` in one pass (each needed block read once)."""
+        policy = R.get_policy(policy or self.policy)
+        runs = {run for p in plans for run in runs_of(self._check(p)) if run[0] >= 1}
+        self._ensure_statistics(sorted(runs), policy.weighted)
+
+    def _ensure_statistics(self, runs: list[tuple[int, int]], weighted: bool) -> None:
+        todo = [run for run in runs if (run, weighted) not in self._stats]
+        if not todo:
+            return
+        with self._eval_mode(), torch.no_grad():
+            stats = accumulate(self, todo, self.fold_of_batch, self.folds, weighted=weighted)
+            if self._extra_statistics is not None:
+                for run, extra in self._extra_statistics(todo, weighted).items():
+                    stats[run].add_statistics(self.folds, extra)
+        trained = [float(s.tokens.sum()) - float(s.tokens[:self.folds].max()) for s in stats.values()]
+        if any(t <= 0 for t in trained):
+            raise ValueError("compensate: no calibration windows left to fit on once a fold is held out; use "
+                             "more calibration windows, folds >= 2, or compensate=False")
+        self._stats.update({(run, weighted): st for run, st in stats.items()})
 
     @property
     def block_forwards(self) -> float:
@@ -130,32 +201,61 @@ class SkipVerifier:
 
     @torch.no_grad()
     def losses(self, plans: Sequence[Iterable[int]], compensated: bool = False,
-               base: Iterable[int] | None = None, all_windows: bool = False) -> list[float]:
+               base: Iterable[int] | None = None, all_windows: bool = False,
+               maps: Sequence[Iterable[int] | None] | None = None,
+               policy: str | R.MapPolicy | None = None) -> list[float]:
         """The loss of each plan (a set of removed blocks); new plans share one pass over the blocks.
 
-        ``base``: plans that add one block to it (the greedy's candidates) reuse its stream (same values).
-        ``all_windows``: compensated with the maps fitted on every window (the final model; not held out).
+        ``compensated``: with the plan's maps, cross-fitted (``maps[i]``: the blocks plan i keeps a map at;
+        None = every map the held-out folds favour). ``all_windows``: with the maps fitted on every window
+        (the final model; not held out). ``compensated`` and ``all_windows`` may also be one flag per plan,
+        so that plain, cross-fitted and final variants share one pass. ``base``: plans that add one block to it (the greedy's candidates)
+        reuse its stream (same values).
         """
-        return [value for value, _ in self._evaluated(plans, compensated, base, all_windows)]
+        return [value for value, _ in self._evaluated(plans, compensated, base, all_windows, maps, policy)]
 
+    @torch.no_grad()
     def batch_losses(self, plans: Sequence[Iterable[int]], compensated: bool = False,
-                     all_windows: bool = False) -> list[list[float]]:
+                     all_windows: bool = False, maps: Sequence[Iterable[int] | None] | None = None,
+                     policy: str | R.MapPolicy | None = None) -> list[list[float]]:
         """Each plan's mean loss per check batch (the spread the pick's one-standard-error rule needs)."""
-        return [list(per_batch) for _, per_batch in self._evaluated(plans, compensated, None, all_windows)]
+        return [list(b) for _, b in self._evaluated(plans, compensated, None, all_windows, maps, policy)]
 
-    def _evaluated(self, plans, compensated, base, all_windows) -> list[tuple[float, list[float]]]:
+    def _evaluated(self, plans, compensated, base, all_windows, maps, policy) -> list[tuple[float, list[float]]]:
         """(loss, loss per check batch) of each plan, run once per plan and memoized."""
-        keys = [(self._check(p), bool(compensated), bool(compensated and all_windows)) for p in plans]
+        policy = R.get_policy(policy or self.policy)
+        n = len(plans)
+        maps = [None] * n if maps is None else list(maps)
+        comps = [compensated] * n if isinstance(compensated, bool) else [bool(c) for c in compensated]
+        finals = [all_windows] * n if isinstance(all_windows, bool) else [bool(f) for f in all_windows]
+        if not len(maps) == len(comps) == len(finals) == n:
+            raise ValueError(f"maps/compensated/all_windows: expected one entry per plan ({n})")
+        keys = []
+        for p, m, comp, final in zip(plans, maps, comps, finals):
+            removed = self._check(p)
+            kept = (self.map_blocks(removed, policy) if m is None else frozenset(int(x) for x in m)) \
+                if comp else frozenset()
+            keys.append((removed, kept, bool(kept) and final, policy.name if kept else ""))
         todo = list(dict.fromkeys(k for k in keys if k not in self._memo))
         if todo:
-            fixes = [self.transforms(p, all_windows=final) if comp else {} for p, comp, final in todo]
+            fixes = [self._fixes(removed, kept, final, policy) for removed, kept, final, _ in todo]
             with self._eval_mode():
                 shared = None if base is None else self._check(base)
-                for key, result in zip(todo, self._run([p for p, _, _ in todo], fixes, shared)):
+                for key, result in zip(todo, self._run([k[0] for k in todo], fixes, shared)):
                     self._memo[key] = result
         return [self._memo[k] for k in keys]
 
-    def _run(self, plans: list[frozenset[int]], fixes: list[dict[int, torch.Tensor]],
+    def _fixes(self, removed, kept, final: bool, policy) -> dict[int, list[torch.Tensor]]:
+        """{block p: the map each check batch runs with}: its fold's held-out map, or the final map."""
+        if not kept:
+            return {}
+        if final:
+            return {p: [T] * self._nv for p, T in self.transforms(removed, None, kept, policy).items()}
+        per_fold = {f: self.transforms(removed, f, kept, policy) for f in sorted(set(self.fold_of_batch[:self._nv]))}
+        blocks = set().union(*(set(m) for m in per_fold.values())) if per_fold else set()
+        return {p: [per_fold[self.fold_of_batch[b]][p] for b in range(self._nv)] for p in blocks}
+
+    def _run(self, plans: list[frozenset[int]], fixes: list[dict[int, list[torch.Tensor]]],
              base: frozenset[int] | None = None) -> list[tuple[float, list[float]]]:
         L, nb = self.num_blocks, self._nv
         start = [min(list(p) + list(f)) if (p or f) else L for p, f in zip(plans, fixes)]
@@ -185,19 +285,20 @@ class SkipVerifier:
             run_base = bool(branch) and min(base) <= l < base_until and l not in base
             if not active and not run_base:
                 continue
-            plain = [i for i in active if l not in fixes[i]]
-            if plain or run_base:
-                with self.block(l) as block:
-                    if run_base:
-                        for b in range(nb):
-                            states["base", b] = self.call(block, l, states["base", b], b)
-                    for i in plain:
-                        for b in range(nb):
-                            states[i, b] = self.call(block, l, states[i, b], b)
-            for i in (i for i in active if l in fixes[i]):
-                with self.block(l, fixes[i][l]) as block:
+            with self._kept.block(l) as block:  # read once for every plan, map and fold of this round
+                if run_base:
                     for b in range(nb):
-                        states[i, b] = self.call(block, l, states[i, b], b)
+                        states["base", b] = self.call(block, l, states["base", b], b)
+                groups: dict[int, tuple[torch.Tensor | None, list[tuple[int, int]]]] = {}
+                for i in active:
+                    for b in range(nb):
+                        T = fixes[i][l][b] if l in fixes[i] else None
+                        groups.setdefault(id(T), (T, []))[1].append((i, b))
+                for T, work in groups.values():
+                    with patched(mlp_output_module(self.adapter, block), T) if T is not None \
+                            else contextlib.nullcontext():
+                        for i, b in work:
+                            states[i, b] = self.call(block, l, states[i, b], b)
         local = np.zeros((nb, len(plans) + 1), dtype=np.float64)  # per check batch: each plan's loss sum, terms
         with self._kept.non_block_modules() if nb else contextlib.nullcontext():
             for i, p in enumerate(plans):
@@ -250,7 +351,8 @@ class SkipVerifier:
             self._kept.close()
             self.closed = True
             self._memo.clear()
-            self._transforms.clear()
+            self._stats.clear()
+            self._fitted.clear()
             self._dense_pooled.clear()
 
     def __enter__(self) -> SkipVerifier:

@@ -1,0 +1,102 @@
+"""benchmarks/gpu_70b.py end to end at toy size on the CPU (--tiny): every reported number is computed from
+the measurements, the FLOP count agrees with torch's own counter, and the time guard keeps what it has."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import gpu_70b  # noqa: E402
+from make_synthetic import config_for  # noqa: E402
+
+
+def _script(*argv, timeout=120):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_70b.py"), *map(str, argv)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gpu70b")
+    t0 = time.perf_counter()
+    run = _script("--tiny", "--out", tmp / "r.md", "--json", tmp / "r.json", "--scratch", tmp / "s")
+    wall = time.perf_counter() - t0
+    assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-3000:]
+    return json.loads((tmp / "r.json").read_text()), (tmp / "r.md").read_text(), wall
+
+
+def test_tiny_run_completes_within_a_minute(tiny_run):
+    d, text, wall = tiny_run
+    assert d["status"] == "completed"
+    assert d["total_s"] < 60  # checkpoint, child and report (the parent's own start-up aside)
+    assert text.startswith("# tiny-shaped checkpoint") and "Device: CPU" in text and " UTC." in text
+
+
+def test_reported_numbers_are_computed_from_the_measurements(tiny_run):
+    d, text, _ = tiny_run
+    spec, mm, blk, pipe = d["spec"], d["matmul"], d["block"], d["pipeline"]
+    assert mm["flops_per_s"] == pytest.approx(2 * mm["n"] ** 3 / mm["seconds"], rel=1e-12)
+    fw = gpu_70b.block_forward_flops(config_for("tiny", 1), spec["seq_len"])
+    assert blk["flops_per_window"] == fw
+    k = blk["windows_per_call"]
+    assert 1 <= k <= spec["windows"]
+    assert blk["mfu"] == pytest.approx(k * fw / blk["seconds_per_call"] / mm["flops_per_s"], rel=1e-12)
+    assert blk["mfu_one_window"] == pytest.approx(fw / blk["seconds_one_window"] / mm["flops_per_s"], rel=1e-12)
+    L, t, c = pipe["num_blocks"], pipe["timings"], pipe["calibration"]
+    assert L == spec["blocks"] and len(pipe["removed"]) == spec["remove"] == spec["blocks"] // 4
+    assert pipe["per_block"]["calibrate_forward_s"] == pytest.approx(c["forward_s"] / L)
+    assert pipe["per_block"]["plan_s"] == pytest.approx(t["plan_s"] / L)
+    assert pipe["plan_80_s"] == pytest.approx(sum(pipe["fixed"].values()) + 80 * sum(pipe["per_block"].values()))
+    assert pipe["forward_mfu"] == pytest.approx(L * spec["windows"] * fw / c["forward_s"] / mm["flops_per_s"])
+    assert pipe["peak"]["allocated"] > 0 and t["calibrate_bytes_read"] > 0
+    slot = spec["windows"] * spec["seq_len"] * config_for("tiny", 1).hidden_size * 4  # float32 run
+    assert pipe["kept_inputs_bytes"] == {"measured_blocks": (L + 1) * slot, "target_blocks": 81 * slot}
+    # the report prints these very numbers
+    assert f"**{gpu_70b._fmt_s(pipe['plan_80_s'])}**" in text
+    assert f"{100 * blk['mfu']:.1f}%" in text and f"| {k} |" in text
+    assert f"removed {pipe['removed']}" in text
+
+
+def test_block_forward_flops_match_torch_flop_counter():
+    import transformers as tf
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sglp_fast.models import get_adapter
+
+    cfg = config_for("tiny", 1)
+    cfg._attn_implementation = "eager"  # every product an explicit matmul the counter sees
+    model = tf.LlamaForCausalLM(cfg).eval()
+    adapter = get_adapter(model)
+    seq = 24
+    ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden, calls = adapter.capture_block_calls({"input_ids": ids})
+        with FlopCounterMode(display=False) as counter:
+            adapter.call_block(adapter.blocks[0], hidden, calls[0])
+    assert counter.get_total_flops() == gpu_70b.block_forward_flops(cfg, seq, causal=False)
+    full, causal = (gpu_70b.block_forward_flops(cfg, seq, causal=c) for c in (False, True))
+    q = cfg.num_attention_heads * cfg.head_dim
+    assert full - causal == 4 * q * (seq * seq - seq * (seq + 1) // 2)  # only the masked half differs
+
+
+def test_the_time_guard_reports_what_it_has(tmp_path):
+    run = _script("--tiny", "--time-limit", 1, "--out", tmp_path / "r.md", "--json", tmp_path / "r.json")
+    assert run.returncode == 1
+    d = json.loads((tmp_path / "r.json").read_text())
+    assert d["status"].startswith("timed out in ")
+    assert "Pipeline: not measured" in (tmp_path / "r.md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_full_run_needs_a_gpu():
+    run = _script(timeout=60)
+    assert run.returncode == 2 and "needs a CUDA GPU" in run.stderr and "--tiny" in run.stderr
