@@ -73,17 +73,18 @@ class RunStatistics:
 
 
 def accumulate(runner: BlockRunner, runs: Iterable[tuple[int, int]], fold_of_batch: Sequence[int], folds: int,
-               weighted: bool = True) -> dict[tuple[int, int], RunStatistics]:
+               weighted: bool = True, check: bool = True) -> dict[tuple[int, int], RunStatistics]:
     """Statistics of every run (first, last), first >= 1, over every kept batch; each block read once.
 
-    ``fold_of_batch[b]``: the fold kept batch ``b`` belongs to (``folds`` = never held out).
+    ``fold_of_batch[b]``: the fold kept batch ``b`` belongs to (``folds`` = never held out). ``check``: test
+    once that the architecture adds the MLP output straight to the stream (data-parallel: one rank does).
     """
     runs = sorted(set((int(a), int(b)) for a, b in runs))
     if any(a < 1 for a, _ in runs):
         raise ValueError("compensate: a run starting at block 0 has no block before it to fold a map into")
     width = int(runner.adapter.config.hidden_size)
     stats = {run: RunStatistics.zeros(folds, width) for run in runs}
-    checked = False
+    checked = not check
     for p in sorted({a - 1 for a, _ in runs}):
         targets = [(run, run[1] + 1) for run in runs if run[0] - 1 == p]
         if not len(fold_of_batch):

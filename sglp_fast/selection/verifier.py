@@ -50,6 +50,7 @@ class SkipVerifier:
         check_int("window_offset", window_offset, 0)
         check_int("folds", folds, 1, expected="a positive int (cross-fitting folds of the check windows)")
         self._kept = kept
+        self._window_offset = window_offset
         self.adapter = kept.adapter
         self.num_blocks = kept.num_blocks
         self._kind = kept.loss_kind
@@ -167,7 +168,8 @@ class SkipVerifier:
         if not todo:
             return
         with self._eval_mode(), torch.no_grad():
-            stats = accumulate(self, todo, self.fold_of_batch, self.folds, weighted=weighted)
+            stats = accumulate(self, todo, self.fold_of_batch, self.folds, weighted=weighted,
+                               check=self._window_offset == 0)  # one rank checks (as one process would)
             if self._extra_statistics is not None:
                 for run, extra in self._extra_statistics(todo, weighted).items():
                     stats[run].add_statistics(self.folds, extra)
