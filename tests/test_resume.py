@@ -142,8 +142,11 @@ def model_dir(tmp_path_factory):
 
 def _popen(args, env_extra=None, cwd=None):
     env = {**os.environ, "TRITON_INTERPRET": "1", **(env_extra or {})}
+    # a job started in the background of a non-interactive shell inherits SIGINT ignored, and Python then
+    # never turns SIGINT into KeyboardInterrupt: give the child the default disposition, as a terminal would
     return subprocess.Popen([sys.executable, "-c", _LAUNCH, *map(str, args)], env=env, cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(predicate, proc, timeout=120.0):
