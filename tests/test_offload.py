@@ -16,7 +16,7 @@ from sglp_fast.models import get_adapter, load_model
 from sglp_fast.calibration.store import TieredStore
 from sglp_fast.sizes import parse_bytes
 from sglp_fast.calibration.weights import module_bytes
-from tiny_models import RecordingObserver, tiny_batches, tiny_model
+from tiny_models import calibrate_recorded, tiny_batches, tiny_model
 
 
 def test_parse_bytes():
@@ -128,12 +128,6 @@ def test_store_policies_and_budgets(tmp_path):
     assert 0 < offload.free_memory_bytes("cpu") <= total
 
 
-def _run(model, batches, **kw):
-    rec = RecordingObserver()
-    res = calibrate(model, batches, observers=[rec], progress=False, **kw)
-    return res, rec
-
-
 def _assert_same(a, b):
     (r1, o1), (r2, o2) = a, b
     assert r1.loss == r2.loss
@@ -150,11 +144,11 @@ def _assert_same(a, b):
 def test_disk_cache_equals_in_memory(family, tmp_path):
     model = tiny_model(family, layers=3, seed=41)
     batches = tiny_batches(family, seed=42)
-    fast = _run(model, batches)
-    disk = _run(model, batches, max_cpu_memory=0, offload_dir=tmp_path / "off")
+    fast = calibrate_recorded(model, batches)
+    disk = calibrate_recorded(model, batches, max_cpu_memory=0, offload_dir=tmp_path / "off")
     assert disk[0].cache_peak_bytes["cpu"] == 0 and disk[0].cache_peak_bytes["disk"] > 0
     assert fast[0].cache_peak_bytes["disk"] == 0
-    half = _run(model, batches, max_cpu_memory=fast[0].cache_peak_bytes["cpu"] // 2, offload_dir=tmp_path / "off")
+    half = calibrate_recorded(model, batches, max_cpu_memory=fast[0].cache_peak_bytes["cpu"] // 2, offload_dir=tmp_path / "off")
     assert half[0].cache_peak_bytes["cpu"] > 0 and half[0].cache_peak_bytes["disk"] > 0
     _assert_same(fast, disk)
     _assert_same(fast, half)
@@ -173,12 +167,12 @@ def test_lazy_safetensors_equals_in_memory(family, tmp_path):
     assert {p.device.type for p in blocks.parameters()} == {"meta"}
     assert all(p.device.type == "cpu" for n, p in lazy.named_parameters() if ".layer" not in n and ".h." not in n)
     batches = tiny_batches(family, seed=44)
-    _assert_same(_run(model, batches), _run(lazy, batches, max_cpu_memory=0, offload_dir=tmp_path / "off"))
+    _assert_same(calibrate_recorded(model, batches), calibrate_recorded(lazy, batches, max_cpu_memory=0, offload_dir=tmp_path / "off"))
     assert {p.device.type for p in blocks.parameters()} == {"meta"}  # blocks freed after use
     # removal re-indexes; the lazy model still reads each kept block's own tensors
     get_adapter(model).remove_blocks([1, 2])
     get_adapter(lazy).remove_blocks([1, 2])
-    _assert_same(_run(model, batches), _run(lazy, batches))
+    _assert_same(calibrate_recorded(model, batches), calibrate_recorded(lazy, batches))
 
 
 def test_lazy_materialize_then_save(tmp_path):
@@ -251,8 +245,8 @@ def test_cuda_paths_agree(family, tmp_path):
     torch.backends.cudnn.allow_tf32 = False
     model = tiny_model(family, layers=3, seed=46)
     batches = tiny_batches(family, seed=47)
-    cpu = _run(model, batches)
-    streamed = _run(model, batches, device="cuda")  # blocks copied to the GPU one at a time
+    cpu = calibrate_recorded(model, batches)
+    streamed = calibrate_recorded(model, batches, device="cuda")  # blocks copied to the GPU one at a time
     assert all(p.device.type == "cpu" for p in model.parameters())
     model.save_pretrained(tmp_path / "ckpt", max_shard_size="30KB")
     with pytest.warns(UserWarning) if family == "bert" else contextlib.nullcontext():
@@ -262,11 +256,11 @@ def test_cuda_paths_agree(family, tmp_path):
     # activation cache goes to disk
     from sglp_fast.calibration.memory import BudgetTooSmall
     with pytest.raises(BudgetTooSmall) as too_small:
-        _run(lazy, batches, device="cuda", max_device_memory=block, max_cpu_memory=0, offload_dir=tmp_path / "off")
-    tiered = _run(lazy, batches, device="cuda", max_device_memory=too_small.value.least + 1024, max_cpu_memory=0,
+        calibrate_recorded(lazy, batches, device="cuda", max_device_memory=block, max_cpu_memory=0, offload_dir=tmp_path / "off")
+    tiered = calibrate_recorded(lazy, batches, device="cuda", max_device_memory=too_small.value.least + 1024, max_cpu_memory=0,
                   offload_dir=tmp_path / "off")
     assert tiered[0].cache_peak_bytes["device"] == 0 and tiered[0].cache_peak_bytes["disk"] > 0
-    resident = _run(model.cuda(), batches, device="cuda")
+    resident = calibrate_recorded(model.cuda(), batches, device="cuda")
     _assert_same(resident, streamed)
     _assert_same(resident, tiered)
     assert resident[0].cache_peak_bytes["device"] > 0

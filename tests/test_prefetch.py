@@ -13,13 +13,7 @@ from sglp_fast.calibration import lazy_weights, runtime
 from sglp_fast.calibration.runtime import _call_groups, _merged_call, calibrate, default_windows_per_call
 from sglp_fast.models import get_adapter, load_model
 from sglp_fast.models.base import BlockCall
-from tiny_models import FAMILIES, VOCAB, RecordingObserver, rel, tiny_model
-
-
-def _run(model, batches, **kw):
-    rec = RecordingObserver()
-    res = calibrate(model, batches, observers=[rec], progress=False, **kw)
-    return res, rec
+from tiny_models import FAMILIES, VOCAB, calibrate_recorded, rel, tiny_model
 
 
 def _assert_identical(a, b):
@@ -61,8 +55,8 @@ def test_grouped_calls_equal_one_call_per_batch_float64(family, windows):
     model = tiny_model(family, layers=3, seed=11, dtype=torch.float64)
     # gemma2 in float64 turns padded rows into NaN whatever the grouping (its masking, not ours): no padding
     batches = _same_shape_batches(family, windows=windows, padded=family != "gemma2")
-    one, rec1 = _run(model, batches, windows_per_call=1, gradients=False)
-    many, rec4 = _run(model, batches, windows_per_call=4 * windows, gradients=False)
+    one, rec1 = calibrate_recorded(model, batches, windows_per_call=1, gradients=False)
+    many, rec4 = calibrate_recorded(model, batches, windows_per_call=4 * windows, gradients=False)
     assert rec1.order == rec4.order
     for k in rec1.outputs:
         assert rel(rec4.outputs[k], rec1.outputs[k]) <= 1e-13, k
@@ -154,12 +148,12 @@ def test_prefetch_gives_identical_results_with_at_most_two_blocks(lazy_llama, mo
     batches = _same_shape_batches("llama", n=3, seq=7)
     off_model, _ = load_model(path, lazy=True)
     seen_off = _tracking_reads(monkeypatch, off_model)
-    off = _run(off_model, batches, prefetch=False, gradients=gradients, keep_inputs=2)
+    off = calibrate_recorded(off_model, batches, prefetch=False, gradients=gradients, keep_inputs=2)
     assert seen_off["threads"] == {True} and seen_off["most"] == 1
     monkeypatch.undo()
     on_model, _ = load_model(path, lazy=True)
     seen_on = _tracking_reads(monkeypatch, on_model)
-    on = _run(on_model, batches, prefetch=True, gradients=gradients, keep_inputs=2)
+    on = calibrate_recorded(on_model, batches, prefetch=True, gradients=gradients, keep_inputs=2)
     assert False in seen_on["threads"], "no block was read by the prefetch thread"
     assert seen_on["most"] == 2  # the current block and the next one, never a third
     _assert_identical(off, on)
@@ -167,14 +161,14 @@ def test_prefetch_gives_identical_results_with_at_most_two_blocks(lazy_llama, mo
         r.kept_inputs.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("sglp-prefetch")]
     # and both equal the in-memory model's numbers (the lazy path's contract)
-    _assert_identical(_run(model, batches, gradients=gradients), on)
+    _assert_identical(calibrate_recorded(model, batches, gradients=gradients), on)
 
 
 def test_prefetch_of_copied_blocks_gives_identical_results():
     model = tiny_model("gpt2", layers=3, seed=5)
     batches = _same_shape_batches("gpt2", n=3)
-    off = _run(model, batches, dtype=torch.float64, prefetch=False)
-    on = _run(model, batches, dtype=torch.float64, prefetch=True)
+    off = calibrate_recorded(model, batches, dtype=torch.float64, prefetch=False)
+    on = calibrate_recorded(model, batches, dtype=torch.float64, prefetch=True)
     _assert_identical(off, on)
 
 

@@ -156,6 +156,13 @@ class RecordingObserver:
         self.masks[(layer, batch_id)] = None if mask is None else mask.clone()
 
 
+def calibrate_recorded(model, batches, **kw):
+    """(calibrate's result, a RecordingObserver that saw the pass), without progress output."""
+    from sglp_fast.calibration.runtime import calibrate
+    rec = RecordingObserver()
+    return calibrate(model, batches, observers=[rec], progress=False, **kw), rec
+
+
 def rel(a, b) -> float:
     """Relative Frobenius error ‖a-b‖/‖b‖ in float64."""
     a = a.detach().double().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, dtype=np.float64)

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from .. import distributed as dist
+from ..calibration.losses import at_least_fp32
 from .compensation import mlp_output_module, patched
 from .protocols import BlockRunner
 
@@ -108,10 +109,6 @@ def accumulate(runner: BlockRunner, runs: Iterable[tuple[int, int]], fold_of_bat
     return stats
 
 
-def G_float(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
 def _call_with_mlp_output(runner, block, proj, layer: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(block output, the MLP output projection's output) for one kept batch."""
     seen = {}
@@ -168,7 +165,7 @@ class FitOnlyObserver:
         for run in self.runs:
             p, t = run[0] - 1, run[1] + 1
             if layer == p:
-                m = G_float(self._seen[p])[mask]  # float32 while waiting: half the memory of float64
+                m = at_least_fp32(self._seen[p])[mask]  # float32 while waiting: half the memory of float64
                 self._pending[run, batch] = (m.cpu(), block_output[mask].cpu())
             if layer == t - 1:  # block t's input is this block's output
                 m, out = (x.double() for x in self._pending.pop((run, batch)))
