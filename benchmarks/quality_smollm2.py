@@ -268,7 +268,9 @@ fitted without its fold), the compensation statistics gathered in one pass over 
 {cost_rows}
 
 Default / paper: {min(ratio):.2f}x to {max(ratio):.2f}x (target: at most 2x). The budgets {", ".join(str(n) for n in args.remove if n != top)}
-reuse the same analysis (`Analysis.plan_for`), each adding its own search.
+reuse the same analysis (`Analysis.plan_for`), each adding its own search. These timings share the machine
+with whatever else ran meanwhile; the cost verdict is `benchmarks/results/cost_smollm2.md`
+(`benchmarks/cost_smollm2.py`: 8 removals, the two pipelines timed alone, alternating).
 
 ## What the verified search kept, and every candidate's check loss plain -> compensated
 

@@ -41,11 +41,12 @@ from .selection.baselines import LastTokenObserver
 from .selection.registry import DEFAULT_SELECTOR, Evidence, Frame, get_selector
 from .selection.scores import SCORERS, compute_scores
 from .selection.run_statistics import FitOnlyObserver
-from .selection.settings import DEFAULT_FOLDS, DEFAULT_SHORTLIST, SearchSettings
+from .selection.settings import DEFAULT_FOLDS, DEFAULT_SHORTLIST, SearchSettings, effective_folds
+from .selection.verified import CANDIDATES
 from .selection.verifier import SkipVerifier
 from .pruning import apply_plan, check_output_dir, save_pruned
 from .similarity import CKAAccumulator
-from .similarity.accumulator import _choose_space
+from .similarity.accumulator import choose_space
 
 DEFAULT_SCORER = DEFAULT_SELECTOR
 
@@ -255,7 +256,8 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
             verify_windows: int | None = None, shortlist: int = DEFAULT_SHORTLIST,
             compensate: bool | None = None, greedy: bool | None = None, folds: int = DEFAULT_FOLDS,
             fit_windows: int = 0, map_policy: str = "cv",
-            checkpoint_dir: str | os.PathLike | None = None, resume: bool = False) -> Analysis:
+            checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
+            windows_per_call: int | None = None, prefetch: bool | None = None) -> Analysis:
     """CKA matrix, Fisher segments, per-block scores (every scorer) and, with a budget, the removed blocks.
 
     ``model``: path / hub name / .gguf / nn.Module / None (default SmolLM2-135M). ``calib``: a source spec
@@ -269,6 +271,8 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     analysis holds cached block inputs: ``close()`` it when done. ``checkpoint_dir``: save the calibration
     pass block by block so that ``resume=True`` continues a killed run to the same result (the checkpoint
     stays until ``analysis.calib_result.checkpoint.remove()``; ``prune`` removes it once the model is saved).
+    ``windows_per_call``/``prefetch``: calibration's speed-ups (``calibration.runtime.calibrate``); None =
+    automatic, giving way to ``max_memory``; set, they are kept (a budget they do not fit is an error).
 
     Inside an initialized ``torch.distributed`` process group (e.g. under torchrun) every rank calls it with
     the same arguments: each calibrates its contiguous share of the windows and the sums are reduced
@@ -287,6 +291,10 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
         check_int("segments", segments, 1, expected="a positive int k or 'auto'")
     check_int("seq_len", seq_len, 1)
     check_int("calib_seqs", calib_seqs, 1)
+    check_int("windows_per_call", windows_per_call, 1, optional=True,
+              expected="a positive int (windows per block call) or None (automatic)")
+    if prefetch is not None and not isinstance(prefetch, bool):
+        raise TypeError(f"prefetch: expected True, False or None (automatic), got {prefetch!r}")
     if ratio is not None:
         check_ratio(ratio)
     timings: dict[str, float] = {}
@@ -327,7 +335,8 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     batches, kept = data.batches()[start:end], max(0, min(end, keep) - start)
     budget = _memory_budget(max_memory, adapter, batches, search if verified else None, n_remove)
     plan = preflight(adapter, batches, budget, gradients=gradients, device=device, dtype=torch_dtype,
-                     offload_dir=offload_dir, keep_inputs=kept)  # a budget below the least fails here
+                     offload_dir=offload_dir, keep_inputs=kept, prefetch=prefetch,
+                     windows_per_call=windows_per_call)  # a budget below the least fails here
     with CKAAccumulator(num_layers=L, estimator=cka_estimator, device=device, cache_dir=offload_dir,
                         cache_budget_bytes=plan.cka_budget) as acc:
         observers = [_CKAObserver(acc), *([last_token] if last_token else [])]
@@ -336,14 +345,15 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
                                device=device, dtype=torch_dtype, max_device_memory=budget,
                                offload_dir=offload_dir, progress=progress,
                                keep_inputs=kept, checkpoint_dir=checkpoint_dir,
-                               resume=resume)
+                               resume=resume, prefetch=prefetch, windows_per_call=windows_per_call)
         with clock("cka_result_s"), _closing_on_error(result.kept_inputs):
             cka = np.asarray(acc.all_reduce().result(), dtype=np.float64)
             hidden = None if last_token is None else dist.gather_rows(last_token.hidden_states(), axis=1,
                                                                       tag="last_token")
     extra = None if fit_data is None else functools.partial(
         _fit_only_statistics, adapter, fit_data, dict(device=device, dtype=torch_dtype, max_device_memory=max_memory,
-                                                      offload_dir=offload_dir, progress=progress))
+                                                      offload_dir=offload_dir, progress=progress,
+                                                      prefetch=prefetch))
     verifier = SkipVerifier(result.kept_inputs, search.verify_windows, window_offset=start, folds=search.folds,
                             policy=search.map_policy, extra_statistics=extra) if result.kept_inputs else None
     if verifier is None and verified and dist.is_distributed():  # this rank keeps none of the search's windows
@@ -381,20 +391,24 @@ def _memory_budget(max_memory: Any, adapter: Any, batches: list[dict], search: S
     each (layer, batch)'s item (its Gram, or its centered outputs) until the batch's last layer: at most every
     layer's but the last of every batch, and when a batch completes its L items are read back as one panel.
     With compensation, the search's d x d float64 matrices: per removed run its statistics (XᵀX, XᵀY per fold
-    and the rest) and maps (per fold and the final one), plus 4 for the solve. An estimate: it counts the runs
-    of one plan (the candidates mostly share theirs); each further distinct run adds 3 x (folds + 1)."""
+    and the never-held-out slot) and maps (per fold and the final one), 3 x (folds + 1), plus 4 for the solve.
+    The peak counts the runs of one plan of ``n_remove`` blocks (the candidates mostly share theirs; within
+    20% in tests/test_memory_budget.py); the plan also shows the bound, (candidates) x (those runs), for
+    when every compensated candidate removes other runs. Without a budget (``analyze`` only looks): one run."""
     L, d = adapter.num_blocks, hidden_size(adapter.config)
     tokens = [int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches]
-    items = [4 * (n * n if _choose_space("auto", "linear", L, n, d) == "gram" else n * d) for n in tokens]
+    items = [4 * (n * n if choose_space("auto", "linear", L, n, d) == "gram" else n * d) for n in tokens]
     big = max(items, default=0)
     cka_held = (L - 1) * sum(items) + big
     cka_work = min((L + 1) * big, 1 << 30) + 2 * 4 * d * max(tokens, default=0)  # panel, item, token copies
-    matrices = 0
+    matrices = bound = 0
     if search is not None and search.compensate:
+        per_run = 3 * (effective_folds(search.folds, search.verify_windows) + 1)
         runs = min(n_remove or 1, (L + 1) // 2)
-        matrices = runs * 3 * (search.folds + 1) + 4
+        candidates = len(CANDIDATES) - (0 if search.greedy else 1)  # the greedy's plan is one when it runs
+        matrices, bound = runs * per_run + 4, candidates * runs * per_run + 4
     return Budget(max_memory, "max_memory", cka_item_bytes=cka_held, cka_work_bytes=cka_work,
-                  host_matrices=matrices)
+                  host_matrices=matrices, host_matrices_bound=bound)
 
 
 def _split_fit_windows(data: CalibrationData, fit_windows: int) -> tuple[CalibrationData, CalibrationData | None]:

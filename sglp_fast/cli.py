@@ -80,7 +80,7 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default float32)")
+                   help="compute dtype, and the dtype of the saved weights (default float32)")
     g.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
                    help="hard memory budget, e.g. 8GiB: the GPU's memory, or on the CPU the run's (the device is "
                         "the host); the memory plan shows the predicted peak, and a budget below the least the run "
@@ -103,6 +103,13 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib", default="builtin", metavar="SOURCE",
                    help="'builtin' (stdlib docstrings, default), a text file, a .jsonl file, or hf:NAME[:CONFIG][@SPLIT]")
     g.add_argument("--text-field", default="text", help="JSONL / data set field holding the text (default: text)")
+    g.add_argument("--windows-per-call", type=_positive_int, default=None, metavar="N",
+                   help="calibration windows run through a block in one call (bigger products keep a GPU busy; "
+                        "default: automatic, about 16k tokens a call on a GPU and 2k on the CPU, within the memory "
+                        "budget); set, it is kept, and a budget it does not fit is an error")
+    g.add_argument("--prefetch", choices=["auto", "on", "off"], default="auto",
+                   help="read the next block's weights while the current one computes (two blocks in memory; "
+                        "default auto: for --lazy or GPU-copied weights, when the budget holds the second block)")
     g.add_argument("--calib-seqs", type=_positive_int, default=16, metavar="N",
                    help="number of calibration windows (default 16)")
     g.add_argument("--seq-len", type=_positive_int, default=256, metavar="S", help="tokens per window (default 256)")
@@ -500,7 +507,9 @@ def _analyze_kwargs(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
               verify_windows=args.verify_windows,
               shortlist=args.shortlist, compensate=args.compensate, greedy=args.greedy, folds=args.folds,
               fit_windows=args.fit_windows, map_policy=args.map_policy,
-              checkpoint_dir=args.resume or args.checkpoint_dir, resume=args.resume is not None)
+              checkpoint_dir=args.resume or args.checkpoint_dir, resume=args.resume is not None,
+              windows_per_call=getattr(args, "windows_per_call", None),
+              prefetch={"on": True, "off": False}.get(getattr(args, "prefetch", "auto")))
     if hasattr(args, "ratio"):
         kw.update(remove=args.remove, ratio=args.ratio, ratio_of=args.ratio_of, protect_first=args.protect_first,
                   protect_last=args.protect_last, allow_empty_segments=args.allow_empty_segments)
@@ -582,7 +591,7 @@ def _fmt_params(n: int) -> str:
 
 # ------------------------------------------------------------------------------------------------ handlers
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .api import analyze  # noqa: PLC0415
+    from .api import _dtype, analyze  # noqa: PLC0415
     from .calibration import lazy_weights  # noqa: PLC0415
     from .pruning import prune_checkpoint, save_pruned  # noqa: PLC0415
 
@@ -604,7 +613,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         before = lazy_weights.bytes_read(analysis.model)
         lazy_numbers = _apply_and_measure(args, analysis.model, analysis.tokenizer, plan, streamed=True)
         reads["eval"] = lazy_weights.bytes_read(analysis.model) - before
-        out = prune_checkpoint(args.model, plan, args.output, overwrite=args.overwrite, stats=streamed)
+        out = prune_checkpoint(args.model, plan, args.output, overwrite=args.overwrite, stats=streamed,
+                               dtype=_dtype(args.dtype))
         reads["save"] = streamed["bytes_read"]
         size = _checkpoint_bytes(args.model)
         _say("read from disk: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in reads.items())
@@ -729,7 +739,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if args.lazy:
         if args.model is None or not os.path.isdir(args.model):
             raise ValueError("--lazy: needs MODEL to be a safetensors model directory")
-        out = prune_checkpoint(args.model, plan, args.output, overwrite=args.overwrite)
+        from .api import _dtype  # noqa: PLC0415
+
+        out = prune_checkpoint(args.model, plan, args.output, overwrite=args.overwrite, dtype=_dtype(args.dtype))
         numbers: dict[str, Any] = {}
     else:
         from .api import _dtype, resolve_model_source  # noqa: PLC0415

@@ -18,6 +18,7 @@ from sglp_fast.cli import _analyze_kwargs, build_parser, configure_logging, main
 from sglp_fast.calibration.text import load_calibration
 from sglp_fast.evaluate import count_parameters, perplexity
 from sglp_fast.plan import Plan
+from tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = ["--calib-seqs", "3", "--seq-len", "16", "-q"]
@@ -257,6 +258,40 @@ def test_parse_size_and_defaults():
     for flag, value in (("--greedy", True), ("--no-greedy", False)):
         assert build_parser().parse_args(["prune", "--ratio", "0.25", "--output", "o", flag]).greedy is value
     assert _analyze_kwargs(build_parser().parse_args(["prune", "--ratio", "0.25", "--output", "o", "--greedy"]))["greedy"]
+
+
+def test_windows_per_call_and_prefetch_flags_reach_calibration(monkeypatch, capsys):
+    """--windows-per-call / --prefetch go through analyze() to the preflight and to calibrate (automatic when
+    not given); a bad value is a usage error."""
+    kw = _analyze_kwargs(build_parser().parse_args(["prune", "--ratio", "0.25", "--output", "o"]))
+    assert kw["windows_per_call"] is None and kw["prefetch"] is None
+    for flag, value in (("on", True), ("off", False), ("auto", None)):
+        args = build_parser().parse_args(["prune", "--ratio", "0.25", "--output", "o", "--windows-per-call", "3",
+                                          "--prefetch", flag])
+        assert _analyze_kwargs(args)["windows_per_call"] == 3 and _analyze_kwargs(args)["prefetch"] is value
+    import sglp_fast.api as api
+
+    seen = {}
+    real = api.calibrate
+
+    def spy(*a, **k):
+        seen.update(windows_per_call=k["windows_per_call"], prefetch=k["prefetch"])
+        return real(*a, **k)
+    monkeypatch.setattr(api, "calibrate", spy)
+    model = tiny_model("llama", layers=3, seed=2)
+    api.analyze(model, tiny_batches_ids(), windows_per_call=2, prefetch=False, scorer="block_influence", seq_len=12)
+    assert seen == {"windows_per_call": 2, "prefetch": False}
+    with pytest.raises(ValueError, match="windows_per_call"):
+        api.analyze(model, tiny_batches_ids(), windows_per_call=0)
+    with pytest.raises(TypeError, match="prefetch"):
+        api.analyze(model, tiny_batches_ids(), prefetch="yes")
+    with pytest.raises(SystemExit) as exit_:
+        main(["analyze", "--windows-per-call", "0"])
+    assert exit_.value.code == 2 and "--windows-per-call: expected a positive int" in capsys.readouterr().err
+
+
+def tiny_batches_ids():
+    return torch.randint(0, 90, (4, 12), generator=torch.Generator().manual_seed(0))
 
 
 def test_diagnostics_go_to_stderr_through_logging(capsys):

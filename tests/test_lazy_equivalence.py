@@ -5,10 +5,10 @@ with the same settings, the default scorer (verified, compensated) and the paper
 means, measured and asserted exactly (tolerance 0):
   - plan.json: the same document (removed blocks, segments, scores, CKA, the search's record), and the same
     compensation maps (compensation.safetensors, tensor for tensor);
-  - weights: the same tensor names; in a bfloat16 run every tensor is bit-identical. In a float32 run the
-    in-memory model is saved in its compute dtype (float32) while --lazy streams the kept tensors in the
-    checkpoint's own dtype (bfloat16) and casts the compensated ones back to it, so there the lazy tensor
-    equals the in-memory one cast to bfloat16, bit for bit, and the untouched ones equal it exactly in value.
+  - weights: the same tensor names, dtypes and bits, in a bfloat16 and in a float32 run (both paths save in
+    the compute dtype --dtype: --lazy casts each streamed tensor to it and folds the maps in float64 then rounds
+    once, as the in-memory model does);
+  - the same files in the output folder, and the same config.json and generation_config.json.
 """
 from __future__ import annotations
 
@@ -69,13 +69,27 @@ def test_default_scorer_float32_same_plan_and_weights(checkpoint, tmp_path):
     assert len(plan["removed"]) == 2 and plan.get("compensation")
     w_mem, w_lazy = _tensors(mem, "model*.safetensors"), _tensors(lazy, "model*.safetensors")
     assert w_mem.keys() == w_lazy.keys()
+    source = _tensors(checkpoint, "*.safetensors")
     folded = []
     for name, t in w_lazy.items():
-        assert t.dtype == torch.bfloat16 and w_mem[name].dtype == torch.float32
-        assert torch.equal(w_mem[name].to(torch.bfloat16), t), name
-        if not torch.equal(w_mem[name], t.float()):  # only a tensor compensation changed can differ
+        assert t.dtype == torch.float32 and w_mem[name].dtype == torch.float32, name
+        assert torch.equal(w_mem[name], t), name
+        if not torch.equal(t.to(torch.bfloat16).float(), t):  # the bf16 source, unless a map was folded into it
             folded.append(name)
     assert folded and all(name.endswith("mlp.down_proj.weight") for name in folded), folded
+    assert all(v.dtype == torch.bfloat16 for v in source.values())
+    _assert_same_files(mem, lazy)
+
+
+def _assert_same_files(mem: Path, lazy: Path) -> None:
+    """The same files (shards may be cut differently), config.json and generation_config.json alike."""
+    def names(folder: Path) -> set[str]:
+        return {p.name for p in folder.iterdir() if not p.name.startswith("model")}
+
+    assert names(mem) == names(lazy)
+    assert (mem / "generation_config.json").is_file()
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((mem / name).read_text()) == json.loads((lazy / name).read_text()), name
 
 
 def test_default_scorer_bfloat16_bit_identical(checkpoint, tmp_path):
@@ -83,7 +97,9 @@ def test_default_scorer_bfloat16_bit_identical(checkpoint, tmp_path):
     _assert_same_plan(mem, lazy)
     w_mem, w_lazy = _tensors(mem, "model*.safetensors"), _tensors(lazy, "model*.safetensors")
     assert w_mem.keys() == w_lazy.keys()
-    assert all(w_mem[k].dtype == w_lazy[k].dtype and torch.equal(w_mem[k], w_lazy[k]) for k in w_mem)
+    assert all(w_mem[k].dtype == w_lazy[k].dtype == torch.bfloat16 and torch.equal(w_mem[k], w_lazy[k])
+               for k in w_mem)
+    _assert_same_files(mem, lazy)
 
 
 def test_gradnorm_same_plan_and_weights(checkpoint, tmp_path):
@@ -92,4 +108,4 @@ def test_gradnorm_same_plan_and_weights(checkpoint, tmp_path):
     assert plan["scorer"] == "gradnorm" and len(plan["removed"]) == 2
     w_mem, w_lazy = _tensors(mem, "model*.safetensors"), _tensors(lazy, "model*.safetensors")
     assert w_mem.keys() == w_lazy.keys()
-    assert all(torch.equal(w_mem[k], w_lazy[k].float()) for k in w_mem)  # nothing folded: the same values
+    assert all(w_lazy[k].dtype == torch.float32 and torch.equal(w_mem[k], w_lazy[k]) for k in w_mem)

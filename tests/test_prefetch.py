@@ -226,3 +226,35 @@ def test_a_truncated_shard_fails_the_same_with_and_without_prefetch(lazy_llama, 
         errors.append(str(info.value))
         assert tensor in errors[-1]
     assert errors[0] == errors[1]
+
+
+# --- the verified search reads ahead too ---------------------------------------------------------------------
+def test_the_verified_search_reads_ahead_and_computes_the_same(lazy_llama, monkeypatch):
+    """The search's passes (compensation statistics, plain and cross-fitted losses) announce the block they read
+    next: with prefetch on, the reads happen in the prefetch thread, at most two blocks are in memory, and
+    every loss and map is bit-identical to the search without it."""
+    from sglp_fast.selection.verifier import SkipVerifier  # noqa: PLC0415
+
+    _, path = lazy_llama
+    batches = _same_shape_batches("llama", n=4, seq=7)
+    plans = [[1], [2, 3], [1, 3]]
+    out = {}
+    for prefetch in (False, True):
+        model, _ = load_model(path, lazy=True)
+        res = calibrate(model, batches, gradients=False, keep_inputs=4, prefetch=prefetch, progress=False)
+        seen = _tracking_reads(monkeypatch, model)  # from here on: the search's reads only
+        ver = SkipVerifier(res.kept_inputs, verify_windows=4, folds=2)
+        ver.prepare(plans)
+        losses = ver.losses(plans) + ver.losses(plans, compensated=True, all_windows=True)
+        maps = [ver.transforms(p) for p in plans]
+        ver.close()
+        monkeypatch.undo()
+        out[prefetch] = (losses, maps, seen)
+    (loss_off, maps_off, seen_off), (loss_on, maps_on, seen_on) = out[False], out[True]
+    assert seen_off["threads"] == {True} and seen_off["most"] == 1
+    assert False in seen_on["threads"], "the search read no block ahead"
+    assert seen_on["most"] == 2
+    assert loss_off == loss_on
+    assert any(maps_off) and [m.keys() for m in maps_off] == [m.keys() for m in maps_on]
+    assert all(torch.equal(a[p], b[p]) for a, b in zip(maps_off, maps_on) for p in a)
+    assert not [t for t in threading.enumerate() if t.name.startswith("sglp-prefetch")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,11 +47,11 @@ def _cka_observer(acc):
     return Obs()
 
 
-def _run(model, batches, tmp, *, crash=None, resume=False, gradients=False):
+def _run(model, batches, tmp, *, crash=None, resume=False, gradients=False, **kwargs):
     with CKAAccumulator(num_layers=6) as acc:
         observers = [_cka_observer(acc)] + ([_CrashAt(crash)] if crash is not None else [])
         res = calibrate(model, batches, observers=observers, gradients=gradients, progress=False, keep_inputs=3,
-                        checkpoint_dir=tmp, resume=resume)
+                        checkpoint_dir=tmp, resume=resume, **kwargs)
         return res, acc.result()
 
 
@@ -106,6 +107,26 @@ def test_checkpoint_of_another_calibration_or_model_is_refused(tmp_path):
         _run(model, batches, tmp_path)  # a new run may not overwrite it silently
     with pytest.raises(ValueError, match="holds no calibration checkpoint"):
         _run(model, batches, tmp_path / "empty", resume=True)
+
+
+def test_a_resume_continues_with_the_first_runs_windows_per_call(tmp_path):
+    """Grouping windows per block call rounds differently, so it is part of the checkpoint: a resume that asks
+    for another value is refused, one that leaves it automatic takes the saved one (and is bit-identical)."""
+    model = tiny_model("llama", layers=6, seed=4)
+    batches = tiny_batches("llama", seed=5, shapes=((1, 8), (1, 8), (1, 8), (1, 8)))  # one shape: groupable
+    # 2, not the automatic choice here (4): a resume that re-chose it would be refused as "another" one
+    want, want_cka = _run(model, batches, tmp_path / "full", windows_per_call=2)
+    want.kept_inputs.close()
+    with pytest.raises(_Crash):
+        _run(model, batches, tmp_path / "ckpt", crash=3, windows_per_call=2)
+    assert json.loads((tmp_path / "ckpt" / MANIFEST).read_text())["fingerprint"]["windows_per_call"] == 2
+    with pytest.raises(ValueError, match="resume: .*another windows_per_call"):
+        _run(model, batches, tmp_path / "ckpt", resume=True, windows_per_call=1)
+    got, got_cka = _run(model, batches, tmp_path / "ckpt", resume=True)  # automatic: the checkpoint's 2
+    got.kept_inputs.close()
+    assert np.array_equal(got_cka, want_cka) and got.loss == want.loss
+    assert np.array_equal(got.relative_update, want.relative_update)
+    got.checkpoint.remove()
 
 
 # ------------------------------------------------------------------------------------------ the real CLI
@@ -196,9 +217,10 @@ def test_signals_leave_nothing_behind(model_dir, tmp_path, sig, rc, when):
     marker = tmp_path / "writing"
     env = {"SGLP_TEST_BLOCK_DELAY": "0.3"} if when == "calibration" else {"SGLP_TEST_PAUSE_IN": str(marker)}
     # a memory budget just above the least this run needs sends part of the activation cache to
-    # --offload-dir: it must go too (the least here is ~591 KiB: below it the run is refused up front)
+    # --offload-dir: it must go too (below the least the run is refused up front, naming it)
+    budget = f"{int(_least_kib(model_dir) * 1.03)}KiB"
     run = _popen(["prune", model_dir, "--remove", 2, *FLAGS, "-o", out, "--offload-dir", offload,
-                  "--max-memory", "600KiB"], env, cwd=tmp_path)
+                  "--max-memory", budget], env, cwd=tmp_path)
     if when == "calibration":
         _wait_for(lambda: offload.is_dir() and any(offload.iterdir()), run)
     else:
@@ -210,6 +232,16 @@ def test_signals_leave_nothing_behind(model_dir, tmp_path, sig, rc, when):
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no .out.tmp-* folder
     assert not offload.exists() or list(offload.iterdir()) == []  # the offload cache is gone
+
+
+def _least_kib(model_dir) -> float:
+    """The least memory this test's run needs, as the refusal of a 1 KiB budget names it."""
+    probe = _popen(["prune", model_dir, "--remove", 2, *FLAGS, "-o", model_dir.parent / "never", "--max-memory",
+                    "1KiB"])
+    err = probe.communicate(timeout=120)[1]
+    m = re.search(r"raise --max-memory to at least ([0-9.]+) KiB", err)
+    assert probe.returncode == 2 and m, err
+    return float(m.group(1))
 
 
 def test_checkpoint_disk_full_names_the_bytes_still_needed(tmp_path, monkeypatch):

@@ -79,7 +79,8 @@ def setup():
 def test_verifier_loss_equals_the_pruned_model(setup, removed):
     model, batches, ver = setup
     # keep_inputs=3 windows -> the first two batches (1 + 2 windows)
-    assert ver.num_windows == 3 and ver.fold_of_batch == [0, 1, 4, 4, 4]  # 2 check batches; the rest trains
+    # 2 check batches, so 2 folds (of 4 asked: no empty ones), slot 2 = the rest, never held out
+    assert ver.num_windows == 3 and ver.folds == 2 and ver.fold_of_batch == [0, 1, 2, 2, 2]
     got = ver.loss(removed)
     want = _reference(model, removed, batches[:2])
     assert abs(got - want) <= 1e-10 * max(1.0, abs(want)), (removed, got, want)
@@ -225,7 +226,8 @@ def test_run_statistics_equal_numpy_per_fold(setup):
     ver.prepare([[2, 3]])
     st = ver._stats[(2, 3), True]
     rows = _run_rows(model, batches, [2, 3])
-    for slot, members in {0: [0], 1: [1], 2: [], 3: [], 4: [2, 3, 4]}.items():
+    assert st.gram.shape[0] == 3  # folds 0 and 1, and the never-held-out slot: no empty fold is kept
+    for slot, members in {0: [0], 1: [1], 2: [2, 3, 4]}.items():
         X = np.concatenate([rows[i][0] for i in members]) if members else np.zeros((0, 32))
         Y = np.concatenate([rows[i][1] for i in members]) if members else np.zeros((0, 32))
         np.testing.assert_allclose(st.gram[slot].numpy(), X.T @ X, rtol=1e-10, atol=1e-12)
@@ -367,9 +369,9 @@ def test_each_block_is_read_once_per_round(setup):
     counts: dict[int, int] = {}
     original = kept.block
 
-    def counting(layer):
+    def counting(layer, next_layer=None):
         counts[layer] = counts.get(layer, 0) + 1
-        return original(layer)
+        return original(layer, next_layer)
     kept.block = counting
     try:
         plans = [[1, 2], [3], [2, 4]]
@@ -736,3 +738,42 @@ def test_fit_only_windows_feed_the_statistics_and_nothing_else(tiny_dir):
             torch.testing.assert_close(b.gram.sum(0), c.gram.sum(0), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(b.cross.sum(0), c.cross.sum(0), rtol=1e-5, atol=1e-6)
             assert int(b.tokens.sum()) == int(c.tokens.sum()) > int(a.tokens.sum())
+
+
+def test_no_more_folds_than_check_windows(setup):
+    """An empty fold fits and judges nothing but would hold d x d statistics and maps: a check of 1 window
+    has 1 fold, whatever folds asks for."""
+    model, batches, _ = setup
+    res = calibrate(model, batches, gradients=False, progress=False, keep_inputs=7)
+    with SkipVerifier(res.kept_inputs, 1, folds=4) as one:
+        assert one.folds == 1 and one.fold_of_batch == [0, 1, 1, 1, 1]
+        one.prepare([[2]])
+        assert all(st.gram.shape[0] == 2 for st in one._stats.values())
+
+
+def test_the_memory_budget_counts_every_matrix_the_search_holds(tmp_path):
+    """api._memory_budget's bound on the d x d float64 matrices of the compensated search (statistics per fold,
+    maps per fold and final, of every candidate's runs), known before calibration, is at or above what the
+    search held. Here (seed 8, one block removed) two candidates remove different blocks, so the typical count
+    (one plan's runs, the one the predicted peak uses) is short, and the plan says so."""
+    import sglp_fast
+    from pipeline_models import save_tiny
+    from sglp_fast.api import _memory_budget
+
+    analysis = sglp_fast.analyze(str(save_tiny(tmp_path / "tiny", "llama", layers=7, seed=8)), "builtin", remove=1,
+                                 **API_CALIB)
+    try:
+        ver = analysis.verifier
+        held = sum(2 * st.gram.shape[0] for st in ver._stats.values()) + len(ver._fitted)
+        runs = {run for run, _ in ver._stats}
+        assert len(runs) == 2, runs
+        budget = _memory_budget(None, get_adapter(analysis.model), analysis.calibration.batches(), analysis.search, 1)
+        assert budget.host_matrices < held + 4 <= budget.host_matrices_bound, (held, budget)
+        from sglp_fast.calibration.memory import fmt_bytes, preflight
+
+        plan = str(preflight(get_adapter(analysis.model), analysis.calibration.batches(), budget, gradients=False,
+                             keep_inputs=6))
+        d2 = 8 * analysis.model.config.hidden_size ** 2
+        assert f"up to {fmt_bytes(budget.host_matrices_bound * d2)} if the candidate plans remove" in plan, plan
+    finally:
+        analysis.close()

@@ -35,8 +35,9 @@ MANIFEST = "manifest.json"
 
 
 def fingerprint(adapter: Any, batches: list[dict], act_dtype: torch.dtype, device: torch.device,
-                gradients: bool) -> dict[str, Any]:
-    """What a checkpoint must have been made with to be continued."""
+                gradients: bool, windows_per_call: int = 1) -> dict[str, Any]:
+    """What a checkpoint must have been made with to be continued (``windows_per_call`` too: other call
+    groupings round differently, and a resumed pass must be bit-identical to an uninterrupted one)."""
     tokens = hashlib.sha256()
     for b in batches:
         for key in sorted(b):
@@ -45,7 +46,20 @@ def fingerprint(adapter: Any, batches: list[dict], act_dtype: torch.dtype, devic
     return {"config": config_fingerprint(adapter.config),
             "weights": _weights_sample(adapter), "tokens": tokens.hexdigest(),
             "num_blocks": adapter.num_blocks, "dtype": str(act_dtype).replace("torch.", ""),
-            "device": torch.device(device).type, "gradients": bool(gradients)}
+            "device": torch.device(device).type, "gradients": bool(gradients),
+            "windows_per_call": int(windows_per_call)}
+
+
+def saved_windows_per_call(directory: str | os.PathLike) -> int | None:
+    """The windows per block call a checkpoint was made with (None: no readable checkpoint there), so that a
+    resume that leaves it automatic continues with the same grouping (the automatic choice on a GPU follows
+    the free memory, which may differ from the first run's)."""
+    try:
+        with open(os.path.join(os.fspath(directory), MANIFEST), encoding="utf-8") as f:
+            value = json.load(f).get("fingerprint", {}).get("windows_per_call")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(value) if isinstance(value, int) and value >= 1 else None
 
 
 def _weights_sample(adapter: Any) -> str:

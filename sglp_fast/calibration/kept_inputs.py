@@ -50,10 +50,11 @@ class KeptInputs:
         return losses.token_mask(self.batches[batch])
 
     @contextlib.contextmanager
-    def block(self, layer: int) -> Iterator[nn.Module]:
-        """Block ``layer`` on the compute device while in use (released after)."""
+    def block(self, layer: int, next_layer: int | None = None) -> Iterator[nn.Module]:
+        """Block ``layer`` on the compute device while in use (released after); ``next_layer``: the block the
+        caller reads next, brought in meanwhile when the weights prefetch (lazy or copied weights)."""
         self._check_open()
-        block = self._weights.acquire(layer)
+        block = self._weights.acquire(layer, next_layer)
         try:
             yield block
         finally:
@@ -74,6 +75,7 @@ class KeptInputs:
 
     def close(self) -> None:
         if not self.closed:
+            self._weights.discard_prefetch()  # a read-ahead nobody took (the search stopped early)
             self._store.close()
             self.closed = True
 

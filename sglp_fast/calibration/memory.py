@@ -50,6 +50,7 @@ class Budget(Limit):
     cka_item_bytes: int = 0  # the CKA accumulator's items held at once (every layer's, to the last layer)
     cka_work_bytes: int = 0  # the CKA accumulator's transient when a batch completes (its panel, copies)
     host_matrices: int = 0  # d x d float64 matrices the selection holds at once on the host (compensation)
+    host_matrices_bound: int = 0  # ... at most: every candidate plan of the search removing other runs
 
 
 @dataclass
@@ -70,6 +71,7 @@ class MemoryPlan:
     cka_item_bytes: int = 0
     cka_budget: int | None = None  # memory the CKA items may take before they spill to disk (None: its default)
     selection_bytes: int = 0  # compensation's d x d float64 matrices, on the host
+    selection_bound_bytes: int = 0  # ... when every candidate plan removes other runs (the bound)
     peak_device_bytes: int = 0  # on the CPU: the same as peak_host_bytes
     peak_host_bytes: int = 0
     minimum_bytes: int = 0  # the least the budget must hold: everything but the caches that can spill
@@ -101,8 +103,10 @@ class MemoryPlan:
             lines.append(f"  CKA items    : {fmt_bytes(self.cka_item_bytes)} (in memory up to {room}, the rest on "
                          "disk)")
         if self.selection_bytes:
+            bound = (f", up to {fmt_bytes(self.selection_bound_bytes)} if the candidate plans remove different "
+                     "runs (not in the peak)") if self.selection_bound_bytes > self.selection_bytes else ""
             lines.append(f"  compensation : about {fmt_bytes(self.selection_bytes)} of d x d float64 matrices "
-                         "(host)")
+                         f"(host{bound})")
         if self.checkpoint_bytes:
             lines.append(f"  checkpoint   : {fmt_bytes(self.checkpoint_bytes)} on disk (every block's outputs)")
         lines.append(self._peak_line())
@@ -253,8 +257,10 @@ def _weights_bytes(weights: BlockWeights, adapter, on_cpu: bool, prefetch: bool,
 
 
 def preflight(adapter, batches, budget: Budget, *, gradients: bool, device=None, dtype=None, offload_dir=None,
-              keep_inputs: int = 0, max_cpu_memory=None) -> MemoryPlan:
-    """The plan ``calibrate`` will make with these arguments (its own planning step), made before anything runs.
+              keep_inputs: int = 0, max_cpu_memory=None, prefetch: bool | None = None,
+              windows_per_call: int | None = None) -> MemoryPlan:
+    """The plan ``calibrate`` will make with these arguments (its own planning step, automatic speed-ups
+    giving way to the budget the same way), made before anything runs.
 
     Why: a caller that runs other stages beside calibration (the CKA accumulator) sizes them from it, and a
     budget below the least the run needs fails here, before any work.
@@ -264,9 +270,9 @@ def preflight(adapter, batches, budget: Budget, *, gradients: bool, device=None,
     batches = _validate_batches(batches, adapter)  # the errors calibrate would give, first
     device = _first_device(adapter) if device is None else torch.device(device)
     act_dtype = dtype or next((p.dtype for p in adapter.blocks.parameters() if p.is_floating_point()), torch.float32)
-    weights = BlockWeights(adapter, device, dtype)
+    weights = BlockWeights(adapter, device, dtype, prefetch=prefetch)
     return _plan(adapter, weights, batches, gradients, act_dtype, device, budget, max_cpu_memory, offload_dir,
-                 _kept_batches(batches, keep_inputs), None, None)[0]
+                 _kept_batches(batches, keep_inputs), prefetch, windows_per_call)[0]
 
 
 # --- the plan ---------------------------------------------------------------------------------------------
@@ -338,6 +344,7 @@ def plan_memory(adapter, weights: BlockWeights, batches, gradients, act_dtype, d
         budgets={"device": budgets["device"], "cpu": budgets["cpu"], "disk": None if checked_dir else 0},
         working_set_bytes=max(ph.work for ph in phases), cka_item_bytes=budget.cka_item_bytes,
         cka_budget=cka_budget, selection_bytes=budget.host_matrices * shape.hidden ** 2 * FLOAT64,
+        selection_bound_bytes=budget.host_matrices_bound * shape.hidden ** 2 * FLOAT64,
         peak_device_bytes=peak_dev, peak_host_bytes=peak_host, minimum_bytes=least, limit_bytes=limit,
     )
     return plan, budgets, checked_dir

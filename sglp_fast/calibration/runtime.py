@@ -28,7 +28,7 @@ from ..models import get_adapter
 from ..models.base import BlockAdapter, BlockCall
 from .memory import BudgetTooSmall, block_call_bytes, plan_memory
 from .store import TieredStore, free_memory_bytes
-from .checkpoint import PassCheckpoint, fingerprint
+from .checkpoint import PassCheckpoint, fingerprint, saved_windows_per_call
 from .kept_inputs import KeptInputs
 from .weights import BlockWeights, NonBlockModules, module_bytes
 
@@ -190,12 +190,15 @@ def calibrate(model_or_adapter, batches, *, observers=(), gradients: bool = True
     try:
         act_dtype = dtype or next((p.dtype for p in adapter.blocks.parameters() if p.is_floating_point()), torch.float32)
         weights = BlockWeights(adapter, device, dtype, prefetch=prefetch)
+        if resume and checkpoint_dir is not None and windows_per_call is None:
+            windows_per_call = saved_windows_per_call(checkpoint_dir)  # continue with the first run's grouping
         plan, budgets, checked_dir, windows_per_call = _plan(adapter, weights, batches, gradients, act_dtype,
                                                              device, max_device_memory, max_cpu_memory,
                                                              offload_dir, kept_batches, prefetch, windows_per_call)
         checkpoint = None
         if checkpoint_dir is not None:
-            checkpoint = PassCheckpoint(checkpoint_dir, fingerprint(adapter, batches, act_dtype, device, gradients),
+            checkpoint = PassCheckpoint(checkpoint_dir, fingerprint(adapter, batches, act_dtype, device, gradients,
+                                                                    windows_per_call),
                                         resume=resume, slot_bytes=plan.activation_slot_bytes)
             plan.checkpoint_bytes = (adapter.num_blocks + 1) * plan.activation_slot_bytes
         elif resume:

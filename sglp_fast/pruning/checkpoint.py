@@ -36,11 +36,28 @@ def _block_key_regex(blocks_path: str, keys: list[str]) -> re.Pattern:
                      "architecture")
 
 
+def _write_generation_config(src: Path, skeleton: Any, tmp: Path) -> None:
+    """The source's generation_config.json, or (as ``save_pretrained`` does for a generative model) the one
+    derived from its config, so --lazy and the in-memory save write the same files."""
+    if (src / "generation_config.json").is_file():
+        shutil.copy2(src / "generation_config.json", tmp / "generation_config.json")
+        return
+    from transformers import GenerationConfig  # noqa: PLC0415 (heavy)
+
+    can_generate = getattr(skeleton, "can_generate", None)
+    if callable(can_generate) and can_generate():
+        # from the config file as written (from_pretrained derives it so; the config object fills in defaults)
+        with open(src / "config.json", encoding="utf-8") as f:
+            GenerationConfig.from_model_config(json.load(f)).save_pretrained(tmp)
+
+
 def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, output_dir: str | os.PathLike,
                      overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3,
-                     stats: dict[str, int] | None = None) -> Path:
+                     stats: dict[str, int] | None = None, dtype: torch.dtype | None = None) -> Path:
     """Prune a safetensors checkpoint on disk without loading the model: kept tensors only, renamed.
 
+    ``dtype``: floating-point tensors are written in it (the run's compute dtype, as the in-memory save writes
+    the loaded model; the maps are folded in float64 and rounded once, to it); None keeps the checkpoint's own.
     ``stats`` (a dict) receives ``bytes_read`` and ``bytes_written`` (tensor bytes).
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 (heavy)
@@ -110,6 +127,8 @@ def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, output_dir: str | o
                         new_key = key
                     tensor = f.get_tensor(key)
                     read += tensor.numel() * tensor.element_size()
+                    if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                        tensor = tensor.to(dtype)
                     if m and (old, m.group(2)) in folds:
                         kind, T = folds[(old, m.group(2))]
                         tensor = fold_state_tensor(kind, m.group(2).rsplit(".", 1)[1], tensor, T)
@@ -135,10 +154,10 @@ def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, output_dir: str | o
                 total += (tmp / final).stat().st_size
             with open(tmp / "model.safetensors.index.json", "w") as fh:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=1)
+        if dtype is not None:
+            skeleton.config.dtype = dtype
         skeleton.config.save_pretrained(tmp)
-        for extra in ("generation_config.json",):
-            if (src / extra).is_file():
-                shutil.copy2(src / extra, tmp / extra)
+        _write_generation_config(src, skeleton, tmp)
         try:
             AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
         except (OSError, ValueError, TypeError):

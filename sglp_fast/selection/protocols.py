@@ -61,8 +61,10 @@ class BlockRunner(Protocol):
     def token_mask(self, batch: int) -> torch.Tensor:
         """Which tokens of kept batch ``batch`` are real (not padding)."""
 
-    def block(self, layer: int, transform: torch.Tensor | None = None) -> AbstractContextManager[nn.Module]:
-        """Block ``layer`` on the device, with ``transform`` folded into its MLP output projection."""
+    def block(self, layer: int, transform: torch.Tensor | None = None,
+              next_layer: int | None = None) -> AbstractContextManager[nn.Module]:
+        """Block ``layer`` on the device, with ``transform`` folded into its MLP output projection;
+        ``next_layer``: the block the caller reads next (a read-ahead hint)."""
 
     def call(self, block: nn.Module, layer: int, hidden: torch.Tensor, batch: int) -> torch.Tensor:
         """Run ``block`` on ``hidden`` with kept batch ``batch``'s call arguments."""

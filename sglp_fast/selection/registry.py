@@ -111,12 +111,13 @@ def _verified_search(n: int, frame: Frame, evidence: Evidence) -> Choice:
                                                      maps=[found.maps])[0]
         policy = R.get_policy(settings.map_policy)
         choices = verifier.map_choices(found.removed)
+        folds = getattr(verifier, "folds", settings.folds)  # no more folds than check windows
         choice.compensation = {
             "method": "least squares folded into the MLP output projection (selection/compensation.py); "
                       + {"cv": "ridge strength and shrinkage towards the identity chosen per map by "
-                               f"{settings.folds}-fold cross-validation (selection/regularization.py)",
+                               f"{folds}-fold cross-validation (selection/regularization.py)",
                          "fixed": "fixed ridge strength", "replaceme": "unweighted, no ridge (ReplaceMe)"}[policy.name],
-            "module": evidence.compensation_module, "policy": policy.name, "folds": settings.folds,
+            "module": evidence.compensation_module, "policy": policy.name, "folds": folds,
             "maps": {str(p): choices[p].to_dict() for p in found.maps},
             "fit_windows": evidence.calib_windows + settings.fit_windows,
             "fit_only_windows": settings.fit_windows}

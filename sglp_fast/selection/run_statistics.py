@@ -86,11 +86,13 @@ def accumulate(runner: BlockRunner, runs: Iterable[tuple[int, int]], fold_of_bat
     width = int(runner.adapter.config.hidden_size)
     stats = {run: RunStatistics.zeros(folds, width) for run in runs}
     checked = not check
-    for p in sorted({a - 1 for a, _ in runs}):
+    before = sorted({a - 1 for a, _ in runs})
+    read_next = dict(zip(before, before[1:]))  # each block's successor is read ahead while it computes
+    for p in before:
         targets = [(run, run[1] + 1) for run in runs if run[0] - 1 == p]
         if not len(fold_of_batch):
             continue  # data-parallel: this rank keeps no window; it only joins the sums below
-        with runner.block(p) as block:
+        with runner.block(p, next_layer=read_next.get(p)) as block:
             proj = mlp_output_module(runner.adapter, block)
             for b, slot in enumerate(fold_of_batch):
                 out, m = _call_with_mlp_output(runner, block, proj, p, b)

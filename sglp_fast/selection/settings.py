@@ -11,6 +11,12 @@ DEFAULT_FOLDS = 4
 MAP_POLICIES = ("cv", "fixed", "replaceme")  # selection/regularization.py
 
 
+def effective_folds(folds: int, check_windows: int) -> int:
+    """Cross-fitting folds the check really has: no more than its windows (an empty fold fits nothing and
+    judges nothing, but its statistics and maps would take d x d memory each)."""
+    return max(1, min(int(folds), int(check_windows)))
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchSettings:
     """How the verified search checks plans.

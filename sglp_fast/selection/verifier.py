@@ -17,6 +17,7 @@ the model outputs.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -28,10 +29,13 @@ from .. import distributed as dist
 from ..calibration import losses as G
 from ..calibration.kept_inputs import KeptInputs
 from ..checks import check_int
+from ..sizes import fmt_bytes
 from . import regularization as R
 from .compensation import mlp_output_module, patched, runs_of
 from .run_statistics import RunStatistics, accumulate
-from .settings import DEFAULT_FOLDS
+from .settings import DEFAULT_FOLDS, effective_folds
+
+log = logging.getLogger(__name__)
 
 
 class SkipVerifier:
@@ -56,7 +60,6 @@ class SkipVerifier:
         self._kind = kept.loss_kind
         self._windows = kept.windows
         self.policy = R.get_policy(policy)
-        self.folds = folds
         # extra_statistics(runs, weighted) -> {run: RunStatistics}: the fit-only windows' statistics (a
         # forward-only pass over them, built by the API); they land in the never-held-out slot
         self._extra_statistics = extra_statistics
@@ -66,10 +69,18 @@ class SkipVerifier:
         self._nv = _leading_batches(kept.windows, verify_windows, window_offset)
         self._check_windows, self._all_windows = (int(x) for x in dist.all_reduce_sum(
             np.array([sum(self._windows[:self._nv]), kept.total_windows], dtype=np.float64), tag="check_losses"))
+        folds = effective_folds(folds, self._check_windows)
         starts = window_offset + np.concatenate([[0], np.cumsum(self._windows)])[:-1]
-        # the fold of each kept batch: contiguous folds of the check windows; ``folds`` = never held out
-        self.fold_of_batch = [min(folds - 1, int(starts[b]) * folds // max(self._check_windows, 1))
-                              if b < self._nv else folds for b in range(kept.num_batches)]
+        # the fold of each kept batch: contiguous folds of the check windows (a batch is never split), then
+        # renumbered over the folds some batch (on any rank) falls in: an empty fold would fit and judge
+        # nothing but hold d x d statistics and maps; ``self.folds`` = never held out
+        raw = [min(folds - 1, int(starts[b]) * folds // max(self._check_windows, 1)) for b in range(self._nv)]
+        used = np.zeros(folds, dtype=np.float64)
+        used[raw] = 1.0
+        used = dist.all_reduce_sum(used, tag="check_losses")
+        renumber = {f: i for i, f in enumerate(f for f in range(folds) if used[f] > 0)}
+        self.folds = max(1, len(renumber))
+        self.fold_of_batch = [renumber[raw[b]] if b < self._nv else self.folds for b in range(kept.num_batches)]
         self._stats: dict[tuple[tuple[int, int], bool], RunStatistics] = {}
         self._choices: dict[tuple[tuple[int, int], str], R.MapChoice] = {}
         self._fitted: dict[tuple[tuple[int, int], str, int | None], torch.Tensor] = {}
@@ -98,9 +109,11 @@ class SkipVerifier:
         return self._kept.token_mask(batch)
 
     @contextlib.contextmanager
-    def block(self, layer: int, transform: torch.Tensor | None = None) -> Iterator[nn.Module]:
-        """Block ``layer`` on the device (with ``transform`` folded into its MLP output), released after."""
-        with self._kept.block(layer) as block:
+    def block(self, layer: int, transform: torch.Tensor | None = None,
+              next_layer: int | None = None) -> Iterator[nn.Module]:
+        """Block ``layer`` on the device (with ``transform`` folded into its MLP output), released after;
+        ``next_layer`` (the block read next) arrives meanwhile when the weights prefetch."""
+        with self._kept.block(layer, next_layer) as block:
             if transform is None:
                 yield block
             else:
@@ -167,6 +180,14 @@ class SkipVerifier:
         todo = [run for run in runs if (run, weighted) not in self._stats]
         if not todo:
             return
+        # what the memory plan could only bound before calibration (the candidates were not known): per run,
+        # XᵀX and XᵀY per slot and a map per fold and the final one, d x d float64 each, on the host
+        width = int(self.adapter.config.hidden_size)
+        per_run = 3 * (self.folds + 1) * width * width * 8
+        before = len({run for run, _ in self._stats})
+        log.info("compensation: %d new run(s) %s, up to %s of d x d float64 statistics and maps on the host "
+                 "(%s with the %d run(s) before)", len(todo), todo, fmt_bytes(len(todo) * per_run),
+                 fmt_bytes((len(todo) + before) * per_run), before)
         with self._eval_mode(), torch.no_grad():
             stats = accumulate(self, todo, self.fold_of_batch, self.folds, weighted=weighted,
                                check=self._window_offset == 0)  # one rank checks (as one process would)
@@ -273,6 +294,14 @@ class SkipVerifier:
         states: dict[tuple[int, int], torch.Tensor] = {}
         # a rank holding no check window (data-parallel) runs no block: it only joins the gather below
         first = min(start + ([min(base)] if branch else [])) if nb else L
+
+        def runs_base(l: int) -> bool:
+            return bool(branch) and min(base) <= l < base_until and l not in base
+
+        # the blocks this call reads, in order: each one's successor is read ahead while it computes
+        reads = [l for l in range(first, L)
+                 if runs_base(l) or any(start[i] <= l and l not in p for i, p in enumerate(plans))]
+        read_next = dict(zip(reads, reads[1:]))
         for l in range(first, L):
             if branch and l == min(base):
                 for b in range(nb):
@@ -284,10 +313,11 @@ class SkipVerifier:
             if branch and l == base_until:  # every branch has its state: drop base's stream
                 for b in range(nb):
                     states.pop(("base", b), None)
-            run_base = bool(branch) and min(base) <= l < base_until and l not in base
+            run_base = runs_base(l)
             if not active and not run_base:
                 continue
-            with self._kept.block(l) as block:  # read once for every plan, map and fold of this round
+            # read once for every plan, map and fold of this round
+            with self._kept.block(l, read_next.get(l)) as block:
                 if run_base:
                     for b in range(nb):
                         states["base", b] = self.call(block, l, states["base", b], b)

@@ -73,7 +73,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return "triton"
 
 
-def _choose_space(space: str, kernel: str, num_layers: int, n: int, d: int) -> str:
+def choose_space(space: str, kernel: str, num_layers: int, n: int, d: int) -> str:
     if kernel == "rbf":
         if space == "feature":
             raise ValueError("space: the RBF kernel has no feature-space form; use space='auto' or 'gram'")
@@ -344,7 +344,7 @@ class CKAAccumulator:
         device = xs[0].device
         backend = _resolve_backend(self.backend, device)
         xs = self._prepare_all(xs, backend)
-        space = _choose_space(self.space, self.kernel, self.num_layers, n, max(x.shape[-1] for x in xs))
+        space = choose_space(self.space, self.kernel, self.num_layers, n, max(x.shape[-1] for x in xs))
         if space == "feature":
             diags = torch.stack([x.to(torch.float64 if self.dtype == torch.float64 else torch.float32)
                                  .square().sum(1) for x in xs]).double()
@@ -439,7 +439,7 @@ class CKAAccumulator:
         backend = _resolve_backend(self.backend, x.device)
         pend = self._pending.get(batch_id)
         if pend is None:
-            space = _choose_space(self.space, self.kernel, self.num_layers, n, d)
+            space = choose_space(self.space, self.kernel, self.num_layers, n, d)
             pend = _PendingBatch(n=n, space=space, device=x.device, backend=backend)
         elif layer in pend.layers:
             raise ValueError(f"layer: {where} was already given; each (layer, batch_id) is accumulated once")

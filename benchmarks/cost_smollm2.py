@@ -1,0 +1,116 @@
+"""Cost of the default plan vs the paper's pipeline on SmolLM2-135M, timed alone on an idle machine.
+
+    .venv/bin/python benchmarks/cost_smollm2.py            # writes benchmarks/results/cost_smollm2.md
+
+Issue 15's cost target: planning 8 removals with the default (verified search + compensation) takes at most
+2x the wall time of the paper's GradNorm pipeline at 16 x 256 calibration tokens. Per calibration subset (the
+quality benchmark's: windows 16s..16s+15 of the built-in text) it times ``analyze(remove=8)`` with
+``scorer="gradnorm"`` and with the default, alternating (paper, default) so that a slow spell of the machine
+hits both, after one untimed warm-up of each. Then the extra fit-only windows (``fit_windows``): the default
+with N extra windows against the default without, on subset 0: the cost per extra window. The ratios are
+measured in one run on one machine; absolute seconds are this CPU's only.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from sglp_fast import __version__, analyze
+from sglp_fast.calibration.text import CalibrationData, builtin_text, tokenize_windows
+from sglp_fast.models import load_model
+from sglp_fast.models.loading import default_model_path
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def timed(model, tok, data, **kwargs) -> tuple[float, dict]:
+    t0 = time.perf_counter()
+    analysis = analyze(model, data, tokenizer=tok, **kwargs)
+    seconds = time.perf_counter() - t0
+    sel = analysis.plan.extra.get("selection", {})
+    info = {"removed": analysis.plan.removed, "block_forwards": sel.get("block_forwards"),
+            "calibrate_s": analysis.timings.get("calibrate_s", 0.0), "plan_s": analysis.timings.get("plan_s", 0.0)}
+    analysis.close()
+    return seconds, info
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--remove", type=int, default=8)
+    p.add_argument("--calib-seqs", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--subsets", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--fit-windows", type=int, default=32, help="extra fit-only windows for the per-window cost")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "cost_smollm2.md"))
+    args = p.parse_args()
+
+    model, tok = load_model(default_model_path(), dtype=torch.float32, device="cpu")
+    top = max(args.subsets) + 1
+    windows = tokenize_windows(tok, builtin_text("calib"), args.calib_seqs * top + args.fit_windows, args.seq_len)
+
+    def subset(s: int, extra: int = 0) -> CalibrationData:
+        ids = windows[s * args.calib_seqs:(s + 1) * args.calib_seqs]
+        if extra:  # fit-only windows: past every subset's windows (analyze takes the last `extra` as fit-only)
+            ids = torch.cat([ids, windows[top * args.calib_seqs:top * args.calib_seqs + extra]])
+        return CalibrationData(ids, source=f"builtin windows {s * args.calib_seqs}..", seed=0)
+
+    common = dict(remove=args.remove, calib_seqs=args.calib_seqs, seq_len=args.seq_len)
+    timed(model, tok, subset(0), scorer="gradnorm", **common)  # warm-up: first-call costs out of the timings
+    timed(model, tok, subset(0), **common)
+    rows = []
+    for s in args.subsets:
+        t_paper, paper = timed(model, tok, subset(s), scorer="gradnorm", **common)
+        t_default, default = timed(model, tok, subset(s), **common)
+        rows.append((s, t_paper, t_default, paper, default))
+        print(f"subset {s}: paper {t_paper:.1f} s, default {t_default:.1f} s ({t_default / t_paper:.2f}x)",
+              file=sys.stderr, flush=True)
+    t_plain, _ = timed(model, tok, subset(0), **common)
+    t_fit, fit = timed(model, tok, subset(0, args.fit_windows), fit_windows=args.fit_windows, **common)
+    per_window = (t_fit - t_plain) / args.fit_windows
+    print(f"fit windows: {t_plain:.1f} s -> {t_fit:.1f} s with {args.fit_windows}", file=sys.stderr, flush=True)
+
+    ratios = [d / p for _, p, d, _, _ in rows]
+    table = "\n".join(
+        f"| {s} | {tp:.1f} | {td:.1f} | **{td / tp:.2f}x** | {pa['calibrate_s']:.1f} + {pa['plan_s']:.1f} | "
+        f"{de['calibrate_s']:.1f} + {de['plan_s']:.1f} | {de['block_forwards']:.0f} |"
+        for s, tp, td, pa, de in rows)
+    verdict = "met" if max(ratios) <= 2 else "**not met**"
+    text = f"""# Cost: the default plan vs the paper's pipeline on SmolLM2-135M (timed alone)
+
+Date: {datetime.date.today().isoformat()}. Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores,
+torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}, sglp-fast {__version__}.
+Regenerate with `.venv/bin/python benchmarks/cost_smollm2.py` on an otherwise idle machine.
+
+One `analyze(remove={args.remove})` per pipeline and calibration subset ({args.calib_seqs} x {args.seq_len} tokens,
+subset s = windows {args.calib_seqs}s.. of the built-in text, as in quality_smollm2.md), the two pipelines
+alternating after one untimed warm-up of each. Paper: `scorer="gradnorm"` (forward + backward, CKA, Fisher
+segments, lowest GradNorm per segment). Default: forward only, CKA, segments, the verified search with
+compensation (statistics, cross-fitted plain and compensated checks over every window, the refit).
+
+| subset | paper (s) | default (s) | default / paper | paper: calibrate + plan (s) | default: calibrate + plan (s) | search block-forwards |
+|---|---|---|---|---|---|---|
+{table}
+
+Default / paper: {min(ratios):.2f}x to {max(ratios):.2f}x, mean {statistics.mean(ratios):.2f}x (target: at most 2x): {verdict}.
+
+Extra fit-only windows (`--fit-windows`, forward only, they feed only the compensation statistics): on subset 0
+the default took {t_plain:.1f} s without and {t_fit:.1f} s with {args.fit_windows} extra windows of {args.seq_len} tokens:
+**{per_window:.2f} s per extra window** here (the whole default analysis spends {t_plain / args.calib_seqs:.2f} s per
+calibration window); an extra window costs one forward-only pass of the model over it plus the d x d
+statistics of the candidate runs. Plan with them: {fit['removed']}.
+"""
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
