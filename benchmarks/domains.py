@@ -259,10 +259,24 @@ def ensure_installed(name: str) -> None:
     _deb_file(package)
 
 
-if __name__ == "__main__":
-    names = [a for a in sys.argv[1:] if a != "--install"] or list(DOMAINS)
-    for n in names:
-        if "--install" in sys.argv:
+def main(argv: list[str] | None = None) -> int:
+    import argparse  # noqa: PLC0415
+
+    p = argparse.ArgumentParser(description="List the held-out text domains (words, provenance); --install "
+                                            "fetches the Debian ones first (no root).")
+    p.add_argument("names", nargs="*", metavar="DOMAIN", help=f"domains to show (default: all of {', '.join(DOMAINS)})")
+    p.add_argument("--install", action="store_true", help="download and unpack the Debian text packages first")
+    args = p.parse_args(argv)
+    unknown = [n for n in args.names if n not in DOMAINS]
+    if unknown:
+        p.error(f"unknown domain(s) {', '.join(unknown)}; choose from {', '.join(DOMAINS)}")
+    for n in args.names or list(DOMAINS):
+        if args.install:
             ensure_installed(n)
         text = load_domain(n)
         print(f"{n:9s} {DOMAINS[n].kind:32s} {len(text.split()):>7d} words  {DOMAINS[n].provenance}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -99,3 +99,15 @@ def test_r_unserialize_reads_a_character_vector():
     buf = (b"X\n" + i32(3, 0x040201, 0x030500, 5) + b"UTF-8" + i32(16, 2)
            + i32(0x40009, 5) + b"hello" + i32(9, -1))
     assert domains._r_unserialize(buf) == ["hello", None]
+
+
+def test_command_line_lists_domains_and_refuses_unknown_ones(capsys):
+    assert domains.main(["readme"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("readme") and "words" in out and len(out.splitlines()) == 1
+    with pytest.raises(SystemExit) as exit_:
+        domains.main(["--help"])
+    assert exit_.value.code == 0 and "--install" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        domains.main(["nosuch"])
+    assert exit_.value.code == 2 and "unknown domain(s) nosuch" in capsys.readouterr().err
