@@ -29,9 +29,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from make_synthetic import config_for, tensor_specs, write_checkpoint  # noqa: E402
+from sglp_fast.sizes import size_from_text  # noqa: E402
 
 GiB = 2**30
-_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 
 
 def _rss(pid: int) -> dict[str, int]:
@@ -73,8 +73,8 @@ def run_one(model: Path, out: Path, variant: str) -> dict:
         raise SystemExit(f"sglp prune failed ({proc.returncode}):\n{stderr}")
     result = json.loads(stdout)["result"]
     result["peak_rss"], result["peak_anon"] = peak["VmRSS"], peak["RssAnon"]
-    m = re.search(r"predicted peak: ([0-9.]+) (B|KiB|MiB|GiB|TiB)", stderr)
-    result["predicted_peak"] = int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
+    m = re.search(r"predicted peak: ([0-9.]+ [KMGT]?i?B)", stderr)
+    result["predicted_peak"] = size_from_text(m.group(1)) if m else None
     result["command_s"] = time.perf_counter() - t0
     return result
 

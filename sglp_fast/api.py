@@ -31,6 +31,7 @@ from .calibration import CalibrationData, CalibrationResult, calibrate, load_cal
 from .calibration import lazy_weights
 from .calibration.losses import loss_kind
 from .calibration.memory import Budget, hidden_size, preflight
+from .calibration.runtime import check_speedups
 from .checks import check_int
 from .evaluate import block_parameter_counts, count_parameters
 from .models import get_adapter, load_model
@@ -291,10 +292,7 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
         check_int("segments", segments, 1, expected="a positive int k or 'auto'")
     check_int("seq_len", seq_len, 1)
     check_int("calib_seqs", calib_seqs, 1)
-    check_int("windows_per_call", windows_per_call, 1, optional=True,
-              expected="a positive int (windows per block call) or None (automatic)")
-    if prefetch is not None and not isinstance(prefetch, bool):
-        raise TypeError(f"prefetch: expected True, False or None (automatic), got {prefetch!r}")
+    check_speedups(windows_per_call, prefetch)
     if ratio is not None:
         check_ratio(ratio)
     timings: dict[str, float] = {}

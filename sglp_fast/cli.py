@@ -729,6 +729,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    from .api import _dtype  # noqa: PLC0415
     from .models import load_model  # noqa: PLC0415
     from .plan import Plan  # noqa: PLC0415
     from .pruning import prune_checkpoint, save_pruned  # noqa: PLC0415
@@ -739,12 +740,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if args.lazy:
         if args.model is None or not os.path.isdir(args.model):
             raise ValueError("--lazy: needs MODEL to be a safetensors model directory")
-        from .api import _dtype  # noqa: PLC0415
-
         out = prune_checkpoint(args.model, plan, args.output, overwrite=args.overwrite, dtype=_dtype(args.dtype))
         numbers: dict[str, Any] = {}
     else:
-        from .api import _dtype, resolve_model_source  # noqa: PLC0415
+        from .api import resolve_model_source  # noqa: PLC0415
 
         model, tokenizer = load_model(resolve_model_source(args.model), dtype=_dtype(args.dtype), device=_device(args))
         plan.check_model(model)

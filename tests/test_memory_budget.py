@@ -26,6 +26,7 @@ from pipeline_models import save_tiny, single_thread
 from sglp_fast import api
 from sglp_fast.calibration.memory import BudgetTooSmall
 from sglp_fast.cli import main
+from sglp_fast.sizes import size_from_text
 
 TOLERANCE = 0.20
 HERE = Path(__file__).resolve().parent
@@ -123,15 +124,11 @@ def measure(case: str, directory: str | None = None, spill: str | None = None) -
             "analyze_s": time.perf_counter() - t0}
 
 
-_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
-
-
 def _bytes(pattern: str, plan: str) -> int:
     """The size (as ``fmt_bytes`` prints it) that ``pattern``'s group captures in the plan, in bytes."""
     m = re.search(pattern, plan)
     assert m, f"{pattern!r} not in the plan:\n{plan}"
-    number, unit = m.group(1).split()
-    return int(float(number) * _UNITS[unit])
+    return size_from_text(m.group(1))
 
 
 def predicted_peak(plan: str) -> int:

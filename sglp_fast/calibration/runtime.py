@@ -174,10 +174,7 @@ def calibrate(model_or_adapter, batches, *, observers=(), gradients: bool = True
         raise TypeError(f"dtype: expected a torch.dtype such as torch.float32, got {dtype!r}")
     batches = _validate_batches(batches, adapter)
     observers = _validate_observers(observers)
-    check_int("windows_per_call", windows_per_call, 1, optional=True,
-              expected="a positive int (windows per block call) or None")
-    if prefetch is not None and not isinstance(prefetch, bool):
-        raise TypeError(f"prefetch: expected True, False or None (automatic), got {prefetch!r}")
+    check_speedups(windows_per_call, prefetch)
     kept_batches = _kept_batches(batches, keep_inputs)
     device = _first_device(adapter) if device is None else torch.device(device)
     model = adapter.model
@@ -227,6 +224,14 @@ def calibrate(model_or_adapter, batches, *, observers=(), gradients: bool = True
 
 
 # --- how much runs at once: prefetch and windows per block call ------------------------------------------
+def check_speedups(windows_per_call: int | None, prefetch: bool | None) -> None:
+    """``calibrate``'s speed-up arguments (also checked by ``api.analyze`` before it loads anything)."""
+    check_int("windows_per_call", windows_per_call, 1, optional=True,
+              expected="a positive int (windows per block call) or None")
+    if prefetch is not None and not isinstance(prefetch, bool):
+        raise TypeError(f"prefetch: expected True, False or None (automatic), got {prefetch!r}")
+
+
 # tokens per block call the automatic grouping aims at: on a GPU, enough rows for the matrix products to
 # reach the tensor cores' rate at small widths (SmolLM2: 576); on a CPU past where bigger products stop paying
 GPU_TOKENS_PER_CALL = 16384

@@ -33,7 +33,7 @@ from ..sizes import fmt_bytes
 from . import regularization as R
 from .compensation import mlp_output_module, patched, runs_of
 from .run_statistics import RunStatistics, accumulate
-from .settings import DEFAULT_FOLDS, effective_folds
+from .settings import DEFAULT_FOLDS
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,6 @@ class SkipVerifier:
         self._nv = _leading_batches(kept.windows, verify_windows, window_offset)
         self._check_windows, self._all_windows = (int(x) for x in dist.all_reduce_sum(
             np.array([sum(self._windows[:self._nv]), kept.total_windows], dtype=np.float64), tag="check_losses"))
-        folds = effective_folds(folds, self._check_windows)
         starts = window_offset + np.concatenate([[0], np.cumsum(self._windows)])[:-1]
         # the fold of each kept batch: contiguous folds of the check windows (a batch is never split), then
         # renumbered over the folds some batch (on any rank) falls in: an empty fold would fit and judge
