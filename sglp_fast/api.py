@@ -44,6 +44,7 @@ from .selection.scores import SCORERS, compute_scores
 from .selection.run_statistics import FitOnlyObserver
 from .selection.settings import DEFAULT_FOLDS, DEFAULT_SHORTLIST, SearchSettings, effective_folds
 from .selection.verified import CANDIDATES
+from .selection.matrix_store import MatrixStore
 from .selection.verifier import SkipVerifier
 from .pruning import apply_plan, check_output_dir, save_pruned
 from .similarity import CKAAccumulator
@@ -352,8 +353,12 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
         _fit_only_statistics, adapter, fit_data, dict(device=device, dtype=torch_dtype, max_device_memory=max_memory,
                                                       offload_dir=offload_dir, progress=progress,
                                                       prefetch=prefetch))
+    # the search's d x d matrices: in memory up to what the budget leaves them, then on disk (or a clear stop)
+    matrices = MatrixStore(plan.selection_room_bytes, offload_dir if plan.selection_spills else None,
+                           what="max_memory (--max-memory)")
     verifier = SkipVerifier(result.kept_inputs, search.verify_windows, window_offset=start, folds=search.folds,
-                            policy=search.map_policy, extra_statistics=extra) if result.kept_inputs else None
+                            policy=search.map_policy, extra_statistics=extra,
+                            matrices=matrices) if result.kept_inputs else None
     if verifier is None and verified and dist.is_distributed():  # this rank keeps none of the search's windows
         verifier = SkipVerifier.without_inputs(adapter, result.loss_kind, end - start, search.verify_windows,
                                                start, folds=search.folds)
@@ -389,7 +394,9 @@ def _memory_budget(max_memory: Any, adapter: Any, batches: list[dict], search: S
     each (layer, batch)'s item (its Gram, or its centered outputs) until the batch's last layer: at most every
     layer's but the last of every batch, and when a batch completes its L items are read back as one panel.
     With compensation, the search's d x d float64 matrices: per removed run its statistics (XᵀX, XᵀY per fold
-    and the never-held-out slot) and maps (per fold and the final one), 3 x (folds + 1), plus 4 for the solve.
+    and the never-held-out slot) and maps (per fold and the final one), 3 x (folds + 1), plus one run's
+    eigenvectors and Vᵀ C per fold while its maps are fitted, 2 x folds (the solve's temporaries the memory
+    plan counts itself: ``memory.SOLVE_MATRICES``).
     The peak counts the runs of one plan of ``n_remove`` blocks (the candidates mostly share theirs; within
     20% in tests/test_memory_budget.py); the plan also shows the bound, (candidates) x (those runs), for
     when every compensated candidate removes other runs. Without a budget (``analyze`` only looks): one run."""
@@ -401,10 +408,11 @@ def _memory_budget(max_memory: Any, adapter: Any, batches: list[dict], search: S
     cka_work = min((L + 1) * big, 1 << 30) + 2 * 4 * d * max(tokens, default=0)  # panel, item, token copies
     matrices = bound = 0
     if search is not None and search.compensate:
-        per_run = 3 * (effective_folds(search.folds, search.verify_windows) + 1)
+        folds = effective_folds(search.folds, search.verify_windows)
+        per_run = 3 * (folds + 1)
         runs = min(n_remove or 1, (L + 1) // 2)
         candidates = len(CANDIDATES) - (0 if search.greedy else 1)  # the greedy's plan is one when it runs
-        matrices, bound = runs * per_run + 4, candidates * runs * per_run + 4
+        matrices, bound = runs * per_run + 2 * folds, candidates * runs * per_run + 2 * folds
     return Budget(max_memory, "max_memory", cka_item_bytes=cka_held, cka_work_bytes=cka_work,
                   host_matrices=matrices, host_matrices_bound=bound)
 

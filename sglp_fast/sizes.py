@@ -7,6 +7,8 @@ trailing ``B``: decimal ``k``/``M``/``G``/``T`` (``8G`` = ``8GB`` = 8·10⁹ byt
 """
 from __future__ import annotations
 
+import math
+
 import re
 from dataclasses import dataclass
 from fractions import Fraction
@@ -63,9 +65,13 @@ def parse_bytes(value, name: str) -> int | None:
                     f"({type(value).__name__}); convert it with int(...) or pass a string")
 
 
-def fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float, round_up: bool = False) -> str:
+    """``n`` bytes in the largest binary unit below it, one decimal. ``round_up``: never below ``n`` (a
+    figure a user is told to pass as a budget must be enough when passed back as printed)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            if unit == "B":
+                return f"{math.ceil(n) if round_up else n:.0f} {unit}"
+            return f"{math.ceil(n * 10) / 10 if round_up else n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"

@@ -57,3 +57,11 @@ def test_numbers_and_none():
 def test_fmt_bytes():
     assert fmt_bytes(512) == "512 B" and fmt_bytes(1536) == "1.5 KiB" and fmt_bytes(8 * GiB) == "8.0 GiB"
     assert fmt_bytes(3 * 2**50) == "3072.0 TiB"
+
+
+@pytest.mark.parametrize("n", [0, 1, 1023, 1024, 1025, 8 * GiB + 1, int(8.04 * GiB), 10**15 + 7, 12345])
+def test_fmt_bytes_rounded_up_is_never_below_the_figure(n):
+    """A budget the user is told to pass ("at least X") must be enough when passed back as printed."""
+    up = fmt_bytes(n, round_up=True)
+    assert size_from_text(up.replace(" ", "")) >= n, up
+    assert size_from_text(fmt_bytes(n).replace(" ", "")) <= size_from_text(up.replace(" ", ""))

@@ -7,7 +7,10 @@ What the peak counts: the bytes of the tensors the run holds at once, in whichev
                gradients with the backward; the embedding/head while they run), the activation cache's
                device/CPU tiers, the CKA items (``Budget.cka_item_bytes``), one block call's working set;
   selection    the same weights, the kept block inputs, one call's working set, and the d x d float64
-               matrices compensation holds (``Budget.host_matrices``).
+               matrices compensation holds (``Budget.host_matrices``) with its solve's temporaries; with an
+               offload folder and a budget the matrices spill past the room the rest leaves them
+               (``MemoryPlan.selection_room_bytes``, ``selection/matrix_store.py``), else the search stops
+               there with the figure and the fix.
 Calibration knows nothing of similarity or selection: the caller that runs them says what they hold, in a
 ``Budget`` passed as ``max_device_memory``. Not counted: the interpreter and libraries, allocator slack, the
 model's loading, and what ``sglp prune`` does once the plan is made (perplexity, save), which holds less.
@@ -27,6 +30,9 @@ from .store import check_offload_dir, free_memory_bytes
 from .weights import BlockWeights, module_bytes
 
 FLOAT64 = 8
+# d x d float64 temporaries of compensation's solve at once, beside the matrices it keeps: G and C without a
+# fold, the eigenvectors and LAPACK's workspace (regularization._fold_terms), or a batch's XᵀX and XᵀY
+SOLVE_MATRICES = 5
 
 
 class BudgetTooSmall(ValueError):
@@ -72,6 +78,8 @@ class MemoryPlan:
     cka_budget: int | None = None  # memory the CKA items may take before they spill to disk (None: its default)
     selection_bytes: int = 0  # compensation's d x d float64 matrices, on the host
     selection_bound_bytes: int = 0  # ... when every candidate plan removes other runs (the bound)
+    selection_room_bytes: int | None = None  # what the budget leaves them in memory (None: no limit)
+    selection_spills: bool = False  # past the room they go to offload_dir (else the search stops there)
     peak_device_bytes: int = 0  # on the CPU: the same as peak_host_bytes
     peak_host_bytes: int = 0
     minimum_bytes: int = 0  # the least the budget must hold: everything but the caches that can spill
@@ -104,9 +112,16 @@ class MemoryPlan:
                          "disk)")
         if self.selection_bytes:
             bound = (f", up to {fmt_bytes(self.selection_bound_bytes)} if the candidate plans remove different "
-                     "runs (not in the peak)") if self.selection_bound_bytes > self.selection_bytes else ""
+                     "runs") if self.selection_bound_bytes > self.selection_bytes else ""
+            if self.selection_room_bytes is None:
+                room = "no limit"
+            elif self.selection_spills:
+                room = f"in memory up to {fmt_bytes(self.selection_room_bytes)}, the rest on disk"
+            else:
+                room = (f"in memory up to {fmt_bytes(self.selection_room_bytes)}; past it the search stops: "
+                        "offload_dir lets them spill")
             lines.append(f"  compensation : about {fmt_bytes(self.selection_bytes)} of d x d float64 matrices "
-                         f"(host{bound})")
+                         f"(host{bound}; {room})")
         if self.checkpoint_bytes:
             lines.append(f"  checkpoint   : {fmt_bytes(self.checkpoint_bytes)} on disk (every block's outputs)")
         lines.append(self._peak_line())
@@ -214,8 +229,9 @@ class _Phase:
     name: str
     weights: int  # weights in use on the device side (the CPU itself when computing there)
     work: int  # one call's transient bytes
-    matrices: int = 0  # compensation's d x d float64 matrices (host), with their device-side products
-    solve: int = 0
+    matrices: int = 0  # compensation's d x d float64 matrices (host) that cannot spill
+    spillable: int = 0  # ... that go to disk past the room the budget leaves them (an offload folder given)
+    solve: int = 0  # the solve's temporaries: a batch's XᵀX and XᵀY, an eigendecomposition and its products
     args: int = 0  # the batches' block-call arguments (rotary tables), kept for the whole pass
     caches: tuple[int, int] = (0, 0)  # (device, host) bytes of the caches this phase holds
 
@@ -300,7 +316,9 @@ def plan_memory(adapter, weights: BlockWeights, batches, gradients, act_dtype, d
         n_slots += (adapter.num_blocks - 1) * shape.kept_tokens / max(shape.tokens, 1)
     cache_total = int(n_slots * slot) + grad
     w = _weights_bytes(weights, adapter, on_cpu, prefetch, gradients)
-    phases = _phases(adapter, shape, w, gradients, budget, kept_batches > 0)
+    # with an offload folder and a budget, compensation's matrices spill like a cache (selection/matrix_store.py)
+    spill_matrices = bool(budget.host_matrices) and offload_dir is not None and limit is not None
+    phases = _phases(adapter, shape, w, gradients, budget, kept_batches > 0, spill_matrices)
     worst = max(phases, key=lambda ph: _cost(ph.fixed(w.host), on_cpu))
     least = _cost(worst.fixed(w.host), on_cpu)
 
@@ -337,6 +355,11 @@ def plan_memory(adapter, weights: BlockWeights, batches, gradients, act_dtype, d
     cka = _cka_tiers(budget.cka_item_bytes, cka_budget, device)
     kept = (adapter.num_blocks + 1) * shape.kept_tokens * shape.hidden * shape.itemsize
     _place_caches(phases, tiers, cka, kept, spill)
+    matrices_room = _matrices_room(phases, w.host, on_cpu, limit)
+    if spill_matrices:  # in memory up to the room, which the peak counts; the rest on disk
+        for ph in phases:
+            if ph.name == "selection":
+                ph.caches = (ph.caches[0], ph.caches[1] + min(ph.spillable, matrices_room))
     peak_dev, peak_host = _peaks(phases, w.host, on_cpu)
     plan = MemoryPlan(
         device=str(device), weights_mode=weights.describe(), max_block_bytes=w.block, other_weight_bytes=w.other,
@@ -345,9 +368,23 @@ def plan_memory(adapter, weights: BlockWeights, batches, gradients, act_dtype, d
         working_set_bytes=max(ph.work for ph in phases), cka_item_bytes=budget.cka_item_bytes,
         cka_budget=cka_budget, selection_bytes=budget.host_matrices * shape.hidden ** 2 * FLOAT64,
         selection_bound_bytes=budget.host_matrices_bound * shape.hidden ** 2 * FLOAT64,
+        selection_room_bytes=matrices_room if budget.host_matrices else None, selection_spills=spill_matrices,
         peak_device_bytes=peak_dev, peak_host_bytes=peak_host, minimum_bytes=least, limit_bytes=limit,
     )
     return plan, budgets, checked_dir
+
+
+def _matrices_room(phases: list[_Phase], host_weights: int, on_cpu: bool, limit: int | None) -> int | None:
+    """What the budget leaves compensation's matrices in memory during the selection (None: no limit): the
+    limit less everything else the selection phase holds. On a GPU the matrices are host memory, which
+    max_memory does not bound."""
+    if limit is None or not on_cpu:
+        return None
+    for ph in phases:
+        if ph.name == "selection":
+            dev, host = ph.fixed(host_weights)
+            return max(0, limit - (dev + host - ph.matrices) - sum(ph.caches))
+    return None
 
 
 def _cache_budgets(on_cpu: bool, room: int | None, cpu_limit: int | None) -> dict[str, int]:
@@ -364,7 +401,8 @@ def _cost(fixed: tuple[int, int], on_cpu: bool) -> int:
     return fixed[0] + fixed[1] if on_cpu else fixed[0]
 
 
-def _phases(adapter, shape: _Shape, w: _Weights, gradients: bool, budget: Budget, kept: bool) -> list[_Phase]:
+def _phases(adapter, shape: _Shape, w: _Weights, gradients: bool, budget: Budget, kept: bool,
+            spill_matrices: bool = False) -> list[_Phase]:
     """Calibration's forward, head and backward, and the selection that re-runs blocks from the kept inputs."""
     host_matrices = budget.host_matrices
     # a block call, or after it the observers (the CKA panel of a completing batch): not both at once
@@ -381,8 +419,9 @@ def _phases(adapter, shape: _Shape, w: _Weights, gradients: bool, budget: Budget
     if kept or host_matrices:
         check = block_call_bytes(adapter, 1, shape.seq_len, shape.itemsize) * shape.batch_tokens // shape.seq_len
         d2 = shape.hidden * shape.hidden * FLOAT64
-        out.append(_Phase("selection", w.device_block, check, matrices=host_matrices * d2,
-                          solve=2 * d2 if host_matrices else 0,  # one batch's XᵀX and XᵀY where the block runs
+        held = host_matrices * d2
+        out.append(_Phase("selection", w.device_block, check, matrices=0 if spill_matrices else held,
+                          spillable=held if spill_matrices else 0, solve=SOLVE_MATRICES * d2 if host_matrices else 0,
                           args=shape.call_args(shape.kept_tokens)))
     return out
 
@@ -445,7 +484,7 @@ def _below_minimum(name: str | None, limit: int, least: int, worst: _Phase, w: _
     head = f"{name}: {fmt_bytes(limit)} is" if name else f"{device} has {fmt_bytes(limit)} free, which is"
     raise_it = f"raise {name} to" if name else "free memory there, or pass max_device_memory with"
     return (f"{head} below the least this run needs on the {where}: {listed} = {fmt_bytes(least)} (the "
-            f"activation cache can spill to offload_dir, these cannot); {raise_it} at least {fmt_bytes(least)}, "
+            f"activation cache can spill to offload_dir, these cannot); {raise_it} at least {fmt_bytes(least, round_up=True)}, "
             f"{fix}")
 
 

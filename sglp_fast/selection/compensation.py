@@ -61,9 +61,9 @@ def folded(module: nn.Module, T: torch.Tensor) -> dict[str, torch.Tensor]:
         raise ValueError(f"compensate: a map of shape {tuple(T64.shape)} does not fit this model's hidden size "
                          f"{width}; the plan's compensation maps were made for another model: re-plan")
     if _is_conv1d(module):  # y = x W + b, W [in, out]
-        new = {"weight": (W.double() @ T64).to(W.dtype)}
+        new = {"weight": _times_map(W, T64, "conv1d")}
     elif isinstance(module, nn.Linear):  # y = x W^T + b, W [out, in]
-        new = {"weight": (T64.T @ W.double()).to(W.dtype)}
+        new = {"weight": _times_map(W, T64, "linear")}
     else:
         raise ValueError(f"compensate: the MLP output module is a {type(module).__name__}, expected nn.Linear or "
                          "Conv1D; use compensate=False")
@@ -80,12 +80,28 @@ def fold_state_tensor(kind: str, name: str, tensor: torch.Tensor, T: torch.Tenso
         raise ValueError(f"compensate: a map of shape {tuple(T64.shape)} does not fit this checkpoint's hidden "
                          f"size {width}; the plan's compensation maps were made for another model: re-plan")
     if name == "bias":
-        out = t64 @ T64
-    elif kind == "conv1d":
-        out = t64 @ T64
+        return (t64 @ T64).to(tensor.dtype)
+    return _times_map(tensor, T64, kind)
+
+
+# float64 bytes of one slice of a weight while a map is folded in (a 70B down projection is 1.75 GiB in
+# float64: slices keep the fold's temporaries small whatever the layer's size)
+FOLD_SLICE_BYTES = 64 << 20
+
+
+def _times_map(W: torch.Tensor, T64: torch.Tensor, kind: str) -> torch.Tensor:
+    """Tᵀ W ("linear", W [out, in]) or W T ("conv1d", W [in, out]) in float64, cast back to W's dtype, a
+    slice of W's other dimension at a time (each output element is the same dot product either way)."""
+    out = torch.empty_like(W)
+    if kind == "conv1d":
+        step = max(1, FOLD_SLICE_BYTES // (8 * W.shape[1]))
+        for i in range(0, W.shape[0], step):
+            out[i:i + step] = (W[i:i + step].double() @ T64).to(W.dtype)
     else:
-        out = T64.T @ t64
-    return out.to(tensor.dtype)
+        step = max(1, FOLD_SLICE_BYTES // (8 * W.shape[0]))
+        for j in range(0, W.shape[1], step):
+            out[:, j:j + step] = (T64.T @ W[:, j:j + step].double()).to(W.dtype)
+    return out
 
 
 def module_kind(module: nn.Module) -> str:

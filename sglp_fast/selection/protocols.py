@@ -25,8 +25,7 @@ class Verifier(Protocol):
     def block_forwards(self) -> float:
         """Work spent so far, in block-forwards over the whole calibration set."""
 
-    def losses(self, plans: Sequence[Iterable[int]], compensated: bool = False,
-               base: Iterable[int] | None = None, all_windows: bool = False,
+    def losses(self, plans: Sequence[Iterable[int]], compensated: bool = False, all_windows: bool = False,
                maps: Sequence[Iterable[int] | None] | None = None, policy: Any = None) -> list[float]:
         """Mean check loss of each plan (a set of removed blocks), optionally compensated (cross-fitted)."""
 

@@ -105,10 +105,13 @@ def _verified_search(n: int, frame: Frame, evidence: Evidence) -> Choice:
                           greedy=bool(settings.greedy))
     record = {**found.to_dict(), "shortlist": settings.shortlist, "verify_windows": verifier.num_windows}
     choice = Choice(removed=list(found.removed), record=record)
-    if found.compensated:  # the chosen plan's maps, fitted on every window, and its (in-sample) loss
+    if found.compensated:  # the chosen plan's maps, fitted on every window (their in-sample loss is not
+        # checked: a number nothing decides on would cost one more pass, ~10% of the search on SmolLM2)
         choice.transforms = verifier.transforms(found.removed, maps=found.maps)
-        record["calib_loss_refit"] = verifier.losses([found.removed], compensated=True, all_windows=True,
-                                                     maps=[found.maps])[0]
+    store = getattr(verifier, "matrices", None)
+    if settings.compensate and store is not None:  # what the d x d statistics and maps took, exactly
+        record["matrices"] = {"peak_in_memory_bytes": int(store.peak_resident_bytes),
+                              "peak_on_disk_bytes": int(store.peak_spilled_bytes)}
         policy = R.get_policy(settings.map_policy)
         choices = verifier.map_choices(found.removed)
         folds = getattr(verifier, "folds", settings.folds)  # no more folds than check windows

@@ -24,7 +24,7 @@ rows, as in ReplaceMe, arXiv 2505.02819).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -84,15 +84,43 @@ class MapChoice:
                 "cv_gain": None if self.cv_gain is None else round(self.cv_gain, 6)}
 
 
+@dataclasses.dataclass
+class FoldSolution:
+    """G without one fold as V diag(evals) Vᵀ, and Ap = Vᵀ C: every ridge map of that fold is V diag(g) Ap.
+
+    Why keep it: the cross-validation decomposes each fold's G to score the whole ridge path; the fold's map
+    for the alpha it picks then costs one matrix product instead of another eigendecomposition (at d = 8192
+    an eigendecomposition is minutes on a few CPU cores)."""
+
+    fold: int
+    evals: torch.Tensor
+    V: torch.Tensor
+    Ap: torch.Tensor
+
+
 def choose(stats: RunStatistics, policy: MapPolicy, folds: Sequence[int]) -> MapChoice:
     """The policy's regularization for one run; ``folds``: the held-out folds to cross-validate over."""
+    return choose_with_solutions(stats, policy, folds)[0]
+
+
+def choose_with_solutions(stats: RunStatistics, policy: MapPolicy, folds: Sequence[int],
+                          keep: Callable[[torch.Tensor], torch.Tensor] | None = None
+                          ) -> tuple[MapChoice, dict[int, FoldSolution]]:
+    """``choose``, and with ``keep`` (where to hold d x d matrices, e.g. ``MatrixStore.keep``) each
+    cross-validated fold's decomposition, for ``fit(..., solution=)``; {} without ``keep`` or CV."""
     if not policy.cross_validated:
-        return MapChoice(alpha=policy.alphas[0], shrink=policy.scale, cv_gain=None)
+        return MapChoice(alpha=policy.alphas[0], shrink=policy.scale, cv_gain=None), {}
     usable = [f for f in folds if float(stats.tokens[f]) > 0 and float(stats.without(f)[0].trace()) > 0]
     if not usable:
         raise ValueError("compensate: no held-out fold with tokens to choose the regularization on; use more "
                          "calibration windows")
-    terms = [_fold_terms(stats, f, policy.alphas) for f in usable]  # (A_f, B_f) per fold, every alpha
+    solutions: dict[int, FoldSolution] = {}
+    terms = []  # (A_f, B_f) per fold, every alpha
+    for f in usable:
+        a, b, solution = _fold_terms(stats, f, policy.alphas, keep)
+        terms.append((a, b))
+        if solution is not None:
+            solutions[f] = solution
     energy = [float(stats.energy[f]) for f in usable]
     i, shrink, gain, path = _best(terms, energy, policy)
     if len(usable) > 1:  # the choice itself judged on folds it did not see (nested): its honest gain
@@ -104,8 +132,8 @@ def choose(stats: RunStatistics, policy: MapPolicy, folds: Sequence[int]) -> Map
     else:
         honest = gain
     if not (gain > 0 and honest > 0):
-        return MapChoice(alpha=None, shrink=0.0, cv_gain=honest, path=path)
-    return MapChoice(alpha=policy.alphas[i], shrink=policy.scale * shrink, cv_gain=honest, path=path)
+        return MapChoice(alpha=None, shrink=0.0, cv_gain=honest, path=path), solutions
+    return MapChoice(alpha=policy.alphas[i], shrink=policy.scale * shrink, cv_gain=honest, path=path), solutions
 
 
 def _best(terms, energy, policy: MapPolicy):
@@ -120,23 +148,29 @@ def _best(terms, energy, policy: MapPolicy):
     return i, path[i][1], path[i][2], tuple(path)
 
 
-def _fold_terms(stats: RunStatistics, fold: int, alphas: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A_f, B_f) of every alpha: tr(Dᵀ C_f) and tr(Dᵀ G_f D) for D fitted without fold ``fold``."""
+def _fold_terms(stats: RunStatistics, fold: int, alphas: Sequence[float],
+                keep: Callable[[torch.Tensor], torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, FoldSolution | None]:
+    """(A_f, B_f) of every alpha: tr(Dᵀ C_f) and tr(Dᵀ G_f D) for D fitted without fold ``fold``; with
+    ``keep``, the fold's decomposition too. At most about five d x d float64 temporaries at once."""
     G, C = stats.without(fold)
     d = G.shape[0]
     evals, V = torch.linalg.eigh(G)
+    del G
     Ap = V.T @ C                      # D = V diag(g) Ap
-    Bp = V.T @ stats.cross[fold]
-    M = V.T @ stats.gram[fold] @ V
-    r = (Ap * Bp).sum(1)              # tr(Dᵀ C_f) = Σ_i g_i r_i
-    P = M * (Ap @ Ap.T)               # tr(Dᵀ G_f D) = gᵀ P g
+    del C
+    r = (Ap * (V.T @ stats.cross[fold])).sum(1)  # tr(Dᵀ C_f) = Σ_i g_i r_i
+    P = V.T @ stats.gram[fold] @ V
+    P.mul_(Ap @ Ap.T)                 # tr(Dᵀ G_f D) = gᵀ P g
     scale = float(evals.clamp_min(0).sum()) / d
     a_out, b_out = [], []
     for alpha in alphas:
         g = _inverse(evals, alpha * scale)
         a_out.append(float(g @ r))
         b_out.append(float(g @ P @ g))
-    return torch.tensor(a_out, dtype=torch.float64), torch.tensor(b_out, dtype=torch.float64)
+    del P
+    solution = None if keep is None else FoldSolution(fold, evals, keep(V), keep(Ap))
+    return (torch.tensor(a_out, dtype=torch.float64), torch.tensor(b_out, dtype=torch.float64), solution)
 
 
 def _inverse(evals: torch.Tensor, lam: float) -> torch.Tensor:
@@ -147,14 +181,26 @@ def _inverse(evals: torch.Tensor, lam: float) -> torch.Tensor:
     return torch.where(evals > tol, 1.0 / evals.clamp_min(tol), torch.zeros_like(evals))
 
 
-def fit(stats: RunStatistics, choice: MapChoice, without_fold: int | None = None) -> torch.Tensor:
-    """T = I + shrink * D(alpha), fitted on every slot but ``without_fold`` (float64, CPU)."""
-    G, C = stats.without(without_fold)
-    d = G.shape[0]
-    eye = torch.eye(d, dtype=torch.float64)
+def fit(stats: RunStatistics, choice: MapChoice, without_fold: int | None = None,
+        solution: FoldSolution | None = None) -> torch.Tensor:
+    """T = I + shrink * D(alpha), fitted on every slot but ``without_fold`` (float64, CPU). ``solution``:
+    that fold's decomposition from ``choose_with_solutions`` (the same numbers, no eigendecomposition)."""
+    if solution is not None and solution.fold != without_fold:
+        raise ValueError(f"fit: a decomposition of fold {solution.fold} cannot fit the map without fold "
+                         f"{without_fold}")
+    d = stats.gram.shape[-1]
     if not choice.has_map:
-        return eye
-    evals, V = torch.linalg.eigh(G)
+        return torch.eye(d, dtype=torch.float64)
+    if solution is None:
+        G, C = stats.without(without_fold)
+        evals, V = torch.linalg.eigh(G)
+        del G
+        Ap = V.T @ C
+        del C
+    else:
+        evals, V, Ap = solution.evals, solution.V, solution.Ap
     g = _inverse(evals, float(choice.alpha) * float(evals.clamp_min(0).sum()) / d)
-    D = V @ (g[:, None] * (V.T @ C))
-    return eye + choice.shrink * D
+    T = V @ (g[:, None] * Ap)
+    T.mul_(choice.shrink)
+    T.diagonal().add_(1.0)
+    return T

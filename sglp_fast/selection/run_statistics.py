@@ -27,6 +27,7 @@ import torch
 from .. import distributed as dist
 from ..calibration.losses import at_least_fp32
 from .compensation import mlp_output_module, patched
+from .matrix_store import MatrixStore
 from .protocols import BlockRunner
 
 
@@ -40,9 +41,14 @@ class RunStatistics:
     tokens: torch.Tensor   # [folds + 1]: rows accumulated
 
     @classmethod
-    def zeros(cls, folds: int, width: int) -> RunStatistics:
-        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
-        return cls(z(folds + 1, width, width), z(folds + 1, width, width), z(folds + 1), z(folds + 1))
+    def zeros(cls, folds: int, width: int, store: MatrixStore | None = None) -> RunStatistics:
+        """Zero statistics; the d x d ones from ``store`` (in memory up to its room, then on disk)."""
+        big = store.zeros if store is not None else lambda *shape: torch.zeros(*shape, dtype=torch.float64)
+        small = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+        return cls(big(folds + 1, width, width), big(folds + 1, width, width), small(folds + 1), small(folds + 1))
+
+    def release(self, store: MatrixStore) -> None:
+        store.release(self.gram, self.cross)
 
     @property
     def folds(self) -> int:
@@ -63,9 +69,18 @@ class RunStatistics:
         self.tokens[slot] += other.tokens.sum()
 
     def without(self, fold: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(G, C) summed over every slot but ``fold`` (None: every slot)."""
+        """(G, C) summed over every slot but ``fold`` (None: every slot); one d x d each, no stacked copy."""
         keep = [s for s in range(self.folds + 1) if s != fold]
-        return self.gram[keep].sum(0), self.cross[keep].sum(0)
+        out = []
+        for stack in (self.gram, self.cross):
+            if not keep:
+                out.append(torch.zeros_like(stack[0]))
+                continue
+            total = stack[keep[0]].clone()
+            for s in keep[1:]:
+                total += stack[s]
+            out.append(total)
+        return out[0], out[1]
 
     def all_reduce_(self) -> None:
         """Data-parallel: the sums over every rank's windows (identical on every rank after)."""
@@ -74,17 +89,19 @@ class RunStatistics:
 
 
 def accumulate(runner: BlockRunner, runs: Iterable[tuple[int, int]], fold_of_batch: Sequence[int], folds: int,
-               weighted: bool = True, check: bool = True) -> dict[tuple[int, int], RunStatistics]:
+               weighted: bool = True, check: bool = True, store: MatrixStore | None = None
+               ) -> dict[tuple[int, int], RunStatistics]:
     """Statistics of every run (first, last), first >= 1, over every kept batch; each block read once.
 
     ``fold_of_batch[b]``: the fold kept batch ``b`` belongs to (``folds`` = never held out). ``check``: test
     once that the architecture adds the MLP output straight to the stream (data-parallel: one rank does).
+    ``store``: where the d x d statistics live (None: plain memory).
     """
     runs = sorted(set((int(a), int(b)) for a, b in runs))
     if any(a < 1 for a, _ in runs):
         raise ValueError("compensate: a run starting at block 0 has no block before it to fold a map into")
     width = int(runner.adapter.config.hidden_size)
-    stats = {run: RunStatistics.zeros(folds, width) for run in runs}
+    stats = {run: RunStatistics.zeros(folds, width, store) for run in runs}
     checked = not check
     before = sorted({a - 1 for a, _ in runs})
     read_next = dict(zip(before, before[1:]))  # each block's successor is read ahead while it computes

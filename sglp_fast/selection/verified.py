@@ -86,7 +86,7 @@ def verified_pick(*, segments: Sequence[Sequence[int]], n: int, relative_update:
     for _ in range(n if greedy else 0):
         allowed = [i for i in range(L) if i not in removed and i not in protected and left[seg_of[i]] > 0]
         cand = sorted(allowed, key=lambda i: (r[i], i))[:shortlist]
-        losses = verifier.losses([removed + [i] for i in cand], base=removed)
+        losses = verifier.losses([removed + [i] for i in cand])  # they share removed's stream
         best = min(range(len(cand)), key=lambda j: (losses[j], cand[j]))
         steps.append({"shortlist": cand, "losses": [float(x) for x in losses], "removed": cand[best]})
         removed.append(cand[best])

@@ -32,6 +32,7 @@ from ..checks import check_int
 from ..sizes import fmt_bytes
 from . import regularization as R
 from .compensation import mlp_output_module, patched, runs_of
+from .matrix_store import MatrixStore
 from .run_statistics import RunStatistics, accumulate
 from .settings import DEFAULT_FOLDS
 
@@ -44,12 +45,14 @@ class SkipVerifier:
     Built by the selection stage from the handle calibration returns (``calibrate(..., keep_inputs=m)
     .kept_inputs``): the leading kept batches holding >= ``verify_windows`` windows are the loss check, split
     into ``folds`` folds for the cross-fitted compensated check; the trailing ``fit_only_windows`` windows
-    (over every rank) only feed the compensation statistics. It owns the handle: close it (``close()`` or
-    ``with``). It implements ``protocols.Verifier`` (the search) and ``protocols.BlockRunner`` (the statistics).
+    (over every rank) only feed the compensation statistics. ``matrices``: where the d x d statistics and
+    maps live (``matrix_store.MatrixStore``; default: memory, no limit). It owns the handle and the store:
+    close it (``close()`` or ``with``). It implements ``protocols.Verifier`` (the search) and ``protocols.BlockRunner`` (the statistics).
     """
 
     def __init__(self, kept: KeptInputs, verify_windows: int, window_offset: int = 0, folds: int = DEFAULT_FOLDS,
-                 policy: str | R.MapPolicy = R.CV, extra_statistics: Callable | None = None) -> None:
+                 policy: str | R.MapPolicy = R.CV, extra_statistics: Callable | None = None,
+                 matrices: MatrixStore | None = None) -> None:
         check_int("verify_windows", verify_windows, 1)
         check_int("window_offset", window_offset, 0)
         check_int("folds", folds, 1, expected="a positive int (cross-fitting folds of the check windows)")
@@ -63,6 +66,8 @@ class SkipVerifier:
         # extra_statistics(runs, weighted) -> {run: RunStatistics}: the fit-only windows' statistics (a
         # forward-only pass over them, built by the API); they land in the never-held-out slot
         self._extra_statistics = extra_statistics
+        # the d x d float64 statistics, decompositions and maps: in memory up to the plan's room, then on disk
+        self.matrices = matrices if matrices is not None else MatrixStore()
         # data-parallel (sglp_fast.distributed): this rank's kept batches start at global window
         # ``window_offset``; the check batches are the leading ones globally (on one rank or several), and
         # their losses are gathered in the global window order. Without a process group: offset 0, all local.
@@ -137,9 +142,23 @@ class SkipVerifier:
         for run in runs:
             key = (run, policy.name)
             if key not in self._choices:
-                self._choices[key] = R.choose(self._stats[run, policy.weighted], policy, range(self.folds))
+                self._choices[key] = self._choose(run, policy)
             out[run[0] - 1] = self._choices[key]
         return out
+
+    def _choose(self, run: tuple[int, int], policy: R.MapPolicy) -> R.MapChoice:
+        """The run's regularization; with a map, its held-out maps too, from the decompositions the
+        cross-validation made (each fold's map is needed by the cross-fitted check; no second eigh)."""
+        stats = self._stats[run, policy.weighted]
+        choice, solutions = R.choose_with_solutions(stats, policy, range(self.folds), keep=self.matrices.keep)
+        try:
+            if choice.has_map:
+                for f, solution in solutions.items():
+                    self._fitted[run, policy.name, f] = self.matrices.keep(R.fit(stats, choice, f, solution))
+        finally:
+            for solution in solutions.values():
+                self.matrices.release(solution.V, solution.Ap)
+        return choice
 
     def map_blocks(self, removed: Iterable[int], policy: str | R.MapPolicy | None = None) -> frozenset[int]:
         """The blocks that get a map under ``policy`` (the runs where the held-out folds favour one)."""
@@ -165,7 +184,8 @@ class SkipVerifier:
             run = next(r for r in runs_of(self._check(removed)) if r[0] - 1 == p)
             key = (run, policy.name, fold)
             if key not in self._fitted:
-                self._fitted[key] = R.fit(self._stats[run, policy.weighted], choice, without_fold=fold)
+                self._fitted[key] = self.matrices.keep(R.fit(self._stats[run, policy.weighted], choice,
+                                                             without_fold=fold))
             out[p] = self._fitted[key]
         return out
 
@@ -180,16 +200,19 @@ class SkipVerifier:
         if not todo:
             return
         # what the memory plan could only bound before calibration (the candidates were not known): per run,
-        # XᵀX and XᵀY per slot and a map per fold and the final one, d x d float64 each, on the host
+        # XᵀX and XᵀY per slot and a map per fold and the final one, d x d float64 each, on the host (in
+        # memory up to the store's room, then on disk)
         width = int(self.adapter.config.hidden_size)
         per_run = 3 * (self.folds + 1) * width * width * 8
         before = len({run for run, _ in self._stats})
-        log.info("compensation: %d new run(s) %s, up to %s of d x d float64 statistics and maps on the host "
-                 "(%s with the %d run(s) before)", len(todo), todo, fmt_bytes(len(todo) * per_run),
-                 fmt_bytes((len(todo) + before) * per_run), before)
+        log.info("compensation: %d new run(s) %s, up to %s of d x d float64 statistics and maps (%s with the "
+                 "%d run(s) before; now %s in memory, %s on disk)", len(todo), todo,
+                 fmt_bytes(len(todo) * per_run), fmt_bytes((len(todo) + before) * per_run), before,
+                 fmt_bytes(self.matrices.resident_bytes), fmt_bytes(self.matrices.spilled_bytes))
         with self._eval_mode(), torch.no_grad():
             stats = accumulate(self, todo, self.fold_of_batch, self.folds, weighted=weighted,
-                               check=self._window_offset == 0)  # one rank checks (as one process would)
+                               check=self._window_offset == 0,  # one rank checks (as one process would)
+                               store=self.matrices)
             if self._extra_statistics is not None:
                 for run, extra in self._extra_statistics(todo, weighted).items():
                     stats[run].add_statistics(self.folds, extra)
@@ -222,8 +245,7 @@ class SkipVerifier:
         return self.losses([removed], compensated)[0]
 
     @torch.no_grad()
-    def losses(self, plans: Sequence[Iterable[int]], compensated: bool = False,
-               base: Iterable[int] | None = None, all_windows: bool = False,
+    def losses(self, plans: Sequence[Iterable[int]], compensated: bool = False, all_windows: bool = False,
                maps: Sequence[Iterable[int] | None] | None = None,
                policy: str | R.MapPolicy | None = None) -> list[float]:
         """The loss of each plan (a set of removed blocks); new plans share one pass over the blocks.
@@ -231,19 +253,19 @@ class SkipVerifier:
         ``compensated``: with the plan's maps, cross-fitted (``maps[i]``: the blocks plan i keeps a map at;
         None = every map the held-out folds favour). ``all_windows``: with the maps fitted on every window
         (the final model; not held out). ``compensated`` and ``all_windows`` may also be one flag per plan,
-        so that plain, cross-fitted and final variants share one pass. ``base``: plans that add one block to it (the greedy's candidates)
-        reuse its stream (same values).
+        so that plain, cross-fitted and final variants share one pass. Plans of one call that share a prefix
+        (the same blocks skipped and the same maps up to some block) compute it once (same values).
         """
-        return [value for value, _ in self._evaluated(plans, compensated, base, all_windows, maps, policy)]
+        return [value for value, _ in self._evaluated(plans, compensated, all_windows, maps, policy)]
 
     @torch.no_grad()
     def batch_losses(self, plans: Sequence[Iterable[int]], compensated: bool = False,
                      all_windows: bool = False, maps: Sequence[Iterable[int] | None] | None = None,
                      policy: str | R.MapPolicy | None = None) -> list[list[float]]:
         """Each plan's mean loss per check batch (the spread the pick's one-standard-error rule needs)."""
-        return [list(b) for _, b in self._evaluated(plans, compensated, None, all_windows, maps, policy)]
+        return [list(b) for _, b in self._evaluated(plans, compensated, all_windows, maps, policy)]
 
-    def _evaluated(self, plans, compensated, base, all_windows, maps, policy) -> list[tuple[float, list[float]]]:
+    def _evaluated(self, plans, compensated, all_windows, maps, policy) -> list[tuple[float, list[float]]]:
         """(loss, loss per check batch) of each plan, run once per plan and memoized."""
         policy = R.get_policy(policy or self.policy)
         n = len(plans)
@@ -262,8 +284,7 @@ class SkipVerifier:
         if todo:
             fixes = [self._fixes(removed, kept, final, policy) for removed, kept, final, _ in todo]
             with self._eval_mode():
-                shared = None if base is None else self._check(base)
-                for key, result in zip(todo, self._run([k[0] for k in todo], fixes, shared)):
+                for key, result in zip(todo, self._run([k[0] for k in todo], fixes)):
                     self._memo[key] = result
         return [self._memo[k] for k in keys]
 
@@ -277,65 +298,76 @@ class SkipVerifier:
         blocks = set().union(*(set(m) for m in per_fold.values())) if per_fold else set()
         return {p: [per_fold[self.fold_of_batch[b]][p] for b in range(self._nv)] for p in blocks}
 
-    def _run(self, plans: list[frozenset[int]], fixes: list[dict[int, list[torch.Tensor]]],
-             base: frozenset[int] | None = None) -> list[tuple[float, list[float]]]:
+    def _run(self, plans: list[frozenset[int]], fixes: list[dict[int, list[torch.Tensor]]]
+             ) -> list[tuple[float, list[float]]]:
+        """Each plan's (loss, loss per check batch), every block read once and every distinct stream run once.
+
+        Why streams: candidate plans share prefixes (several remove block 3 and keep 4..11; the compensated
+        variants of two plans removing the same run fold the same map). A stream is one check batch's hidden
+        state named by its history: the dense input it started from, then per block run (block, map). Plans
+        whose histories agree share the tensor, so a prefix is computed once, whatever the number of plans
+        (the greedy's candidates, base + one block each, share base's stream up to the block they add).
+        """
         L, nb = self.num_blocks, self._nv
         start = [min(list(p) + list(f)) if (p or f) else L for p, f in zip(plans, fixes)]
-        # plans base | {l} with l past base's first block branch off base's own stream at l instead of
-        # re-running base's blocks from min(base): the same operations on the same tensors, far less work
-        branch: dict[int, int] = {}
-        if base:
-            for i, (p, f) in enumerate(zip(plans, fixes)):
-                extra = p - base
-                if not f and base < p and len(extra) == 1 and min(extra) > min(base):
-                    branch[i] = start[i] = min(extra)
-        base_until = max(branch.values(), default=-1)
-        states: dict[tuple[int, int], torch.Tensor] = {}
+        ids: dict[tuple, int] = {}  # history -> stream id
+
+        def stream(history: tuple) -> int:
+            return ids.setdefault(history, len(ids))
+
+        at: list[list[int | None]] = [[None] * nb for _ in plans]  # each plan's stream per batch (None: not begun)
+        states: dict[int, torch.Tensor] = {}
         # a rank holding no check window (data-parallel) runs no block: it only joins the gather below
-        first = min(start + ([min(base)] if branch else [])) if nb else L
-
-        def runs_base(l: int) -> bool:
-            return bool(branch) and min(base) <= l < base_until and l not in base
-
+        first = min(start) if nb else L
         # the blocks this call reads, in order: each one's successor is read ahead while it computes
-        reads = [l for l in range(first, L)
-                 if runs_base(l) or any(start[i] <= l and l not in p for i, p in enumerate(plans))]
+        reads = [l for l in range(first, L) if any(start[i] <= l and l not in p for i, p in enumerate(plans))]
         read_next = dict(zip(reads, reads[1:]))
         for l in range(first, L):
-            if branch and l == min(base):
-                for b in range(nb):
-                    states["base", b] = self._kept.block_input(l, b)
-            active = [i for i, p in enumerate(plans) if start[i] <= l and l not in p]
             for i in (i for i in range(len(plans)) if start[i] == l):
                 for b in range(nb):
-                    states[i, b] = states["base", b] if i in branch else self._kept.block_input(l, b)
-            if branch and l == base_until:  # every branch has its state: drop base's stream
+                    s = at[i][b] = stream(("dense", l, b))
+                    if s not in states:
+                        states[s] = self._kept.block_input(l, b)
+            work: dict[tuple[int, int], tuple[torch.Tensor | None, int]] = {}  # (stream, map) -> (map, batch)
+            for i in (i for i, p in enumerate(plans) if start[i] <= l and l not in p):
                 for b in range(nb):
-                    states.pop(("base", b), None)
-            run_base = runs_base(l)
-            if not active and not run_base:
-                continue
-            # read once for every plan, map and fold of this round
-            with self._kept.block(l, read_next.get(l)) as block:
-                if run_base:
-                    for b in range(nb):
-                        states["base", b] = self.call(block, l, states["base", b], b)
-                groups: dict[int, tuple[torch.Tensor | None, list[tuple[int, int]]]] = {}
-                for i in active:
+                    T = fixes[i][l][b] if l in fixes[i] else None
+                    work.setdefault((at[i][b], id(T)), (T, b))
+            if work:
+                new: dict[tuple[int, int], torch.Tensor] = {}
+                by_map: dict[int, list[tuple[int, int]]] = {}
+                for key in work:
+                    by_map.setdefault(key[1], []).append(key)
+                # read once for every plan, map and fold of this round
+                with self._kept.block(l, read_next.get(l)) as block:
+                    for keys in by_map.values():
+                        T = work[keys[0]][0]
+                        with patched(mlp_output_module(self.adapter, block), T) if T is not None \
+                                else contextlib.nullcontext():
+                            for key in keys:
+                                new[key] = self.call(block, l, states[key[0]], work[key][1])
+                for i in (i for i, p in enumerate(plans) if start[i] <= l and l not in p):
                     for b in range(nb):
                         T = fixes[i][l][b] if l in fixes[i] else None
-                        groups.setdefault(id(T), (T, []))[1].append((i, b))
-                for T, work in groups.values():
-                    with patched(mlp_output_module(self.adapter, block), T) if T is not None \
-                            else contextlib.nullcontext():
-                        for i, b in work:
-                            states[i, b] = self.call(block, l, states[i, b], b)
+                        s = stream((at[i][b], l, id(T)))
+                        states.setdefault(s, new[at[i][b], id(T)])
+                        at[i][b] = s
+            live = {s for row in at for s in row if s is not None}
+            for s in [s for s in states if s not in live]:
+                del states[s]  # no plan continues from it
         local = np.zeros((nb, len(plans) + 1), dtype=np.float64)  # per check batch: each plan's loss sum, terms
+        sums: dict[int, float] = {}  # one head per distinct final stream
         with self._kept.non_block_modules() if nb else contextlib.nullcontext():
             for i, p in enumerate(plans):
                 for b in range(nb):
-                    h = states.pop((i, b)) if (i, b) in states else self._kept.block_input(L, b)
-                    local[b, i] = float(self._loss_sum(h, b))
+                    s = at[i][b]
+                    if s is None:  # nothing removed or mapped: the dense output
+                        s = stream(("dense", L, b))
+                        states.setdefault(s, self._kept.block_input(L, b))
+                    if s not in sums:
+                        sums[s] = float(self._loss_sum(states[s], b))
+                    local[b, i] = sums[s]
+        states.clear()
         for b in range(nb):
             local[b, -1] = G.loss_count(self._kind, self._kept.batches[b])
         # data-parallel: the check batches in the global window order (the 1-SE rule pairs them by window)
@@ -384,6 +416,7 @@ class SkipVerifier:
             self._memo.clear()
             self._stats.clear()
             self._fitted.clear()
+            self.matrices.close()
             self._dense_pooled.clear()
 
     def __enter__(self) -> SkipVerifier:
