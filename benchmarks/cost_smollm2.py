@@ -92,7 +92,7 @@ One `analyze(remove={args.remove})` per pipeline and calibration subset ({args.c
 subset s = windows {args.calib_seqs}s.. of the built-in text, as in quality_smollm2.md), the two pipelines
 alternating after one untimed warm-up of each. Paper: `scorer="gradnorm"` (forward + backward, CKA, Fisher
 segments, lowest GradNorm per segment). Default: forward only, CKA, segments, the verified search with
-compensation (statistics, cross-fitted plain and compensated checks over every window, the refit).
+compensation (statistics, cross-fitted plain and compensated checks over every window, the final maps).
 
 | subset | paper (s) | default (s) | default / paper | paper: calibrate + plan (s) | default: calibrate + plan (s) | search block-forwards |
 |---|---|---|---|---|---|---|

@@ -649,7 +649,9 @@ def _apply_and_measure(args: argparse.Namespace, model: Any, tokenizer: Any, pla
 
     def ppl() -> float:
         if streamed:
-            return streamed_perplexity(model, eval_ids, device=_device(args), dtype=_dtype(args.dtype)).perplexity
+            return streamed_perplexity(model, eval_ids, device=_device(args), dtype=_dtype(args.dtype),
+                                       max_memory=getattr(args, "max_memory", None),
+                                       offload_dir=getattr(args, "offload_dir", None)).perplexity
         return _ppl(model, eval_ids)
 
     before = count_parameters(model)  # also right for a lazy model: its meta tensors know their sizes

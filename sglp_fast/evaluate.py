@@ -63,16 +63,20 @@ def _check_windows(model: Any, input_ids: Any) -> None:
 
 
 def streamed_perplexity(model: Any, input_ids: torch.Tensor, batch_size: int = 4, device: Any = None,
-                        dtype: torch.dtype | None = None) -> PerplexityResult:
+                        dtype: torch.dtype | None = None, max_memory: Any = None,
+                        offload_dir: Any = None) -> PerplexityResult:
     """``perplexity`` computed the calibration way: block by block, one block's weights in memory at a time,
     so a lazily loaded (possibly pruned and compensated) model is evaluated without ever being materialized.
+    ``max_memory``/``offload_dir``: the run's budget holds here too (the read-ahead of the next block gives
+    way to it, as in calibration).
 
     The same number as ``perplexity`` (the mean next-token NLL over every window), up to float summation order.
     """
     _check_windows(model, input_ids)
     batch_size = check_int("batch_size", batch_size, 1)
     batches = [{"input_ids": input_ids[i:i + batch_size]} for i in range(0, input_ids.shape[0], batch_size)]
-    result = calibrate(model, batches, gradients=False, device=device, dtype=dtype, progress=False)
+    result = calibrate(model, batches, gradients=False, device=device, dtype=dtype, progress=False,
+                       max_device_memory=max_memory, offload_dir=offload_dir)
     return PerplexityResult(perplexity=math.exp(result.loss), nll=result.loss, tokens=result.loss_terms)
 
 

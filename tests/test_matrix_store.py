@@ -4,6 +4,7 @@ past its room stops with the figure and the fix; the fold maps reuse the cross-v
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -165,7 +166,9 @@ def test_analyze_under_a_budget_spills_the_matrices_and_plans_the_same(tmp_path)
     with sglp_fast.analyze(str(path), "builtin", max_memory=budget, offload_dir=str(tmp_path / "off"), **kw) as tight:
         got = tight.plan
         printed = tight.calib_result.memory_plan
-    room = size_from_text(printed.split("in memory up to ")[-1].split(",")[0])
+    m = re.search(r"compensation :.*in memory up to ([0-9.]+ \w+), the rest on disk", printed)
+    assert m, printed
+    room = size_from_text(m.group(1))
     assert "the rest on disk" in printed and room < rec["peak_in_memory_bytes"]
     rec = got.extra["selection"]["matrices"]
     assert 0 < rec["peak_on_disk_bytes"] and rec["peak_in_memory_bytes"] <= room
@@ -185,10 +188,30 @@ def test_folding_a_map_a_slice_at_a_time_is_the_whole_product(kind, d, other, mo
     T = torch.randn(d, d, generator=g, dtype=torch.float64)
     W = torch.randn(*((d, other) if kind == "linear" else (other, d)), generator=g, dtype=torch.float64)
     want = T.T @ W if kind == "linear" else W @ T
-    monkeypatch.setattr(compensation, "FOLD_SLICE_BYTES", 8 * d * 2)
+    from sglp_fast.calibration import memory
+
+    monkeypatch.setattr(memory, "FOLD_SLICE_BYTES", 8 * d * 2)
     got = compensation.fold_state_tensor(kind, "weight", W, T)
     torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
     half = compensation.fold_state_tensor(kind, "weight", W.bfloat16(), T)  # computed in float64, cast once
     assert half.dtype == torch.bfloat16
     Wb = W.bfloat16().double()
     torch.testing.assert_close(half, (T.T @ Wb if kind == "linear" else Wb @ T).bfloat16(), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_solve_on_the_gpu_gives_the_cpus_maps():
+    """The maps' solves run on the compute device; on a GPU they match the CPU's in float64."""
+    st = _random_statistics(seed=77, d=48, folds=3)
+    store = MatrixStore()
+    cpu_choice, cpu_sol = R.choose_with_solutions(st, R.CV, range(3), keep=store.keep)
+    gpu_choice, gpu_sol = R.choose_with_solutions(st, R.CV, range(3), keep=store.keep, device="cuda")
+    assert gpu_choice.alpha == cpu_choice.alpha and gpu_choice.shrink == pytest.approx(cpu_choice.shrink, rel=1e-9)
+    for f in range(3):
+        got = R.fit(st, gpu_choice, f, gpu_sol[f], device="cuda")
+        assert got.device.type == "cpu"
+        torch.testing.assert_close(got, R.fit(st, cpu_choice, f, cpu_sol[f]), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(R.fit(st, gpu_choice, None, device="cuda"), R.fit(st, cpu_choice, None),
+                               rtol=1e-9, atol=1e-10)
+    store.close()

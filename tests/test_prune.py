@@ -183,3 +183,36 @@ def test_perplexity_builds_no_autograd_graph(tmp_path):
         warnings.simplefilter("error")  # "Converting a tensor with requires_grad=True to a scalar" would raise
         res = perplexity(model, torch.randint(0, 100, (3, 12), generator=torch.Generator().manual_seed(0)))
     assert res.tokens == 33 and res.perplexity > 1
+
+
+def test_streamed_perplexity_keeps_the_runs_budget(tmp_path):
+    """--lazy evaluates block by block under the run's --max-memory: below the least it is refused like
+    calibration; at the least (the read-ahead of the next block gives way) it gives the unbudgeted number."""
+    from sglp_fast.calibration.memory import BudgetTooSmall
+    from sglp_fast.evaluate import streamed_perplexity
+
+    model = tiny_model("llama", layers=3, seed=4)
+    ids = torch.randint(0, 100, (4, 12), generator=torch.Generator().manual_seed(2))
+    free = streamed_perplexity(model, ids)
+    with pytest.raises(BudgetTooSmall) as err:
+        streamed_perplexity(model, ids, max_memory="1KiB")
+    budgeted = streamed_perplexity(model, ids, max_memory=err.value.least, offload_dir=tmp_path)
+    assert budgeted.perplexity == pytest.approx(free.perplexity, rel=1e-6)
+
+
+def test_prune_lazy_evaluates_under_the_same_budget(tmp_path, monkeypatch):
+    """`sglp prune --lazy --max-memory M --offload-dir D`: the perplexity before and after runs under M and D
+    too (it used to run unbounded, reading two blocks ahead)."""
+    from sglp_fast import evaluate
+    from sglp_fast.cli import main
+
+    seen = []
+    real = evaluate.streamed_perplexity
+    monkeypatch.setattr(evaluate, "streamed_perplexity",
+                        lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    path = save_tiny(tmp_path / "m", "llama", layers=4)
+    rc = main(["prune", str(path), "--lazy", "--remove", "1", "--calib-seqs", "4", "--seq-len", "16",
+               "--eval-seqs", "2", "--max-memory", "2GiB", "--offload-dir", str(tmp_path / "off"),
+               "-o", str(tmp_path / "out"), "-q"])
+    assert rc == 0 and len(seen) == 2  # before and after
+    assert all(kw["max_memory"] == 2 * 2**30 and kw["offload_dir"] == str(tmp_path / "off") for kw in seen)

@@ -6,17 +6,21 @@ What the peak counts: the bytes of the tensors the run holds at once, in whichev
   calibration  the weights (the whole model when resident; else one block, two with prefetch, plus its
                gradients with the backward; the embedding/head while they run), the activation cache's
                device/CPU tiers, the CKA items (``Budget.cka_item_bytes``), one block call's working set;
-  selection    the same weights, the kept block inputs, one call's working set, and the d x d float64
-               matrices compensation holds (``Budget.host_matrices``) with its solve's temporaries; with an
-               offload folder and a budget the matrices spill past the room the rest leaves them
-               (``MemoryPlan.selection_room_bytes``, ``selection/matrix_store.py``), else the search stops
-               there with the figure and the fix.
+  selection    the same weights, the kept block inputs, one call's working set (with compensation: a
+               batch's XᵀX and XᵀY, or a map folded into the block's MLP output weight and that weight's
+               folded copy), and the d x d float64 matrices compensation holds (``Budget.host_matrices``);
+  solve        (compensation) between the passes: no block, the maps' solve temporaries
+               (``SOLVE_MATRICES`` d x d, on the compute device) and the same matrices.
+               With an offload folder and a budget the matrices spill past the room the rest of these two
+               phases leaves them (``MemoryPlan.selection_room_bytes``, ``selection/matrix_store.py``), else
+               the search stops there with the figure and the fix.
 Calibration knows nothing of similarity or selection: the caller that runs them says what they hold, in a
 ``Budget`` passed as ``max_device_memory``. Not counted: the interpreter and libraries, allocator slack, the
 model's loading, and what ``sglp prune`` does once the plan is made (perplexity, save), which holds less.
 How it was checked: the peak RSS of a fresh process over its RSS before the model is built, glibc's mmap
 threshold pinned at 1 MiB so that a freed tensor leaves the RSS at once (tests/test_memory_budget.py):
-within 20% (resident, lazy, GradNorm, long windows, compensated, spilling to disk).
+within 20% (resident, lazy, GradNorm, long windows, compensated, spilling to disk, compensated under a
+budget with its matrices on disk: there the run's anonymous memory, the spilled matrices being mapped files).
 On the CPU the device is the host: one budget, one peak.
 """
 from __future__ import annotations
@@ -33,6 +37,9 @@ FLOAT64 = 8
 # d x d float64 temporaries of compensation's solve at once, beside the matrices it keeps: G and C without a
 # fold, the eigenvectors and LAPACK's workspace (regularization._fold_terms), or a batch's XᵀX and XᵀY
 SOLVE_MATRICES = 5
+# float64 bytes of one slice of the MLP output weight while a map is folded into it (selection/compensation.py
+# folds a slice at a time: a 70B down projection is 1.75 GiB in float64)
+FOLD_SLICE_BYTES = 64 << 20
 
 
 class BudgetTooSmall(ValueError):
@@ -318,7 +325,7 @@ def plan_memory(adapter, weights: BlockWeights, batches, gradients, act_dtype, d
     w = _weights_bytes(weights, adapter, on_cpu, prefetch, gradients)
     # with an offload folder and a budget, compensation's matrices spill like a cache (selection/matrix_store.py)
     spill_matrices = bool(budget.host_matrices) and offload_dir is not None and limit is not None
-    phases = _phases(adapter, shape, w, gradients, budget, kept_batches > 0, spill_matrices)
+    phases = _phases(adapter, shape, w, gradients, budget, kept_batches > 0, spill_matrices, on_cpu)
     worst = max(phases, key=lambda ph: _cost(ph.fixed(w.host), on_cpu))
     least = _cost(worst.fixed(w.host), on_cpu)
 
@@ -358,7 +365,7 @@ def plan_memory(adapter, weights: BlockWeights, batches, gradients, act_dtype, d
     matrices_room = _matrices_room(phases, w.host, on_cpu, limit)
     if spill_matrices:  # in memory up to the room, which the peak counts; the rest on disk
         for ph in phases:
-            if ph.name == "selection":
+            if ph.spillable:
                 ph.caches = (ph.caches[0], ph.caches[1] + min(ph.spillable, matrices_room))
     peak_dev, peak_host = _peaks(phases, w.host, on_cpu)
     plan = MemoryPlan(
@@ -380,11 +387,9 @@ def _matrices_room(phases: list[_Phase], host_weights: int, on_cpu: bool, limit:
     max_memory does not bound."""
     if limit is None or not on_cpu:
         return None
-    for ph in phases:
-        if ph.name == "selection":
-            dev, host = ph.fixed(host_weights)
-            return max(0, limit - (dev + host - ph.matrices) - sum(ph.caches))
-    return None
+    rooms = [limit - (sum(ph.fixed(host_weights)) - ph.matrices) - sum(ph.caches)
+             for ph in phases if ph.name in ("selection", "solve")]
+    return max(0, min(rooms)) if rooms else None
 
 
 def _cache_budgets(on_cpu: bool, room: int | None, cpu_limit: int | None) -> dict[str, int]:
@@ -402,7 +407,7 @@ def _cost(fixed: tuple[int, int], on_cpu: bool) -> int:
 
 
 def _phases(adapter, shape: _Shape, w: _Weights, gradients: bool, budget: Budget, kept: bool,
-            spill_matrices: bool = False) -> list[_Phase]:
+            spill_matrices: bool = False, on_cpu: bool = True) -> list[_Phase]:
     """Calibration's forward, head and backward, and the selection that re-runs blocks from the kept inputs."""
     host_matrices = budget.host_matrices
     # a block call, or after it the observers (the CKA panel of a completing batch): not both at once
@@ -420,10 +425,34 @@ def _phases(adapter, shape: _Shape, w: _Weights, gradients: bool, budget: Budget
         check = block_call_bytes(adapter, 1, shape.seq_len, shape.itemsize) * shape.batch_tokens // shape.seq_len
         d2 = shape.hidden * shape.hidden * FLOAT64
         held = host_matrices * d2
-        out.append(_Phase("selection", w.device_block, check, matrices=0 if spill_matrices else held,
-                          spillable=held if spill_matrices else 0, solve=SOLVE_MATRICES * d2 if host_matrices else 0,
-                          args=shape.call_args(shape.kept_tokens)))
+        matrices = dict(matrices=0 if spill_matrices else held, spillable=held if spill_matrices else 0)
+        solve = 0
+        if host_matrices:
+            # the check pass and the statistics pass: a block call and one batch's XᵀX and XᵀY, or a map
+            # being folded into the block's MLP output weight; while a block runs with a map its folded weight
+            # is held beside the original (and, on a GPU, the map on the device)
+            check = max(check + 2 * d2, _fold_bytes(adapter.config, shape))
+            check += _mlp_output_elems(adapter.config) * shape.itemsize
+            solve = 0 if on_cpu else d2
+        out.append(_Phase("selection", w.device_block, check, solve=solve, args=shape.call_args(shape.kept_tokens),
+                          **matrices))
+        if host_matrices:  # the maps' solves, between the passes: no block, the solve's temporaries
+            out.append(_Phase("solve", w.device_head if w.mode == "resident" else 0, 0,
+                              solve=SOLVE_MATRICES * d2, **matrices))
     return out
+
+
+def _mlp_output_elems(config) -> int:
+    """Elements of one block's MLP output projection (hidden x intermediate)."""
+    d = hidden_size(config)
+    return d * _config_int(config, "intermediate_size", "ffn_dim", "n_inner", default=4 * d)
+
+
+def _fold_bytes(config, shape: _Shape) -> int:
+    """Folding a map into the MLP output weight, a slice at a time: the slice in float64, its product and
+    its cast back."""
+    piece = min(FOLD_SLICE_BYTES, _mlp_output_elems(config) * FLOAT64)
+    return 2 * piece + piece * shape.itemsize // FLOAT64
 
 
 def _place_caches(phases: list[_Phase], tiers: dict[str, int], cka: dict[str, int], kept: int,
@@ -432,7 +461,7 @@ def _place_caches(phases: list[_Phase], tiers: dict[str, int], cka: dict[str, in
     only the kept block inputs, wherever first fit put them. ``spill``: with a disk tier, the copies of the
     activations read back and written out (on the CPU)."""
     for ph in phases:
-        if ph.name == "selection":
+        if ph.name in ("selection", "solve"):
             on_dev = min(kept, tiers["device"])
             ph.caches = (on_dev, min(kept - on_dev, tiers["cpu"]) + spill)
         elif ph.name == "forward":

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration import lazy_weights
+from ..calibration import lazy_weights, memory
 from ..models.base import resolve_path
 
 
@@ -84,14 +84,11 @@ def fold_state_tensor(kind: str, name: str, tensor: torch.Tensor, T: torch.Tenso
     return _times_map(tensor, T64, kind)
 
 
-# float64 bytes of one slice of a weight while a map is folded in (a 70B down projection is 1.75 GiB in
-# float64: slices keep the fold's temporaries small whatever the layer's size)
-FOLD_SLICE_BYTES = 64 << 20
-
-
 def _times_map(W: torch.Tensor, T64: torch.Tensor, kind: str) -> torch.Tensor:
     """Tᵀ W ("linear", W [out, in]) or W T ("conv1d", W [in, out]) in float64, cast back to W's dtype, a
-    slice of W's other dimension at a time (each output element is the same dot product either way)."""
+    slice of W's other dimension at a time (a 70B down projection is 1.75 GiB in float64: slices keep the
+    fold's temporaries at ``memory.FOLD_SLICE_BYTES``; each output element is the same dot product)."""
+    FOLD_SLICE_BYTES = memory.FOLD_SLICE_BYTES
     out = torch.empty_like(W)
     if kind == "conv1d":
         step = max(1, FOLD_SLICE_BYTES // (8 * W.shape[1]))

@@ -104,20 +104,23 @@ def choose(stats: RunStatistics, policy: MapPolicy, folds: Sequence[int]) -> Map
 
 
 def choose_with_solutions(stats: RunStatistics, policy: MapPolicy, folds: Sequence[int],
-                          keep: Callable[[torch.Tensor], torch.Tensor] | None = None
-                          ) -> tuple[MapChoice, dict[int, FoldSolution]]:
+                          keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                          device: torch.device | str | None = None) -> tuple[MapChoice, dict[int, FoldSolution]]:
     """``choose``, and with ``keep`` (where to hold d x d matrices, e.g. ``MatrixStore.keep``) each
-    cross-validated fold's decomposition, for ``fit(..., solution=)``; {} without ``keep`` or CV."""
+    cross-validated fold's decomposition, for ``fit(..., solution=)``; {} without ``keep`` or CV.
+    ``device``: where the solve runs (the compute device: a GPU decomposes d = 8192 in seconds, two CPU
+    cores take minutes); the statistics stay on the host, the solutions go back to it."""
     if not policy.cross_validated:
         return MapChoice(alpha=policy.alphas[0], shrink=policy.scale, cv_gain=None), {}
-    usable = [f for f in folds if float(stats.tokens[f]) > 0 and float(stats.without(f)[0].trace()) > 0]
+    traces = [float(g.diagonal().sum()) for g in stats.gram]  # tr(G) per slot, without summing d x d slots
+    usable = [f for f in folds if float(stats.tokens[f]) > 0 and sum(traces) - traces[f] > 0]
     if not usable:
         raise ValueError("compensate: no held-out fold with tokens to choose the regularization on; use more "
                          "calibration windows")
     solutions: dict[int, FoldSolution] = {}
     terms = []  # (A_f, B_f) per fold, every alpha
     for f in usable:
-        a, b, solution = _fold_terms(stats, f, policy.alphas, keep)
+        a, b, solution = _fold_terms(stats, f, policy.alphas, keep, device)
         terms.append((a, b))
         if solution is not None:
             solutions[f] = solution
@@ -149,18 +152,19 @@ def _best(terms, energy, policy: MapPolicy):
 
 
 def _fold_terms(stats: RunStatistics, fold: int, alphas: Sequence[float],
-                keep: Callable[[torch.Tensor], torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, FoldSolution | None]:
+                keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor, FoldSolution | None]:
     """(A_f, B_f) of every alpha: tr(Dᵀ C_f) and tr(Dᵀ G_f D) for D fitted without fold ``fold``; with
-    ``keep``, the fold's decomposition too. At most about five d x d float64 temporaries at once."""
-    G, C = stats.without(fold)
+    ``keep``, the fold's decomposition too. At most about five d x d float64 temporaries at once, on
+    ``device`` (None: where the statistics are)."""
+    G, C = (_on(x, device) for x in stats.without(fold))
     d = G.shape[0]
     evals, V = torch.linalg.eigh(G)
     del G
     Ap = V.T @ C                      # D = V diag(g) Ap
     del C
-    r = (Ap * (V.T @ stats.cross[fold])).sum(1)  # tr(Dᵀ C_f) = Σ_i g_i r_i
-    P = V.T @ stats.gram[fold] @ V
+    r = (Ap * (V.T @ _on(stats.cross[fold], device))).sum(1)  # tr(Dᵀ C_f) = Σ_i g_i r_i
+    P = V.T @ _on(stats.gram[fold], device) @ V
     P.mul_(Ap @ Ap.T)                 # tr(Dᵀ G_f D) = gᵀ P g
     scale = float(evals.clamp_min(0).sum()) / d
     a_out, b_out = [], []
@@ -169,7 +173,7 @@ def _fold_terms(stats: RunStatistics, fold: int, alphas: Sequence[float],
         a_out.append(float(g @ r))
         b_out.append(float(g @ P @ g))
     del P
-    solution = None if keep is None else FoldSolution(fold, evals, keep(V), keep(Ap))
+    solution = None if keep is None else FoldSolution(fold, evals.cpu(), keep(V), keep(Ap))
     return (torch.tensor(a_out, dtype=torch.float64), torch.tensor(b_out, dtype=torch.float64), solution)
 
 
@@ -181,10 +185,15 @@ def _inverse(evals: torch.Tensor, lam: float) -> torch.Tensor:
     return torch.where(evals > tol, 1.0 / evals.clamp_min(tol), torch.zeros_like(evals))
 
 
+def _on(x: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+    return x if device is None else x.to(device)
+
+
 def fit(stats: RunStatistics, choice: MapChoice, without_fold: int | None = None,
-        solution: FoldSolution | None = None) -> torch.Tensor:
-    """T = I + shrink * D(alpha), fitted on every slot but ``without_fold`` (float64, CPU). ``solution``:
-    that fold's decomposition from ``choose_with_solutions`` (the same numbers, no eigendecomposition)."""
+        solution: FoldSolution | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """T = I + shrink * D(alpha), fitted on every slot but ``without_fold`` (float64, returned on the CPU).
+    ``solution``: that fold's decomposition from ``choose_with_solutions`` (the same numbers, no
+    eigendecomposition). ``device``: where the solve runs (None: where the statistics are)."""
     if solution is not None and solution.fold != without_fold:
         raise ValueError(f"fit: a decomposition of fold {solution.fold} cannot fit the map without fold "
                          f"{without_fold}")
@@ -192,15 +201,15 @@ def fit(stats: RunStatistics, choice: MapChoice, without_fold: int | None = None
     if not choice.has_map:
         return torch.eye(d, dtype=torch.float64)
     if solution is None:
-        G, C = stats.without(without_fold)
+        G, C = (_on(x, device) for x in stats.without(without_fold))
         evals, V = torch.linalg.eigh(G)
         del G
         Ap = V.T @ C
         del C
     else:
-        evals, V, Ap = solution.evals, solution.V, solution.Ap
+        evals, V, Ap = (_on(x, device) for x in (solution.evals, solution.V, solution.Ap))
     g = _inverse(evals, float(choice.alpha) * float(evals.clamp_min(0).sum()) / d)
     T = V @ (g[:, None] * Ap)
     T.mul_(choice.shrink)
     T.diagonal().add_(1.0)
-    return T
+    return T.cpu()

@@ -68,6 +68,9 @@ class SkipVerifier:
         self._extra_statistics = extra_statistics
         # the d x d float64 statistics, decompositions and maps: in memory up to the plan's room, then on disk
         self.matrices = matrices if matrices is not None else MatrixStore()
+        # the maps' solves run on the compute device (float64: a GPU's eigendecomposition at d = 8192 takes
+        # seconds where two CPU cores take minutes); the memory plan counts them there (``_Phase.solve``)
+        self._solve_device = getattr(kept, "device", None)
         # data-parallel (sglp_fast.distributed): this rank's kept batches start at global window
         # ``window_offset``; the check batches are the leading ones globally (on one rank or several), and
         # their losses are gathered in the global window order. Without a process group: offset 0, all local.
@@ -150,11 +153,13 @@ class SkipVerifier:
         """The run's regularization; with a map, its held-out maps too, from the decompositions the
         cross-validation made (each fold's map is needed by the cross-fitted check; no second eigh)."""
         stats = self._stats[run, policy.weighted]
-        choice, solutions = R.choose_with_solutions(stats, policy, range(self.folds), keep=self.matrices.keep)
+        choice, solutions = R.choose_with_solutions(stats, policy, range(self.folds), keep=self.matrices.keep,
+                                                    device=self._solve_device)
         try:
             if choice.has_map:
                 for f, solution in solutions.items():
-                    self._fitted[run, policy.name, f] = self.matrices.keep(R.fit(stats, choice, f, solution))
+                    self._fitted[run, policy.name, f] = self.matrices.keep(
+                        R.fit(stats, choice, f, solution, device=self._solve_device))
         finally:
             for solution in solutions.values():
                 self.matrices.release(solution.V, solution.Ap)
@@ -185,7 +190,7 @@ class SkipVerifier:
             key = (run, policy.name, fold)
             if key not in self._fitted:
                 self._fitted[key] = self.matrices.keep(R.fit(self._stats[run, policy.weighted], choice,
-                                                             without_fold=fold))
+                                                             without_fold=fold, device=self._solve_device))
             out[p] = self._fitted[key]
         return out
 
