@@ -215,3 +215,19 @@ def test_the_solve_on_the_gpu_gives_the_cpus_maps():
     torch.testing.assert_close(R.fit(st, gpu_choice, None, device="cuda"), R.fit(st, cpu_choice, None),
                                rtol=1e-9, atol=1e-10)
     store.close()
+
+
+def test_sums_without_a_fold_are_made_where_the_solve_runs():
+    """RunStatistics.without(fold, device): the same sums (bit for bit on the CPU) as the sum of the other
+    slots in float64; a run with one slot held out has zeros left."""
+    st = _random_statistics(seed=5, d=6, folds=3)
+    for fold in (None, 0, 2, 3):
+        G, C = st.without(fold)
+        G2, C2 = st.without(fold, "cpu")
+        assert torch.equal(G, G2) and torch.equal(C, C2)
+        keep = [s for s in range(4) if s != fold]
+        np.testing.assert_allclose(G.numpy(), st.gram.numpy()[keep].sum(0), rtol=1e-13, atol=1e-12)
+        np.testing.assert_allclose(C.numpy(), st.cross.numpy()[keep].sum(0), rtol=1e-13, atol=1e-12)
+    one = RunStatistics.zeros(0, 3)
+    G, C = one.without(0, "cpu")
+    assert not G.any() and not C.any() and G.shape == (3, 3)

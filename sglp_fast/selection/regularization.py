@@ -157,7 +157,7 @@ def _fold_terms(stats: RunStatistics, fold: int, alphas: Sequence[float],
     """(A_f, B_f) of every alpha: tr(Dᵀ C_f) and tr(Dᵀ G_f D) for D fitted without fold ``fold``; with
     ``keep``, the fold's decomposition too. At most about five d x d float64 temporaries at once, on
     ``device`` (None: where the statistics are)."""
-    G, C = (_on(x, device) for x in stats.without(fold))
+    G, C = stats.without(fold, device)
     d = G.shape[0]
     evals, V = torch.linalg.eigh(G)
     del G
@@ -201,7 +201,7 @@ def fit(stats: RunStatistics, choice: MapChoice, without_fold: int | None = None
     if not choice.has_map:
         return torch.eye(d, dtype=torch.float64)
     if solution is None:
-        G, C = (_on(x, device) for x in stats.without(without_fold))
+        G, C = stats.without(without_fold, device)
         evals, V = torch.linalg.eigh(G)
         del G
         Ap = V.T @ C

@@ -68,17 +68,18 @@ class RunStatistics:
         self.energy[slot] += other.energy.sum()
         self.tokens[slot] += other.tokens.sum()
 
-    def without(self, fold: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(G, C) summed over every slot but ``fold`` (None: every slot); one d x d each, no stacked copy."""
+    def without(self, fold: int | None, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G, C) summed over every slot but ``fold`` (None: every slot), on ``device`` (None: here): one
+        d x d each there, no stacked copy, nothing d x d left on the host when the sum is made elsewhere."""
         keep = [s for s in range(self.folds + 1) if s != fold]
         out = []
         for stack in (self.gram, self.cross):
             if not keep:
-                out.append(torch.zeros_like(stack[0]))
+                out.append(torch.zeros(stack.shape[1:], dtype=stack.dtype, device=device))
                 continue
-            total = stack[keep[0]].clone()
+            total = stack[keep[0]].to(device, copy=True) if device is not None else stack[keep[0]].clone()
             for s in keep[1:]:
-                total += stack[s]
+                total += stack[s].to(total.device)
             out.append(total)
         return out[0], out[1]
 
