@@ -35,6 +35,9 @@ def test_the_store_keeps_matrices_in_memory_up_to_its_room_then_on_disk(tmp_path
     d = store.zeros(3, 4)  # still past it
     assert not store.is_spilled(a) and not store.is_spilled(b)
     assert store.is_spilled(c) and store.is_spilled(d)
+    assert store.keep(b) is b and store.keep(c) is c  # kept twice, counted once
+    mine = torch.ones(2, dtype=torch.float64)
+    assert MatrixStore().keep(mine) is mine  # kept in memory as it is: the caller's object, no copy
     assert store.resident_bytes == 2400 and store.spilled_bytes == 800 + 96
     assert len(_files(tmp_path)) == 2
     assert torch.equal(c, c_value) and not torch.any(d)  # the same values; a new file reads as zeros

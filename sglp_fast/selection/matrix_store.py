@@ -55,7 +55,9 @@ class MatrixStore:
 
     def keep(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` (float64, CPU) in the store: itself when it fits in memory, else a copy on disk."""
-        tensor = tensor.detach().to("cpu", torch.float64)
+        if id(tensor) in self._held:  # already counted
+            return tensor
+        tensor = (tensor.detach() if tensor.requires_grad else tensor).to("cpu", torch.float64)  # itself if it can
         nbytes = tensor.numel() * 8
         if self._fits(nbytes):
             return self._count(tensor, nbytes, None)
