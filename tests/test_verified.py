@@ -659,6 +659,24 @@ def test_default_prune_is_verified_without_backward_and_its_loss_is_real(tiny_di
     assert Plan.load(tmp_path / "out").removed == plan.removed
 
 
+def test_a_plain_pick_with_compensation_on_records_no_maps(tiny_dir, monkeypatch):
+    """Compensation on, the pick plain (here forced): the plan has no maps and no compensation entry; the
+    selection still records the search's d x d matrices (their statistics were gathered)."""
+    import sglp_fast
+    from sglp_fast.selection import registry
+
+    real, search, choices = registry.verified_pick, registry._verified_search, []
+    monkeypatch.setattr(registry, "verified_pick",
+                        lambda **kw: dataclasses.replace(real(**kw), compensated=False, maps=[]))
+    monkeypatch.setattr(registry, "_verified_search", lambda *a: choices.append(search(*a)) or choices[-1])
+    with sglp_fast.analyze(str(tiny_dir), "builtin", remove=3, **API_CALIB) as an:
+        plan = an.plan
+    assert len(choices) == 1 and choices[0].transforms is None and choices[0].compensation is None
+    assert an.compensate and plan.transforms is None and "compensation" not in plan.extra
+    assert plan.extra["selection"]["compensated"] is False
+    assert plan.extra["selection"]["matrices"]["peak_in_memory_bytes"] > 0
+
+
 def test_compensated_plan_saves_loads_applies_and_streams(tiny_dir, tmp_path):
     import transformers as tf
 

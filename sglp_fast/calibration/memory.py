@@ -382,9 +382,9 @@ def plan_memory(adapter, weights: BlockWeights, batches, gradients, act_dtype, d
 
 
 def _matrices_room(phases: list[_Phase], host_weights: int, on_cpu: bool, limit: int | None) -> int | None:
-    """What the budget leaves compensation's matrices in memory during the selection (None: no limit): the
-    limit less everything else the selection phase holds. On a GPU the matrices are host memory, which
-    max_memory does not bound."""
+    """What the budget leaves compensation's matrices in memory (None: no limit): the limit less everything
+    else the selection or the solve phase holds, whichever holds more. On a GPU the matrices are host
+    memory, which max_memory does not bound."""
     if limit is None or not on_cpu:
         return None
     rooms = [limit - (sum(ph.fixed(host_weights)) - ph.matrices) - sum(ph.caches)

@@ -108,10 +108,6 @@ def _verified_search(n: int, frame: Frame, evidence: Evidence) -> Choice:
     if found.compensated:  # the chosen plan's maps, fitted on every window (their in-sample loss is not
         # checked: a number nothing decides on would cost one more pass, ~10% of the search on SmolLM2)
         choice.transforms = verifier.transforms(found.removed, maps=found.maps)
-    store = getattr(verifier, "matrices", None)
-    if settings.compensate and store is not None:  # what the d x d statistics and maps took, exactly
-        record["matrices"] = {"peak_in_memory_bytes": int(store.peak_resident_bytes),
-                              "peak_on_disk_bytes": int(store.peak_spilled_bytes)}
         policy = R.get_policy(settings.map_policy)
         choices = verifier.map_choices(found.removed)
         folds = getattr(verifier, "folds", settings.folds)  # no more folds than check windows
@@ -124,6 +120,10 @@ def _verified_search(n: int, frame: Frame, evidence: Evidence) -> Choice:
             "maps": {str(p): choices[p].to_dict() for p in found.maps},
             "fit_windows": evidence.calib_windows + settings.fit_windows,
             "fit_only_windows": settings.fit_windows}
+    store = getattr(verifier, "matrices", None)
+    if settings.compensate and store is not None:  # what the d x d statistics and maps took (the final ones too)
+        record["matrices"] = {"peak_in_memory_bytes": int(store.peak_resident_bytes),
+                              "peak_on_disk_bytes": int(store.peak_spilled_bytes)}
     return choice
 
 

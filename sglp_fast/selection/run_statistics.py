@@ -47,9 +47,6 @@ class RunStatistics:
         small = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
         return cls(big(folds + 1, width, width), big(folds + 1, width, width), small(folds + 1), small(folds + 1))
 
-    def release(self, store: MatrixStore) -> None:
-        store.release(self.gram, self.cross)
-
     @property
     def folds(self) -> int:
         return self.gram.shape[0] - 1
@@ -74,11 +71,8 @@ class RunStatistics:
         keep = [s for s in range(self.folds + 1) if s != fold]
         out = []
         for stack in (self.gram, self.cross):
-            if not keep:
-                out.append(torch.zeros(stack.shape[1:], dtype=stack.dtype, device=device))
-                continue
-            total = stack[keep[0]].to(device, copy=True) if device is not None else stack[keep[0]].clone()
-            for s in keep[1:]:
+            total = torch.zeros(stack.shape[1:], dtype=stack.dtype, device=stack.device if device is None else device)
+            for s in keep:
                 total += stack[s].to(total.device)
             out.append(total)
         return out[0], out[1]

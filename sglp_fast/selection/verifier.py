@@ -333,30 +333,24 @@ class SkipVerifier:
                     s = at[i][b] = stream(("dense", l, b))
                     if s not in states:
                         states[s] = self._kept.block_input(l, b)
-            work: dict[tuple[int, int], tuple[torch.Tensor | None, int]] = {}  # (stream, map) -> (map, batch)
-            for i in (i for i, p in enumerate(plans) if start[i] <= l and l not in p):
-                for b in range(nb):
-                    T = fixes[i][l][b] if l in fixes[i] else None
-                    work.setdefault((at[i][b], id(T)), (T, b))
-            if work:
-                new: dict[tuple[int, int], torch.Tensor] = {}
-                by_map: dict[int, list[tuple[int, int]]] = {}
-                for key in work:
-                    by_map.setdefault(key[1], []).append(key)
+            # (plan, batch, its stream, the map it runs block l with) for every plan that runs block l
+            steps = [(i, b, at[i][b], fixes[i][l][b] if l in fixes[i] else None)
+                     for i, p in enumerate(plans) if start[i] <= l and l not in p for b in range(nb)]
+            if steps:
+                groups: dict[int, tuple[torch.Tensor | None, dict[int, int]]] = {}  # per map: {stream: batch}
+                for _, b, s, T in steps:
+                    groups.setdefault(id(T), (T, {}))[1].setdefault(s, b)
+                new: dict[tuple[int, int], torch.Tensor] = {}  # (stream, map) -> the block's output
                 # read once for every plan, map and fold of this round
                 with self._kept.block(l, read_next.get(l)) as block:
-                    for keys in by_map.values():
-                        T = work[keys[0]][0]
+                    for tid, (T, todo) in groups.items():
                         with patched(mlp_output_module(self.adapter, block), T) if T is not None \
                                 else contextlib.nullcontext():
-                            for key in keys:
-                                new[key] = self.call(block, l, states[key[0]], work[key][1])
-                for i in (i for i, p in enumerate(plans) if start[i] <= l and l not in p):
-                    for b in range(nb):
-                        T = fixes[i][l][b] if l in fixes[i] else None
-                        s = stream((at[i][b], l, id(T)))
-                        states.setdefault(s, new[at[i][b], id(T)])
-                        at[i][b] = s
+                            for s, b in todo.items():
+                                new[s, tid] = self.call(block, l, states[s], b)
+                for i, b, s, T in steps:
+                    at[i][b] = stream((s, l, id(T)))
+                    states.setdefault(at[i][b], new[s, id(T)])
             live = {s for row in at for s in row if s is not None}
             for s in [s for s in states if s not in live]:
                 del states[s]  # no plan continues from it
