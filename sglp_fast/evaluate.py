@@ -27,6 +27,7 @@ class PerplexityResult:
     perplexity: float
     nll: float  # mean negative log-likelihood per predicted token (nats)
     tokens: int  # number of predicted tokens
+    memory_plan: str = ""  # streamed_perplexity: the plan it ran under (as calibration prints it)
 
 
 def is_causal_lm(model: Any) -> bool:
@@ -77,7 +78,8 @@ def streamed_perplexity(model: Any, input_ids: torch.Tensor, batch_size: int = 4
     batches = [{"input_ids": input_ids[i:i + batch_size]} for i in range(0, input_ids.shape[0], batch_size)]
     result = calibrate(model, batches, gradients=False, device=device, dtype=dtype, progress=False,
                        max_device_memory=max_memory, offload_dir=offload_dir)
-    return PerplexityResult(perplexity=math.exp(result.loss), nll=result.loss, tokens=result.loss_terms)
+    return PerplexityResult(perplexity=math.exp(result.loss), nll=result.loss, tokens=result.loss_terms,
+                            memory_plan=result.memory_plan)
 
 
 @torch.no_grad()

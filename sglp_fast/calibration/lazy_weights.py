@@ -245,6 +245,13 @@ def is_lazy(model: nn.Module) -> bool:
     return model in _LAZY_MODELS
 
 
+def changes_at_load(model: nn.Module) -> int:
+    """How many of the lazy ``model``'s blocks are changed each time they are read (``on_load``: a folded
+    compensation map); 0 for any other model. The memory plan counts the change's work (``memory._phases``)."""
+    lazy = _LAZY_MODELS.get(model)
+    return 0 if lazy is None else len(lazy.after_load)
+
+
 def block_keys(model: nn.Module, block: nn.Module, blocks_path: str) -> dict[str, str]:
     """``block``'s parameter names -> their checkpoint keys (the block's original numbering)."""
     lazy = _LAZY_MODELS[model]

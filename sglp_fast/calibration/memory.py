@@ -9,6 +9,9 @@ What the peak counts: the bytes of the tensors the run holds at once, in whichev
   selection    the same weights, the kept block inputs, one call's working set (with compensation: a
                batch's XᵀX and XᵀY, or a map folded into the block's MLP output weight and that weight's
                folded copy), and the d x d float64 matrices compensation holds (``Budget.host_matrices``);
+  fold at load (a lazy pruned model with compensation maps, e.g. the streamed perplexity) one block, the
+               map folded into its MLP output weight as it is read: the folded copy, the fold's float64
+               slices (``FOLD_SLICE_BYTES``) and, on a GPU, the map itself;
   solve        (compensation) between the passes: no block, the maps' solve temporaries
                (``SOLVE_MATRICES`` d x d, on the compute device) and the same matrices.
                With an offload folder and a budget the matrices spill past the room the rest of these two
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..sizes import Limit, fmt_bytes, parse_bytes
+from . import lazy_weights
 from .store import check_offload_dir, free_memory_bytes
 from .weights import BlockWeights, module_bytes
 
@@ -325,7 +329,8 @@ def plan_memory(adapter, weights: BlockWeights, batches, gradients, act_dtype, d
     w = _weights_bytes(weights, adapter, on_cpu, prefetch, gradients)
     # with an offload folder and a budget, compensation's matrices spill like a cache (selection/matrix_store.py)
     spill_matrices = bool(budget.host_matrices) and offload_dir is not None and limit is not None
-    phases = _phases(adapter, shape, w, gradients, budget, kept_batches > 0, spill_matrices, on_cpu)
+    phases = _phases(adapter, shape, w, gradients, budget, kept_batches > 0, spill_matrices, on_cpu,
+                     folds_at_load=w.mode == "lazy" and lazy_weights.changes_at_load(adapter.model) > 0)
     worst = max(phases, key=lambda ph: _cost(ph.fixed(w.host), on_cpu))
     least = _cost(worst.fixed(w.host), on_cpu)
 
@@ -407,8 +412,11 @@ def _cost(fixed: tuple[int, int], on_cpu: bool) -> int:
 
 
 def _phases(adapter, shape: _Shape, w: _Weights, gradients: bool, budget: Budget, kept: bool,
-            spill_matrices: bool = False, on_cpu: bool = True) -> list[_Phase]:
-    """Calibration's forward, head and backward, and the selection that re-runs blocks from the kept inputs."""
+            spill_matrices: bool = False, on_cpu: bool = True, folds_at_load: bool = False) -> list[_Phase]:
+    """Calibration's forward, head and backward, and the selection that re-runs blocks from the kept inputs.
+    ``folds_at_load``: a lazy model folds a compensation map into a block each time it is read (a pruned,
+    compensated model evaluated streamed): the read block, the weight's folded copy, the fold's slices
+    and, on a GPU, the map in float64, before the block runs and before the next block is prefetched."""
     host_matrices = budget.host_matrices
     # a block call, or after it the observers (the CKA panel of a completing batch): not both at once
     call = block_call_bytes(adapter, shape.call_windows, shape.seq_len, shape.itemsize)
@@ -421,6 +429,11 @@ def _phases(adapter, shape: _Shape, w: _Weights, gradients: bool, budget: Budget
         one = block_call_bytes(adapter, 1, shape.seq_len, shape.itemsize) * shape.batch_tokens // shape.seq_len
         work = max(2 * one + 2 * shape.batch_tokens * shape.hidden * 4, _grad_record_bytes(adapter))
         out.append(_Phase("backward", w.device_block, work, args=args))
+    if folds_at_load:
+        d2 = shape.hidden * shape.hidden * FLOAT64
+        fold = (_mlp_output_elems(adapter.config) * shape.itemsize + _fold_bytes(adapter.config, shape)
+                + (0 if on_cpu else d2))
+        out.append(_Phase("fold at load", w.block, fold, args=args))
     if kept or host_matrices:
         check = block_call_bytes(adapter, 1, shape.seq_len, shape.itemsize) * shape.batch_tokens // shape.seq_len
         d2 = shape.hidden * shape.hidden * FLOAT64
@@ -449,10 +462,9 @@ def _mlp_output_elems(config) -> int:
 
 
 def _fold_bytes(config, shape: _Shape) -> int:
-    """Folding a map into the MLP output weight, a slice at a time: the slice in float64, its product and
-    its cast back."""
-    piece = min(FOLD_SLICE_BYTES, _mlp_output_elems(config) * FLOAT64)
-    return 2 * piece + piece * shape.itemsize // FLOAT64
+    """Folding a map into the MLP output weight, a slice at a time: the slice in float64 and its product
+    (the product's cast back is made once the float64 slice is freed, and is smaller than it)."""
+    return 2 * min(FOLD_SLICE_BYTES, _mlp_output_elems(config) * FLOAT64)
 
 
 def _place_caches(phases: list[_Phase], tiers: dict[str, int], cka: dict[str, int], kept: int,
@@ -492,9 +504,12 @@ def _below_minimum(name: str | None, limit: int, least: int, worst: _Phase, w: _
         elif on_cpu and worst.name != "head":
             held += " + the embedding/head"
     calls = shape.call_windows if worst.name == "forward" else 1
+    work = ("a compensation map folded into the block's MLP output weight as it is read (its folded copy and "
+            "the fold's slices)" if worst.name == "fold at load" else
+            f"one {worst.name if worst.name != 'selection' else 'check'} call's working set ({calls} window(s) x "
+            f"{shape.seq_len} tokens)")
     parts = [(f"weights ({held})", worst.weights + (w.host if on_cpu else 0)),
-             (f"one {worst.name if worst.name != 'selection' else 'check'} call's working set ({calls} window(s) x "
-              f"{shape.seq_len} tokens)", worst.work),
+             (work, worst.work),
              ("the batches' block-call arguments", worst.args),
              ("compensation's d x d float64 matrices", worst.matrices + worst.solve),
              ("activations copied from and to disk (two calls' inputs and outputs)", spill)]
@@ -504,6 +519,8 @@ def _below_minimum(name: str | None, limit: int, least: int, worst: _Phase, w: _
         fix = "or load the model with lazy=True (one block at a time)"
     elif biggest.startswith("weights"):
         fix = f"or use a device with more memory: {held} must fit at once"
+    elif biggest.startswith("a compensation map"):
+        fix = "or evaluate the saved model (its weights have the maps folded in)"
     elif biggest.startswith("compensation"):
         fix = "or use compensate=False"
     else:
