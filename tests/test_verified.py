@@ -751,6 +751,25 @@ def test_chosen_plan_maps_are_refitted_on_every_window(tiny_dir):
             ver.losses([removed], compensated=True, maps=[[1, 4]], policy="fixed")[0]
 
 
+def test_a_plans_statistics_are_what_its_maps_are_fitted_from(tiny_dir):
+    """``statistics(removed)``: per block before a run (a >= 1), the statistics its final map is fitted from
+    (the map refitted from them is the verifier's, bit for bit); the row weighting follows the policy."""
+    import sglp_fast
+    from sglp_fast.selection import regularization as R
+
+    with sglp_fast.analyze(str(tiny_dir), "builtin", **API_CALIB) as an:
+        ver, removed = an.verifier, [0, 2, 3, 5]  # run 0..0 starts the model: no block before it, no map
+        stats = ver.statistics(removed, policy="fixed")
+        assert sorted(stats) == [1, 4]
+        final = ver.transforms(removed, policy="fixed")
+        choices = ver.map_choices(removed, policy="fixed")
+        for p, st in stats.items():
+            assert torch.equal(R.fit(st, choices[p]), final[p])
+        unweighted = ver.statistics(removed, policy="replaceme")
+        assert not torch.equal(unweighted[1].gram, stats[1].gram)  # ReplaceMe's rows are not weighted
+        assert stats[1].gram.shape == (ver.folds + 1, 32, 32) and float(stats[1].tokens.sum()) > 0
+
+
 def test_fit_only_windows_feed_the_statistics_and_nothing_else(tiny_dir):
     """fit_windows=3: the CKA, scores and check see the same 6 windows; the maps' statistics gain the 3
     extra windows, exactly the statistics those windows give when kept."""

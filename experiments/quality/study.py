@@ -14,6 +14,8 @@
     profile     wall time of the paper pipeline and of the default with the greedy off / on, search work
     ksweep      the paper's GradNorm and the relative update per segment (proportional split) and the default,
                 for fixed k ("Segmentation k and the budget split")
+    lowrank     the default's plans with rank-r truncations of their maps (reduced-rank regression from the
+                same statistics), at the default's halving and without it (round 6)
 
 Everything is computed by the package: the budget split, the baselines, the greedy, the compensation and the
 pick are ``sglp_fast.analyze(...).plan_for(...)``; the maps of a candidate that was not picked and its per-window
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -40,6 +43,7 @@ import sglp_fast
 from sglp_fast.calibration import CalibrationData, load_calibration
 from sglp_fast.evaluate import perplexity
 from sglp_fast.pruning import remove_blocks
+from sglp_fast.selection import regularization as R
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESEARCH_TOKENS = 387 * 256  # the stop-7 permutation ran over every 256-token window of the built-in text
@@ -227,6 +231,45 @@ def cmd_kl(args, model, tok, data, out):
                                   "lowest": sel["lowest_loss"]}
 
 
+def reduced_rank(D: torch.Tensor, gram: torch.Tensor, ranks) -> dict[int, torch.Tensor]:
+    """Reduced-rank regression from the full fit D: D V_r V_rᵀ, V_r the top r eigenvectors of the fitted
+    values' covariance Dᵀ G D (the rank-r map closest to D's predictions on the fit data)."""
+    _, V = torch.linalg.eigh(D.T @ gram @ D)
+    V = V.flip(1)
+    return {r: D @ V[:, :r] @ V[:, :r].T for r in ranks}
+
+
+def cmd_lowrank(args, model, tok, data, out):
+    """The default's plan per budget with its maps replaced by rank-r truncations of the same ridge fits,
+    at the default's halving (scale 0.5) and without it (scale 1): the low-rank alternative of issue 15."""
+    held = HeldOut(model, eval_texts(tok, args.texts, args.eval_seqs, args.seq_len))
+    with analysis(args, model, tok, data, remove=max(args.remove)) as a:
+        ver = a.verifier
+        for n in args.remove:
+            p = a.plan_for(remove=n)
+            if not p.transforms:
+                print(f"n={n} {p.removed}: no maps")
+                continue
+            stats, choices = ver.statistics(p.removed), ver.map_choices(p.removed)
+            fits = {}  # block -> (the unshrunk ridge fit D, its reduced-rank versions, the shrink the default uses)
+            for b in p.transforms:
+                D = R.fit(stats[b], dataclasses.replace(choices[b], shrink=1.0))
+                D.diagonal().sub_(1.0)
+                fits[b] = (D, reduced_rank(D, stats[b].gram.sum(0), args.ranks), choices[b].shrink)
+            row = {"plain": held(p.removed)}
+            for scale in (R.CV.scale, 1.0):
+                for r in [None, *args.ranks]:
+                    maps = {}
+                    for b, (D, low, shrink) in fits.items():
+                        T = (D if r is None else low[r]) * (shrink * scale / R.CV.scale)
+                        T.diagonal().add_(1.0)
+                        maps[b] = T
+                    row[f"{'full' if r is None else f'rank {r}'}, scale {scale}"] = held(p.removed, maps,
+                                                                                         tag=(r, scale))
+            print(f"n={n} {p.removed} " + "; ".join(f"{k}: {fmt(v)}" for k, v in row.items()), flush=True)
+            out[f"n{n}"] = {"removed": p.removed, "maps_at": sorted(p.transforms), "ppl": row}
+
+
 def cmd_profile(args, model, tok, data, out):
     n = max(args.remove)
     variants = [("paper", dict(scorer="gradnorm", collect_last_token=True)), ("default", {}),
@@ -260,7 +303,7 @@ def cmd_ksweep(args, model, tok, data, out):
 
 
 COMMANDS = {"scores": cmd_scores, "candidates": cmd_candidates, "kl": cmd_kl, "profile": cmd_profile,
-            "ksweep": cmd_ksweep}
+            "ksweep": cmd_ksweep, "lowrank": cmd_lowrank}
 
 
 def main(argv=None) -> int:
@@ -274,6 +317,7 @@ def main(argv=None) -> int:
     p.add_argument("--texts", default="A,B", help="held-out texts, comma list of A and B")
     p.add_argument("--remove", type=int, nargs="+", default=[4, 6, 8])
     p.add_argument("--k", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], help="ksweep: the k values")
+    p.add_argument("--ranks", type=int, nargs="+", default=[8, 32, 128], help="lowrank: the ranks")
     p.add_argument("--verify-windows", type=int, default=None, help="check windows (package default 4)")
     p.add_argument("--no-compensate", action="store_true", help="the search without compensated candidates")
     p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=None,

@@ -165,6 +165,15 @@ class SkipVerifier:
                 self.matrices.release(solution.V, solution.Ap)
         return choice
 
+    def statistics(self, removed: Iterable[int], policy: str | R.MapPolicy | None = None) -> dict[int, RunStatistics]:
+        """{block before a run: the statistics its map is fitted from} for every run of the plan that can have
+        a map (a >= 1), under ``policy``'s row weighting: for studies of other fits (docs/quality.md, round 6)
+        and callers that fit maps of their own. Shared with the verifier: read them, do not change them."""
+        policy = R.get_policy(policy or self.policy)
+        runs = [run for run in runs_of(self._check(removed)) if run[0] >= 1]
+        self._ensure_statistics(runs, policy.weighted)
+        return {run[0] - 1: self._stats[run, policy.weighted] for run in runs}
+
     def map_blocks(self, removed: Iterable[int], policy: str | R.MapPolicy | None = None) -> frozenset[int]:
         """The blocks that get a map under ``policy`` (the runs where the held-out folds favour one)."""
         return frozenset(p for p, c in self.map_choices(removed, policy).items() if c.has_map)
