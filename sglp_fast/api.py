@@ -337,7 +337,7 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
                      offload_dir=offload_dir, keep_inputs=kept, prefetch=prefetch,
                      windows_per_call=windows_per_call)  # a budget below the least fails here
     with CKAAccumulator(num_layers=L, estimator=cka_estimator, device=device, cache_dir=offload_dir,
-                        cache_budget_bytes=plan.cka_budget) as acc:
+                        cache_budget_bytes=plan.cka_budget, cache_cpu_budget_bytes=plan.cka_cpu_budget) as acc:
         observers = [_CKAObserver(acc), *([last_token] if last_token else [])]
         with clock("calibrate_s"):
             result = calibrate(adapter, batches, observers=observers, gradients=gradients,

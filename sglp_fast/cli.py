@@ -867,11 +867,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     analysis.close()
     import torch  # noqa: PLC0415
 
+    from .calibration.devices import resolve_device  # noqa: PLC0415
+
     tokens = analysis.calibration.tokens
     secs = analysis.timings["calibrate_s"]
     dev = _device(args)
     if dev.startswith("cuda"):
-        peak, kind = int(torch.cuda.max_memory_allocated()), "cuda max allocated"
+        peak, kind = int(torch.cuda.max_memory_allocated(resolve_device(dev))), "cuda max allocated"
     else:
         peak, kind = rss_bytes(), "process RSS (end of run)"
     numbers = {"tokens": tokens, "calibrate_s": secs, "tokens_per_s": tokens / secs, "peak_memory_bytes": peak,

@@ -26,7 +26,7 @@ from pipeline_models import save_tiny, single_thread
 from sglp_fast import api
 from sglp_fast.calibration.memory import BudgetTooSmall
 from sglp_fast.cli import main
-from sglp_fast.sizes import size_from_text
+from sglp_fast.sizes import fmt_bytes, size_from_text
 
 TOLERANCE = 0.20
 HERE = Path(__file__).resolve().parent
@@ -365,6 +365,62 @@ def test_gpu_plan_keeps_the_device_under_the_limit():
     assert plan.peak_device_bytes <= err.value.least + 4096
     assert plan.peak_host_bytes >= module_bytes(model)  # the model stays on the host, blocks are copied
     assert re.search(r"predicted peak: device [0-9.]+ \w+ \(limit .*\), host [0-9.]+ \w+", str(plan)), str(plan)
+
+
+def test_gpu_plan_shares_one_pinned_pool_between_activations_and_cka_items():
+    """On a GPU the activation cache's CPU tier and the CKA items' CPU tier are pinned host memory: one pool
+    (max_cpu_memory), the items getting what the activations leave of it (each took a pool of its own before:
+    half the free RAM twice, over the host at 70B scale). The accumulator is given the plan's share."""
+    from pipeline_models import tiny_model
+
+    from sglp_fast.calibration.memory import Budget, plan_memory
+    from sglp_fast.calibration.weights import BlockWeights
+    from sglp_fast.models import get_adapter
+
+    adapter, cuda = get_adapter(tiny_model("llama", 4)), torch.device("cuda")
+    batches = [{"input_ids": torch.randint(0, 50, (1, 64))} for _ in range(8)]
+    weights = BlockWeights(adapter, cuda, None, prefetch=False)
+    pool = 48 << 10
+    for items in (8 << 10, 40 << 10, 400 << 10):  # fits beside the activations / part / mostly on disk
+        budget = Budget(4 << 20, cka_item_bytes=items)
+        plan, budgets, _ = plan_memory(adapter, weights, batches, False, torch.float32, cuda, budget, pool, None)
+        assert budgets["cpu"] == pool and plan.tiers["cpu"] <= pool, plan
+        assert plan.cka_cpu_budget == pool - plan.tiers["cpu"]
+        assert plan.tiers["cpu"] + plan.cka_tiers["cpu"] <= pool, (plan.tiers, plan.cka_tiers)
+        assert sum(plan.cka_tiers.values()) == items
+        assert f"pinned host memory up to {fmt_bytes(plan.cka_cpu_budget)}" in str(plan), str(plan)
+
+
+def test_the_cka_items_store_takes_the_plans_cpu_share(monkeypatch):
+    from sglp_fast.calibration import store as S
+    from sglp_fast.similarity import CKAAccumulator
+
+    monkeypatch.setattr(S, "free_memory_bytes", lambda device="cpu": 1 << 40)
+    assert S.TieredStore.for_policy("auto", "cuda", 100, None, cpu_budget_bytes=12345).budgets == \
+        {"device": 100, "cpu": 12345}
+    assert S.TieredStore.for_policy("auto", "cuda", 100, None).budgets["cpu"] == 1 << 39  # the old default
+    acc = CKAAccumulator(3, cache_budget_bytes=100, cache_cpu_budget_bytes=777)
+    assert acc._store_for(torch.device("cuda")).budgets == {"device": 100, "cpu": 777}
+
+
+def test_a_gpu_stores_pinned_tier_is_given_back_when_it_closes(monkeypatch):
+    """torch keeps freed pinned blocks cached forever; a GPU store that used its CPU tier empties that cache
+    when it closes (a CPU store, or one that never used the tier, does not)."""
+    from sglp_fast.calibration import store as S
+
+    calls = []
+    monkeypatch.setattr(S, "release_pinned_host_memory", lambda: calls.append(1))
+    gpu = S.TieredStore("cuda", 0, 1 << 20)
+    gpu.close()
+    assert calls == []  # nothing pinned was used
+    gpu.peak["cpu"] = 4096
+    gpu.close()
+    gpu.close()
+    assert calls == [1]
+    cpu = S.TieredStore("cpu", 0, 1 << 20)
+    cpu.peak["cpu"] = 4096
+    cpu.close()
+    assert calls == [1]
 
 
 if __name__ == "__main__":

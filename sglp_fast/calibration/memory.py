@@ -34,6 +34,7 @@ import torch
 
 from ..sizes import Limit, fmt_bytes, parse_bytes
 from . import lazy_weights
+from .devices import resolve_device
 from .store import check_offload_dir, free_memory_bytes
 from .weights import BlockWeights, module_bytes
 
@@ -87,6 +88,8 @@ class MemoryPlan:
     working_set_bytes: int = 0  # one block call (or the head) at its largest
     cka_item_bytes: int = 0
     cka_budget: int | None = None  # memory the CKA items may take before they spill to disk (None: its default)
+    cka_cpu_budget: int | None = None  # on a GPU: the pinned CPU memory the items may take after that
+    cka_tiers: dict = field(default_factory=dict)  # where the plan puts the items: device, cpu, disk bytes
     selection_bytes: int = 0  # compensation's d x d float64 matrices, on the host
     selection_bound_bytes: int = 0  # ... when every candidate plan removes other runs (the bound)
     selection_room_bytes: int | None = None  # what the budget leaves them in memory (None: no limit)
@@ -119,8 +122,9 @@ class MemoryPlan:
             lines.append(f"    {tier:<6} {fmt_bytes(self.tiers.get(tier, 0)):>12}  (budget {b})")
         if self.cka_item_bytes:
             room = "its default" if self.cka_budget is None else fmt_bytes(self.cka_budget)
-            lines.append(f"  CKA items    : {fmt_bytes(self.cka_item_bytes)} (in memory up to {room}, the rest on "
-                         "disk)")
+            where = (f"in memory up to {room}" if self.on_cpu or self.cka_cpu_budget is None else
+                     f"on the device up to {room}, then pinned host memory up to {fmt_bytes(self.cka_cpu_budget)}")
+            lines.append(f"  CKA items    : {fmt_bytes(self.cka_item_bytes)} ({where}, the rest on disk)")
         if self.selection_bytes:
             bound = (f", up to {fmt_bytes(self.selection_bound_bytes)} if the candidate plans remove different "
                      "runs") if self.selection_bound_bytes > self.selection_bytes else ""
@@ -295,7 +299,7 @@ def preflight(adapter, batches, budget: Budget, *, gradients: bool, device=None,
     from .runtime import _first_device, _kept_batches, _plan, _validate_batches  # runtime imports this module
 
     batches = _validate_batches(batches, adapter)  # the errors calibrate would give, first
-    device = _first_device(adapter) if device is None else torch.device(device)
+    device = _first_device(adapter) if device is None else resolve_device(device)
     act_dtype = dtype or next((p.dtype for p in adapter.blocks.parameters() if p.is_floating_point()), torch.float32)
     weights = BlockWeights(adapter, device, dtype, prefetch=prefetch)
     return _plan(adapter, weights, batches, gradients, act_dtype, device, budget, max_cpu_memory, offload_dir,
@@ -364,7 +368,10 @@ def plan_memory(adapter, weights: BlockWeights, batches, gradients, act_dtype, d
             "budget, or use fewer/shorter calibration windows"
         )
     cka_budget = None if room is None else max(0, room - tiers["cpu" if on_cpu else "device"])
-    cka = _cka_tiers(budget.cka_item_bytes, cka_budget, device)
+    # on a GPU the activation cache's CPU tier and the CKA items' share one pinned pool (what max_cpu_memory,
+    # default half the free RAM, allows): the items get what the activations leave of it
+    cka_cpu_budget = None if on_cpu else max(0, budgets["cpu"] - tiers["cpu"])
+    cka = _cka_tiers(budget.cka_item_bytes, cka_budget, device, cka_cpu_budget)
     kept = (adapter.num_blocks + 1) * shape.kept_tokens * shape.hidden * shape.itemsize
     _place_caches(phases, tiers, cka, kept, spill)
     matrices_room = _matrices_room(phases, w.host, on_cpu, limit)
@@ -378,7 +385,7 @@ def plan_memory(adapter, weights: BlockWeights, batches, gradients, act_dtype, d
         activation_slot_bytes=slot, num_slots=n_slots, grad_bytes=grad, tiers=tiers,
         budgets={"device": budgets["device"], "cpu": budgets["cpu"], "disk": None if checked_dir else 0},
         working_set_bytes=max(ph.work for ph in phases), cka_item_bytes=budget.cka_item_bytes,
-        cka_budget=cka_budget, selection_bytes=budget.host_matrices * shape.hidden ** 2 * FLOAT64,
+        cka_budget=cka_budget, cka_cpu_budget=cka_cpu_budget, cka_tiers=cka, selection_bytes=budget.host_matrices * shape.hidden ** 2 * FLOAT64,
         selection_bound_bytes=budget.host_matrices_bound * shape.hidden ** 2 * FLOAT64,
         selection_room_bytes=matrices_room if budget.host_matrices else None, selection_spills=spill_matrices,
         peak_device_bytes=peak_dev, peak_host_bytes=peak_host, minimum_bytes=least, limit_bytes=limit,
@@ -534,14 +541,14 @@ def _below_minimum(name: str | None, limit: int, least: int, worst: _Phase, w: _
             f"{fix}")
 
 
-def _cka_tiers(total: int, budget: int | None, device: torch.device) -> dict[str, int]:
+def _cka_tiers(total: int, budget: int | None, device: torch.device, cpu_budget: int | None = None) -> dict[str, int]:
     """Where the CKA items go: memory up to ``budget`` (None: the accumulator's default, half the free
-    memory; on a GPU then pinned CPU memory), the rest to disk."""
+    memory; on a GPU then pinned CPU memory up to ``cpu_budget``, None: half the free RAM), the rest to disk."""
     if not total:
         return {"device": 0, "cpu": 0, "disk": 0}
     take = min(total, budget if budget is not None else free_memory_bytes(device) // 2)
     rest = total - take
     if device.type == "cpu":
         return {"device": 0, "cpu": take, "disk": rest}
-    spill = min(rest, free_memory_bytes("cpu") // 2)
+    spill = min(rest, cpu_budget if cpu_budget is not None else free_memory_bytes("cpu") // 2)
     return {"device": take, "cpu": spill, "disk": rest - spill}

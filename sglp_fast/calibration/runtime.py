@@ -26,6 +26,7 @@ from ..progress import shown
 from . import losses as G
 from ..models import get_adapter
 from ..models.base import BlockAdapter, BlockCall
+from .devices import resolve_device
 from .memory import BudgetTooSmall, block_call_bytes, plan_memory
 from .store import TieredStore, free_memory_bytes
 from .checkpoint import PassCheckpoint, fingerprint, saved_windows_per_call
@@ -176,7 +177,7 @@ def calibrate(model_or_adapter, batches, *, observers=(), gradients: bool = True
     observers = _validate_observers(observers)
     check_speedups(windows_per_call, prefetch)
     kept_batches = _kept_batches(batches, keep_inputs)
-    device = _first_device(adapter) if device is None else torch.device(device)
+    device = _first_device(adapter) if device is None else resolve_device(device)
     model = adapter.model
     was_training = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -272,7 +273,7 @@ def default_windows_per_call(adapter: BlockAdapter, batches: list[dict], device,
     ``GPU_TOKENS_PER_CALL`` tokens, and at most what a quarter of the device budget left after the block
     weights holds (``memory.block_call_bytes``); the rest of the budget is the caches'.
     """
-    device = torch.device(device)
+    device = resolve_device(device)
     seq_len = max(int(b["input_ids"].shape[1]) for b in batches)
     target = GPU_TOKENS_PER_CALL if device.type == "cuda" else CPU_TOKENS_PER_CALL
     windows = min(max(1, target // seq_len), sum(int(b["input_ids"].shape[0]) for b in batches))

@@ -36,6 +36,15 @@ POLICIES = ("auto", "device", "cpu", "disk")
 _BITS_VIEW = {torch.bfloat16: torch.int16}
 
 
+def release_pinned_host_memory() -> None:
+    """Give torch's cached pinned host blocks back to the system. Why: torch's pinned-memory allocator keeps
+    every freed block (rounded up to a power of two) for reuse and never returns it, so the CKA items' pinned
+    tier would stay allocated through the search beside the kept inputs' own (tens of GiB at 70B)."""
+    empty = getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None and torch.cuda.is_available():
+        empty()
+
+
 def free_memory_bytes(device: torch.device | str = "cpu") -> int:
     """Memory free for new allocations now: a GPU's free memory (``cudaMemGetInfo``), else the host's
     MemAvailable from /proc/meminfo (Linux; page cache that can be dropped counts as free), falling back to
@@ -130,14 +139,14 @@ class TieredStore:
 
     @classmethod
     def for_policy(cls, policy: str, device: torch.device | str, budget_bytes: int | None = None,
-                   directory: str | os.PathLike | None = None) -> "TieredStore":
+                   directory: str | os.PathLike | None = None, cpu_budget_bytes: int | None = None) -> "TieredStore":
         """The store for a placement policy (the CKA accumulator's ``cache=`` option):
 
         "device"  the compute device only, up to ``budget_bytes`` (None: unbounded);
         "cpu"     CPU memory only (pinned when computing on a GPU), up to ``budget_bytes``;
         "disk"    files only (in ``directory``, else the system temp folder);
         "auto"    the compute device up to ``budget_bytes`` (default: half its free memory), then (GPU only)
-                  pinned CPU memory up to half the free RAM, then disk.
+                  pinned CPU memory up to ``cpu_budget_bytes`` (default: half the free RAM), then disk.
         Overflowing "device" or "cpu" raises :class:`StoreFullError`.
         """
         device = torch.device(device)
@@ -154,7 +163,8 @@ class TieredStore:
             if on_cpu:
                 dev, cpu = 0, first
             else:
-                dev, cpu = first, free_memory_bytes("cpu") // 2
+                dev = first
+                cpu = cpu_budget_bytes if cpu_budget_bytes is not None else free_memory_bytes("cpu") // 2
             disk = True
         else:
             raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
@@ -293,12 +303,16 @@ class TieredStore:
             self.free(slot, b)
 
     def close(self) -> None:
-        """Free every entry and remove the store's folder (idempotent)."""
+        """Free every entry and remove the store's folder (idempotent); a GPU run's pinned CPU tier goes back
+        to the system (``release_pinned_host_memory``)."""
         for key in list(self._entries):
             self.free(*key)
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+        if self.device.type == "cuda" and self.peak["cpu"] > 0:
+            self.peak["cpu"] = 0
+            release_pinned_host_memory()
 
     def __enter__(self) -> "TieredStore":
         return self

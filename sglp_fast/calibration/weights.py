@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import lazy_weights
+from .devices import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class BlockWeights:
     def __init__(self, adapter, device: torch.device, dtype: torch.dtype | None, prefetch: bool | None = None):
         self.adapter = adapter
         self.model = adapter.model
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.dtype = dtype
         if lazy_weights.is_lazy(self.model):
             self.mode = "lazy"

@@ -111,7 +111,8 @@ class CKAAccumulator:
     (None: each input's own device); dtype: the torch backend's compute dtype (float32 | float64; the Triton
     path always accumulates in fp32); cache/cache_dir/cache_budget_bytes: where update_layer keeps items
     until a batch is complete, in a :class:`~sglp_fast.calibration.store.TieredStore` (``for_policy``:
-    "auto": compute device up to the budget, default half its free memory, then disk). space "auto" |
+    "auto": compute device up to the budget, default half its free memory, then on a GPU pinned CPU memory up
+    to ``cache_cpu_budget_bytes``, default half the free RAM, then disk). space "auto" |
     "gram" | "feature" and panel_rows/panel_bytes (row-panel height; default ~256 MiB of panels on CPU,
     1 GiB on GPU) are tuning knobs.
 
@@ -131,6 +132,7 @@ class CKAAccumulator:
         cache_dir: str | None = None,
         cache_budget_bytes: int | None = None,
         *,
+        cache_cpu_budget_bytes: int | None = None,
         space: str = "auto",
         panel_rows: int | None = None,
         panel_bytes: int | None = None,
@@ -145,11 +147,14 @@ class CKAAccumulator:
                             f"backend; inputs may be bf16/fp16/fp32), got {dtype}")
         check_int("panel_rows", panel_rows, 1, expected="an int >= 1 or None", optional=True)
         check_int("cache_budget_bytes", cache_budget_bytes, 0, expected="a non-negative int or None", optional=True)
+        check_int("cache_cpu_budget_bytes", cache_cpu_budget_bytes, 0, expected="a non-negative int or None",
+                  optional=True)
         self.num_layers, self.estimator, self.kernel, self.backend = num_layers, estimator, kernel, backend
         self.device = torch.device(device) if device is not None else None
         self.dtype, self.space = dtype, space
         self.panel_rows, self.panel_bytes = panel_rows, panel_bytes
         self._store_args = (cache, cache_dir, cache_budget_bytes)
+        self._cpu_budget = cache_cpu_budget_bytes
         self._store: TieredStore | None = None
         if self.device is not None and backend == "triton":
             _resolve_backend(backend, self.device)  # fail early with the fix
@@ -405,7 +410,7 @@ class CKAAccumulator:
     def _store_for(self, device: torch.device) -> TieredStore:
         if self._store is None:
             policy, directory, budget = self._store_args
-            self._store = TieredStore.for_policy(policy, device, budget, directory)
+            self._store = TieredStore.for_policy(policy, device, budget, directory, self._cpu_budget)
         return self._store
 
     def _keep(self, store: TieredStore, layer: int, batch_id, item: torch.Tensor) -> None:
