@@ -100,3 +100,27 @@ def test_the_time_guard_reports_what_it_has(tmp_path):
 def test_full_run_needs_a_gpu():
     run = _script(timeout=60)
     assert run.returncode == 2 and "needs a CUDA GPU" in run.stderr and "--tiny" in run.stderr
+
+
+def test_the_gpu_session_script_runs_the_flow_and_names_real_tests(tmp_path):
+    """benchmarks/gpu_session.sh (the one device command): valid bash, every test it names exists, and with
+    TINY=1 on the CPU (its tests step off: RUN_TESTS=0) it installs, runs gpu_70b.py and leaves the report
+    and the logs in $OUT, at most 8 files (what the device tool brings back)."""
+    import re
+
+    script = ROOT / "benchmarks" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    for path, name in re.findall(r"(tests/test_\w+\.py)(?:::(\w+))?", text):
+        assert (ROOT / path).exists(), path
+        if name:
+            assert f"def {name}(" in (ROOT / path).read_text(), name
+    out = tmp_path / "out"
+    env = {**os.environ, "TINY": "1", "PYTHON": sys.executable, "OUT": str(out), "TOTAL": "110", "TESTS": "0", "RUN_TESTS": "0",
+           "SCRATCH": str(tmp_path / "scratch"), "TRITON_INTERPRET": "1"}
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=200, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "gpu_70b.py exit 0" in done.stdout, done.stdout[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert {"scale_gpu.md", "scale_gpu.json", "gpu_70b.log", "install.log"} <= set(files) and len(files) <= 8, files
+    assert json.loads((out / "scale_gpu.json").read_text())["status"] == "completed"

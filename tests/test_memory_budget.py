@@ -391,6 +391,33 @@ def test_gpu_plan_shares_one_pinned_pool_between_activations_and_cka_items():
         assert f"pinned host memory up to {fmt_bytes(plan.cka_cpu_budget)}" in str(plan), str(plan)
 
 
+def test_gpu_plan_spills_compensations_matrices_past_the_host_pool(tmp_path):
+    """On a GPU with an offload folder, compensation's d x d float64 matrices (host memory, which the device
+    budget does not bound) take what the kept inputs leave of the host pool, the rest on disk; without an
+    offload folder they stay in memory, unbounded, as before."""
+    from pipeline_models import tiny_model
+
+    from sglp_fast.calibration.memory import Budget, plan_memory
+    from sglp_fast.calibration.weights import BlockWeights
+    from sglp_fast.models import get_adapter
+
+    adapter, cuda = get_adapter(tiny_model("llama", 4)), torch.device("cuda")
+    batches = [{"input_ids": torch.randint(0, 50, (1, 64))} for _ in range(8)]
+    weights = BlockWeights(adapter, cuda, None, prefetch=False)
+    pool, d = 512 << 10, adapter.config.hidden_size
+    budget = Budget(400 << 10, host_matrices=38)  # 38 d x d matrices: 38 x 32 x 32 x 8 B = 304 KiB
+    plan, _, _ = plan_memory(adapter, weights, batches, False, torch.float32, cuda, budget, pool, str(tmp_path),
+                             kept_batches=8)
+    assert plan.selection_spills and plan.tiers["disk"] == 0 and plan.tiers["cpu"] > 0
+    # the kept inputs' host share (the activation tier less the two working slots) and the room fill the pool
+    kept_on_host = plan.tiers["cpu"] - min(plan.tiers["cpu"], 2 * plan.activation_slot_bytes)
+    assert 0 < plan.selection_room_bytes <= pool - kept_on_host
+    assert plan.selection_room_bytes < 38 * d * d * 8, "the matrices must not all fit: the test would not spill"
+    plain, _, _ = plan_memory(adapter, weights, batches, False, torch.float32, cuda, budget, pool, None,
+                              kept_batches=8)
+    assert plain.selection_room_bytes is None and not plain.selection_spills
+
+
 def test_the_cka_items_store_takes_the_plans_cpu_share(monkeypatch):
     from sglp_fast.calibration import store as S
     from sglp_fast.similarity import CKAAccumulator

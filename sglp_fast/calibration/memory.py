@@ -374,7 +374,8 @@ def plan_memory(adapter, weights: BlockWeights, batches, gradients, act_dtype, d
     cka = _cka_tiers(budget.cka_item_bytes, cka_budget, device, cka_cpu_budget)
     kept = (adapter.num_blocks + 1) * shape.kept_tokens * shape.hidden * shape.itemsize
     _place_caches(phases, tiers, cka, kept, spill)
-    matrices_room = _matrices_room(phases, w.host, on_cpu, limit)
+    matrices_room = _matrices_room(phases, w.host, on_cpu, limit,
+                                   host_pool=budgets["cpu"] if spill_matrices and not on_cpu else None)
     if spill_matrices:  # in memory up to the room, which the peak counts; the rest on disk
         for ph in phases:
             if ph.spillable:
@@ -393,10 +394,16 @@ def plan_memory(adapter, weights: BlockWeights, batches, gradients, act_dtype, d
     return plan, budgets, checked_dir
 
 
-def _matrices_room(phases: list[_Phase], host_weights: int, on_cpu: bool, limit: int | None) -> int | None:
+def _matrices_room(phases: list[_Phase], host_weights: int, on_cpu: bool, limit: int | None,
+                   host_pool: int | None = None) -> int | None:
     """What the budget leaves compensation's matrices in memory (None: no limit): the limit less everything
     else the selection or the solve phase holds, whichever holds more. On a GPU the matrices are host
-    memory, which max_memory does not bound."""
+    memory, which max_memory does not bound: with an offload folder (``host_pool``) they take what the kept
+    inputs leave of the host pool the caches share (max_cpu_memory, default half the free RAM), the rest on
+    disk (at 70B a run's statistics and maps are 7.5 GiB; several candidates' runs outgrow the host)."""
+    if host_pool is not None and not on_cpu:
+        rooms = [host_pool - ph.caches[1] for ph in phases if ph.name in ("selection", "solve")]
+        return max(0, min(rooms)) if rooms else None
     if limit is None or not on_cpu:
         return None
     rooms = [limit - (sum(ph.fixed(host_weights)) - ph.matrices) - sum(ph.caches)
