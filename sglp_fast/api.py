@@ -357,8 +357,8 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     matrices = MatrixStore(plan.selection_room_bytes, offload_dir if plan.selection_spills else None,
                            what="max_memory (--max-memory)")
     verifier = SkipVerifier(result.kept_inputs, search.verify_windows, window_offset=start, folds=search.folds,
-                            policy=search.map_policy, extra_statistics=extra,
-                            matrices=matrices) if result.kept_inputs else None
+                            policy=search.map_policy, extra_statistics=extra, matrices=matrices,
+                            plans_per_pass=plan.search_plans_at_once) if result.kept_inputs else None
     if verifier is None and verified and dist.is_distributed():  # this rank keeps none of the search's windows
         verifier = SkipVerifier.without_inputs(adapter, result.loss_kind, end - start, search.verify_windows,
                                                start, folds=search.folds)
@@ -406,15 +406,18 @@ def _memory_budget(max_memory: Any, adapter: Any, batches: list[dict], search: S
     big = max(items, default=0)
     cka_held = (L - 1) * sum(items) + big
     cka_work = min((L + 1) * big, 1 << 30) + 2 * 4 * d * max(tokens, default=0)  # panel, item, token copies
-    matrices = bound = 0
+    matrices = bound = plans = 0
+    if search is not None:
+        candidates = len(CANDIDATES) - (0 if search.greedy else 1)  # the greedy's plan is one when it runs
+        # one search pass checks every candidate, plain and (compensating) with its maps, together
+        plans = candidates * (2 if search.compensate else 1)
     if search is not None and search.compensate:
         folds = effective_folds(search.folds, search.verify_windows)
         per_run = 3 * (folds + 1)
         runs = min(n_remove or 1, (L + 1) // 2)
-        candidates = len(CANDIDATES) - (0 if search.greedy else 1)  # the greedy's plan is one when it runs
         matrices, bound = runs * per_run + 2 * folds, candidates * runs * per_run + 2 * folds
     return Budget(max_memory, "max_memory", cka_item_bytes=cka_held, cka_work_bytes=cka_work,
-                  host_matrices=matrices, host_matrices_bound=bound)
+                  host_matrices=matrices, host_matrices_bound=bound, search_plans=plans)
 
 
 def _split_fit_windows(data: CalibrationData, fit_windows: int) -> tuple[CalibrationData, CalibrationData | None]:

@@ -418,6 +418,50 @@ def test_gpu_plan_spills_compensations_matrices_past_the_host_pool(tmp_path):
     assert plain.selection_room_bytes is None and not plain.selection_spills
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_search_holds_as_many_plans_hidden_states_as_the_budget_allows(device, tmp_path):
+    """A search pass holds each plan's hidden state of every kept window (and a block's output): the least
+    counts one plan; under a limit the plan says how many go together (the verifier makes more passes past
+    that), and the selection phase's peak counts them; without a limit, the typical pass (search_plans)."""
+    from pipeline_models import tiny_model
+
+    from sglp_fast.calibration.memory import Budget, plan_memory
+    from sglp_fast.calibration.weights import BlockWeights
+    from sglp_fast.models import get_adapter
+
+    adapter, dev = get_adapter(tiny_model("llama", 4)), torch.device(device)
+    batches = [{"input_ids": torch.randint(0, 50, (1, 256))} for _ in range(32)]
+    weights = BlockWeights(adapter, dev, None, prefetch=False)
+    per_plan = 2 * 32 * 256 * adapter.config.hidden_size * 4  # more than the head's call: the least is the search's
+
+    def plan(limit, plans=8):
+        return plan_memory(adapter, weights, batches, False, torch.float32, dev,
+                           Budget(limit, search_plans=plans), 1 << 30, str(tmp_path), kept_batches=32)[0]
+
+    # the least holds one plan's states (the search's phase is the largest here), whatever a pass checks
+    leasts = {}
+    for plans in (0, 1, 8):
+        with pytest.raises(BudgetTooSmall) as err:
+            plan(1024, plans)
+        leasts[plans] = err.value.least
+    assert leasts[1] == leasts[8] and leasts[8] - per_plan < leasts[0] < leasts[8]
+    one = err
+    if device == "cpu":  # (no limit on a GPU: its free memory, which needs one)
+        free = plan(None)
+        assert free.search_state_bytes == per_plan and free.search_plans_at_once is None
+    at_least = plan(one.value.least)
+    assert at_least.search_plans_at_once == 1
+    # room for every kept input and two more plans: the kept inputs first (they are the search's input),
+    # then at least two more plans' states (the two working slots calibration needed are free by then too)
+    cache = sum(at_least.tiers.values())
+    limit = one.value.least + cache + 2 * per_plan
+    more = plan(limit)
+    assert more.tiers["disk"] == 0 and 3 <= more.search_plans_at_once < 8, more
+    assert f"up to {more.search_plans_at_once} a pass" in str(more)
+    assert more.peak_device_bytes <= limit
+    assert plan(one.value.least + 100 * per_plan).search_plans_at_once == 8  # never more than a pass checks
+
+
 def test_the_cka_items_store_takes_the_plans_cpu_share(monkeypatch):
     from sglp_fast.calibration import store as S
     from sglp_fast.similarity import CKAAccumulator

@@ -792,6 +792,26 @@ def test_fit_only_windows_feed_the_statistics_and_nothing_else(tiny_dir):
             assert int(b.tokens.sum()) == int(c.tokens.sum()) > int(a.tokens.sum())
 
 
+def test_plans_checked_a_few_at_a_time_give_the_same_losses(setup):
+    """plans_per_pass (the memory plan's cap on the plans whose hidden states a pass holds at once): the same
+    losses, bit for bit, plain and compensated, in more passes (each reading the blocks again)."""
+    model, batches, ver = setup
+    plans = [(1, 2), (2,), (1, 2, 4), (3, 4), (4,)]
+    res = calibrate(model, batches, gradients=False, progress=False, keep_inputs=7)
+    with SkipVerifier(res.kept_inputs, 3, plans_per_pass=2) as capped:
+        assert capped.plans_per_pass == 2
+        for compensated in (False, True):
+            assert capped.batch_losses(plans, compensated=compensated) == ver.batch_losses(plans, compensated=compensated)
+        reads = []
+        real = capped._kept.block
+        capped._kept.block = lambda layer, nxt=None: reads.append(layer) or real(layer, nxt)
+        capped.losses([(0,), (1,), (3,)])  # 3 new plans, 2 a pass: two passes, block 5 read in each
+        assert reads.count(5) == 2, reads
+    with pytest.raises(ValueError, match="plans_per_pass"):
+        SkipVerifier(calibrate(model, batches, gradients=False, progress=False, keep_inputs=3).kept_inputs, 3,
+                     plans_per_pass=0)
+
+
 def test_no_more_folds_than_check_windows(setup):
     """An empty fold fits and judges nothing but would hold d x d statistics and maps: a check of 1 window
     has 1 fold, whatever folds asks for."""

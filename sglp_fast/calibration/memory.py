@@ -8,7 +8,9 @@ What the peak counts: the bytes of the tensors the run holds at once, in whichev
                device/CPU tiers, the CKA items (``Budget.cka_item_bytes``), one block call's working set;
   selection    the same weights, the kept block inputs, one call's working set (with compensation: a
                batch's XᵀX and XᵀY, or a map folded into the block's MLP output weight and that weight's
-               folded copy), and the d x d float64 matrices compensation holds (``Budget.host_matrices``);
+               folded copy), the search's hidden states (each plan a pass checks holds one per kept window:
+               one plan's in the least, as many plans as fit go together, ``Budget.search_plans`` at most),
+               and the d x d float64 matrices compensation holds (``Budget.host_matrices``);
   fold at load (a lazy pruned model with compensation maps, e.g. the streamed perplexity) one block, the
                map folded into its MLP output weight as it is read: the folded copy, the fold's float64
                slices (``FOLD_SLICE_BYTES``) and, on a GPU, the map itself;
@@ -69,6 +71,7 @@ class Budget(Limit):
     cka_work_bytes: int = 0  # the CKA accumulator's transient when a batch completes (its panel, copies)
     host_matrices: int = 0  # d x d float64 matrices the selection holds at once on the host (compensation)
     host_matrices_bound: int = 0  # ... at most: every candidate plan of the search removing other runs
+    search_plans: int = 0  # plans the verified search checks in one pass over the blocks (0: no search)
 
 
 @dataclass
@@ -94,6 +97,8 @@ class MemoryPlan:
     selection_bound_bytes: int = 0  # ... when every candidate plan removes other runs (the bound)
     selection_room_bytes: int | None = None  # what the budget leaves them in memory (None: no limit)
     selection_spills: bool = False  # past the room they go to offload_dir (else the search stops there)
+    search_state_bytes: int = 0  # the hidden states one plan holds during a search pass (0: no search)
+    search_plans_at_once: int | None = None  # plans a search pass may check together (None: no limit)
     peak_device_bytes: int = 0  # on the CPU: the same as peak_host_bytes
     peak_host_bytes: int = 0
     minimum_bytes: int = 0  # the least the budget must hold: everything but the caches that can spill
@@ -125,6 +130,11 @@ class MemoryPlan:
             where = (f"in memory up to {room}" if self.on_cpu or self.cka_cpu_budget is None else
                      f"on the device up to {room}, then pinned host memory up to {fmt_bytes(self.cka_cpu_budget)}")
             lines.append(f"  CKA items    : {fmt_bytes(self.cka_item_bytes)} ({where}, the rest on disk)")
+        if self.search_state_bytes:
+            at_once = ("as many as a pass checks" if self.search_plans_at_once is None else
+                       f"up to {self.search_plans_at_once} a pass, more passes past that")
+            lines.append(f"  search       : {fmt_bytes(self.search_state_bytes)} of hidden states per plan checked "
+                         f"({at_once})")
         if self.selection_bytes:
             bound = (f", up to {fmt_bytes(self.selection_bound_bytes)} if the candidate plans remove different "
                      "runs") if self.selection_bound_bytes > self.selection_bytes else ""
@@ -374,6 +384,7 @@ def plan_memory(adapter, weights: BlockWeights, batches, gradients, act_dtype, d
     cka = _cka_tiers(budget.cka_item_bytes, cka_budget, device, cka_cpu_budget)
     kept = (adapter.num_blocks + 1) * shape.kept_tokens * shape.hidden * shape.itemsize
     _place_caches(phases, tiers, cka, kept, spill)
+    per_plan, at_once = _search_states(phases, shape, budget, w, on_cpu, limit, kept_batches)
     matrices_room = _matrices_room(phases, w.host, on_cpu, limit,
                                    host_pool=budgets["cpu"] if spill_matrices and not on_cpu else None)
     if spill_matrices:  # in memory up to the room, which the peak counts; the rest on disk
@@ -389,9 +400,36 @@ def plan_memory(adapter, weights: BlockWeights, batches, gradients, act_dtype, d
         cka_budget=cka_budget, cka_cpu_budget=cka_cpu_budget, cka_tiers=cka, selection_bytes=budget.host_matrices * shape.hidden ** 2 * FLOAT64,
         selection_bound_bytes=budget.host_matrices_bound * shape.hidden ** 2 * FLOAT64,
         selection_room_bytes=matrices_room if budget.host_matrices else None, selection_spills=spill_matrices,
+        search_state_bytes=per_plan, search_plans_at_once=at_once,
         peak_device_bytes=peak_dev, peak_host_bytes=peak_host, minimum_bytes=least, limit_bytes=limit,
     )
     return plan, budgets, checked_dir
+
+
+def _search_states(phases: list[_Phase], shape: _Shape, budget: Budget, w: _Weights, on_cpu: bool,
+                   limit: int | None, kept_batches: int) -> tuple[int, int | None]:
+    """(bytes of hidden states one plan holds during a search pass, plans a pass may check together).
+
+    Why: a pass of the verified search runs every plan it checks through each block at once (each block read
+    once), holding each plan's hidden state of every kept window and, while a block runs, its output: 2 x
+    kept tokens x hidden per plan (8 GiB at 70B with 128 x 2048 kept tokens, bf16). The least counts one
+    plan (``_phases``); under a limit the plans that fit beside everything else the selection phase holds go
+    together and the search makes more passes past that; without one, ``Budget.search_plans`` (what a pass
+    typically checks) is the prediction. Adds what it allows to the selection phase."""
+    if not (budget.search_plans and kept_batches):
+        return 0, None
+    sel = next(ph for ph in phases if ph.name == "selection")
+    per_plan = 2 * shape.kept_tokens * shape.hidden * shape.itemsize
+    extra = budget.search_plans - 1
+    at_once = None
+    if limit is not None:
+        # before compensation's spillable matrices: those go to disk past what is left (their room is made after)
+        held = _cost(sel.fixed(w.host), on_cpu) + (sum(sel.caches) if on_cpu else sel.caches[0])
+        fit = max(0, limit - held) // per_plan if per_plan else extra
+        extra = min(extra, fit)
+        at_once = 1 + extra
+    sel.work += extra * per_plan
+    return per_plan, at_once
 
 
 def _matrices_room(phases: list[_Phase], host_weights: int, on_cpu: bool, limit: int | None,
@@ -461,6 +499,9 @@ def _phases(adapter, shape: _Shape, w: _Weights, gradients: bool, budget: Budget
             check = max(check + 2 * d2, _fold_bytes(adapter.config, shape))
             check += _mlp_output_elems(adapter.config) * shape.itemsize
             solve = 0 if on_cpu else d2
+        # the search's pass holds one plan's hidden states at least (``_search_states`` adds the others)
+        if budget.search_plans:
+            check += 2 * shape.kept_tokens * shape.hidden * shape.itemsize
         out.append(_Phase("selection", w.device_block, check, solve=solve, args=shape.call_args(shape.kept_tokens),
                           **matrices))
         if host_matrices:  # the maps' solves, between the passes: no block, the solve's temporaries

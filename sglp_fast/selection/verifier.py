@@ -52,10 +52,11 @@ class SkipVerifier:
 
     def __init__(self, kept: KeptInputs, verify_windows: int, window_offset: int = 0, folds: int = DEFAULT_FOLDS,
                  policy: str | R.MapPolicy = R.CV, extra_statistics: Callable | None = None,
-                 matrices: MatrixStore | None = None) -> None:
+                 matrices: MatrixStore | None = None, plans_per_pass: int | None = None) -> None:
         check_int("verify_windows", verify_windows, 1)
         check_int("window_offset", window_offset, 0)
         check_int("folds", folds, 1, expected="a positive int (cross-fitting folds of the check windows)")
+        check_int("plans_per_pass", plans_per_pass, 1, expected="a positive int or None", optional=True)
         self._kept = kept
         self._window_offset = window_offset
         self.adapter = kept.adapter
@@ -68,6 +69,12 @@ class SkipVerifier:
         self._extra_statistics = extra_statistics
         # the d x d float64 statistics, decompositions and maps: in memory up to the plan's room, then on disk
         self.matrices = matrices if matrices is not None else MatrixStore()
+        # plans one pass over the blocks checks together (None: every plan of a call): each holds its hidden
+        # state of every check window, so the memory plan caps them (``memory._search_states``); more plans
+        # than that take more passes, each reading the blocks again (same losses)
+        # data-parallel: every rank makes the same passes (each gathers the losses): the smallest rank's cap
+        caps = [c for c in dist.gather_lists([plans_per_pass or 0], tag="check_losses") if c > 0]
+        self.plans_per_pass = int(min(caps)) if caps else None
         # the maps' solves run on the compute device (float64: a GPU's eigendecomposition at d = 8192 takes
         # seconds where two CPU cores take minutes); the memory plan counts them there (``_Phase.solve``)
         self._solve_device = getattr(kept, "device", None)
@@ -295,10 +302,12 @@ class SkipVerifier:
                 if comp else frozenset()
             keys.append((removed, kept, bool(kept) and final, policy.name if kept else ""))
         todo = list(dict.fromkeys(k for k in keys if k not in self._memo))
-        if todo:
-            fixes = [self._fixes(removed, kept, final, policy) for removed, kept, final, _ in todo]
+        step = self.plans_per_pass or max(len(todo), 1)
+        for i in range(0, len(todo), step):
+            part = todo[i:i + step]
+            fixes = [self._fixes(removed, kept, final, policy) for removed, kept, final, _ in part]
             with self._eval_mode():
-                for key, result in zip(todo, self._run([k[0] for k in todo], fixes)):
+                for key, result in zip(part, self._run([k[0] for k in part], fixes)):
                     self._memo[key] = result
         return [self._memo[k] for k in keys]
 
