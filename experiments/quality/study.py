@@ -241,7 +241,8 @@ def reduced_rank(D: torch.Tensor, gram: torch.Tensor, ranks) -> dict[int, torch.
 
 def cmd_lowrank(args, model, tok, data, out):
     """The default's plan per budget with its maps replaced by rank-r truncations of the same ridge fits,
-    at the default's halving (scale 0.5) and without it (scale 1): the low-rank alternative of issue 15."""
+    at the default's halving (scale 0.5) and without it (scale 1): the low-rank alternative of issue 15.
+    ``--scales``/``--ranks`` (none: full rank only) vary the halving and the ranks."""
     held = HeldOut(model, eval_texts(tok, args.texts, args.eval_seqs, args.seq_len))
     with analysis(args, model, tok, data, remove=max(args.remove)) as a:
         ver = a.verifier
@@ -257,7 +258,7 @@ def cmd_lowrank(args, model, tok, data, out):
                 D.diagonal().sub_(1.0)
                 fits[b] = (D, reduced_rank(D, stats[b].gram.sum(0), args.ranks), choices[b].shrink)
             row = {"plain": held(p.removed)}
-            for scale in (R.CV.scale, 1.0):
+            for scale in args.scales:
                 for r in [None, *args.ranks]:
                     maps = {}
                     for b, (D, low, shrink) in fits.items():
@@ -317,7 +318,9 @@ def main(argv=None) -> int:
     p.add_argument("--texts", default="A,B", help="held-out texts, comma list of A and B")
     p.add_argument("--remove", type=int, nargs="+", default=[4, 6, 8])
     p.add_argument("--k", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], help="ksweep: the k values")
-    p.add_argument("--ranks", type=int, nargs="+", default=[8, 32, 128], help="lowrank: the ranks")
+    p.add_argument("--ranks", type=int, nargs="*", default=[8, 32, 128], help="lowrank: the ranks")
+    p.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0],
+                   help="lowrank: the halvings of the maps tried (the default's scale is 0.5)")
     p.add_argument("--verify-windows", type=int, default=None, help="check windows (package default 4)")
     p.add_argument("--no-compensate", action="store_true", help="the search without compensated candidates")
     p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=None,
