@@ -36,12 +36,6 @@ POLICIES = ("auto", "device", "cpu", "disk")
 _BITS_VIEW = {torch.bfloat16: torch.int16}
 
 
-def pinned_bytes(nbytes: int) -> int:
-    """What torch's pinned-memory allocator takes for ``nbytes``: the next power of two (it rounds every
-    block up so that freed blocks can be reused), which the CPU tier's budget counts when it pins."""
-    return 1 << max(0, int(nbytes) - 1).bit_length() if nbytes > 0 else 0
-
-
 def release_pinned_host_memory() -> None:
     """Give torch's cached pinned host blocks back to the system. Why: torch's pinned-memory allocator keeps
     every freed block (rounded up to a power of two) for reuse and never returns it, so the CKA items' pinned
@@ -210,8 +204,7 @@ class TieredStore:
             self._add(slot, batch, _Entry("cpu", tensor=t.to("cpu"), shape=tuple(t.shape), dtype=t.dtype))
             return
         for tier in ("device", "cpu"):
-            held = pinned_bytes(nbytes) if (tier == "cpu" and self._pin) else nbytes
-            if not self._fits(tier, held):
+            if not self._fits(tier, nbytes):
                 continue
             if tier == "device":
                 stored = t.to(self.device) if (owned or t.device != self.device) \
@@ -222,7 +215,7 @@ class TieredStore:
                 stored = torch.empty(t.shape, dtype=t.dtype, pin_memory=self._pin)
                 stored.copy_(t)
             self._add(slot, batch, _Entry(tier, tensor=stored, shape=tuple(t.shape), dtype=t.dtype,
-                                          nbytes=held))
+                                          nbytes=nbytes))
             return
         if not self.disk:
             raise StoreFullError(
