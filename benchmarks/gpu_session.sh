@@ -37,7 +37,7 @@ left=$(( TOTAL - $(elapsed) - TESTS ))
 echo "== 2. gpu_70b.py, ${left} s"
 tiny=()
 [ "${TINY:-0}" = 1 ] && tiny=(--tiny)
-"$PY" benchmarks/gpu_70b.py "${tiny[@]}" --scratch "${SCRATCH:-/tmp/sglp-gpu70b}" --time-limit "$left" \
+"$PY" benchmarks/gpu_70b.py ${tiny[@]+"${tiny[@]}"} --scratch "${SCRATCH:-/tmp/sglp-gpu70b}" --time-limit "$left" \
     --out "$OUT/scale_gpu.md" --json "$OUT/scale_gpu.json" >"$OUT/gpu_70b.log" 2>&1
 echo "gpu_70b.py exit $?"
 tail -40 "$OUT/gpu_70b.log"

@@ -417,7 +417,8 @@ def _memory_budget(max_memory: Any, adapter: Any, batches: list[dict], search: S
         runs = min(n_remove or 1, (L + 1) // 2)
         matrices, bound = runs * per_run + 2 * folds, candidates * runs * per_run + 2 * folds
     return Budget(max_memory, "max_memory", cka_item_bytes=cka_held, cka_work_bytes=cka_work,
-                  host_matrices=matrices, host_matrices_bound=bound, search_plans=plans)
+                  host_matrices=matrices, host_matrices_bound=bound, search_plans=plans,
+                  search_windows=search.verify_windows if search is not None else 0)
 
 
 def _split_fit_windows(data: CalibrationData, fit_windows: int) -> tuple[CalibrationData, CalibrationData | None]:

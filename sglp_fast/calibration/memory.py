@@ -30,6 +30,7 @@ On the CPU the device is the host: one budget, one peak.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +73,7 @@ class Budget(Limit):
     host_matrices: int = 0  # d x d float64 matrices the selection holds at once on the host (compensation)
     host_matrices_bound: int = 0  # ... at most: every candidate plan of the search removing other runs
     search_plans: int = 0  # plans the verified search checks in one pass over the blocks (0: no search)
+    search_windows: int = 0  # windows those plans are checked on (0: every kept window)
 
 
 @dataclass
@@ -343,8 +345,11 @@ def plan_memory(adapter, weights: BlockWeights, batches, gradients, act_dtype, d
     w = _weights_bytes(weights, adapter, on_cpu, prefetch, gradients)
     # with an offload folder and a budget, compensation's matrices spill like a cache (selection/matrix_store.py)
     spill_matrices = bool(budget.host_matrices) and offload_dir is not None and limit is not None
+    maps = lazy_weights.changes_at_load(adapter.model) if w.mode == "lazy" else 0
+    if maps:  # the maps a lazy compensated model folds at each read stay on the host, d x d float64 each
+        w = dataclasses.replace(w, host=w.host + maps * shape.hidden * shape.hidden * FLOAT64)
     phases = _phases(adapter, shape, w, gradients, budget, kept_batches > 0, spill_matrices, on_cpu,
-                     folds_at_load=w.mode == "lazy" and lazy_weights.changes_at_load(adapter.model) > 0)
+                     folds_at_load=maps > 0)
     worst = max(phases, key=lambda ph: _cost(ph.fixed(w.host), on_cpu))
     least = _cost(worst.fixed(w.host), on_cpu)
 
@@ -419,17 +424,26 @@ def _search_states(phases: list[_Phase], shape: _Shape, budget: Budget, w: _Weig
     if not (budget.search_plans and kept_batches):
         return 0, None
     sel = next(ph for ph in phases if ph.name == "selection")
-    per_plan = 2 * shape.kept_tokens * shape.hidden * shape.itemsize
+    per_plan = _search_state_bytes(shape, budget)
     extra = budget.search_plans - 1
     at_once = None
     if limit is not None:
         # before compensation's spillable matrices: those go to disk past what is left (their room is made after)
         held = _cost(sel.fixed(w.host), on_cpu) + (sum(sel.caches) if on_cpu else sel.caches[0])
         fit = max(0, limit - held) // per_plan if per_plan else extra
+        at_once = 1 + fit  # a larger call (the greedy's shortlist, the map trials) may use all the room
         extra = min(extra, fit)
-        at_once = 1 + extra
     sel.work += extra * per_plan
     return per_plan, at_once
+
+
+def _search_state_bytes(shape: _Shape, budget: Budget) -> int:
+    """One checked plan's hidden states and a block's output: 2 x the check windows' tokens x hidden (the
+    check runs on the leading kept batches holding them: up to a batch more)."""
+    tokens = shape.kept_tokens
+    if budget.search_windows:
+        tokens = min(tokens, budget.search_windows * shape.seq_len + shape.batch_tokens - shape.seq_len)
+    return 2 * tokens * shape.hidden * shape.itemsize
 
 
 def _matrices_room(phases: list[_Phase], host_weights: int, on_cpu: bool, limit: int | None,
@@ -501,7 +515,7 @@ def _phases(adapter, shape: _Shape, w: _Weights, gradients: bool, budget: Budget
             solve = 0 if on_cpu else d2
         # the search's pass holds one plan's hidden states at least (``_search_states`` adds the others)
         if budget.search_plans:
-            check += 2 * shape.kept_tokens * shape.hidden * shape.itemsize
+            check += _search_state_bytes(shape, budget)
         out.append(_Phase("selection", w.device_block, check, solve=solve, args=shape.call_args(shape.kept_tokens),
                           **matrices))
         if host_matrices:  # the maps' solves, between the passes: no block, the solve's temporaries
