@@ -497,8 +497,7 @@ def _phases(adapter, shape: _Shape, w: _Weights, gradients: bool, budget: Budget
         out.append(_Phase("backward", w.device_block, work, args=args))
     if folds_at_load:
         d2 = shape.hidden * shape.hidden * FLOAT64
-        fold = (_mlp_output_elems(adapter.config) * shape.itemsize + _fold_bytes(adapter.config, shape)
-                + (0 if on_cpu else d2))
+        fold = _folded_copy_bytes(adapter.config, shape) + _fold_bytes(adapter.config, shape) + (0 if on_cpu else d2)
         out.append(_Phase("fold at load", w.block, fold, args=args))
     if kept or host_matrices:
         check = block_call_bytes(adapter, 1, shape.seq_len, shape.itemsize) * shape.batch_tokens // shape.seq_len
@@ -510,8 +509,7 @@ def _phases(adapter, shape: _Shape, w: _Weights, gradients: bool, budget: Budget
             # the check pass and the statistics pass: a block call and one batch's XᵀX and XᵀY, or a map
             # being folded into the block's MLP output weight; while a block runs with a map its folded weight
             # is held beside the original (and, on a GPU, the map on the device)
-            check = max(check + 2 * d2, _fold_bytes(adapter.config, shape))
-            check += _mlp_output_elems(adapter.config) * shape.itemsize
+            check = max(check + 2 * d2, _fold_bytes(adapter.config, shape)) + _folded_copy_bytes(adapter.config, shape)
             solve = 0 if on_cpu else d2
         # the search's pass holds one plan's hidden states at least (``_search_states`` adds the others)
         if budget.search_plans:
@@ -528,6 +526,11 @@ def _mlp_output_elems(config) -> int:
     """Elements of one block's MLP output projection (hidden x intermediate)."""
     d = hidden_size(config)
     return d * _config_int(config, "intermediate_size", "ffn_dim", "n_inner", default=4 * d)
+
+
+def _folded_copy_bytes(config, shape: _Shape) -> int:
+    """The MLP output weight's folded copy, held beside the original while a map is folded in."""
+    return _mlp_output_elems(config) * shape.itemsize
 
 
 def _fold_bytes(config, shape: _Shape) -> int:

@@ -136,6 +136,7 @@ class TieredStore:
         self._entries: dict[tuple, _Entry] = {}
         self._files = 0
         self._pin = self.device.type == "cuda"
+        self._pinned_given_back = False
 
     @classmethod
     def for_policy(cls, policy: str, device: torch.device | str, budget_bytes: int | None = None,
@@ -310,8 +311,8 @@ class TieredStore:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
-        if self.device.type == "cuda" and self.peak["cpu"] > 0:
-            self.peak["cpu"] = 0
+        if self._pin and self.peak["cpu"] > 0 and not self._pinned_given_back:
+            self._pinned_given_back = True  # (the peak stays the record it is)
             release_pinned_host_memory()
 
     def __enter__(self) -> "TieredStore":
