@@ -13,7 +13,9 @@ text): ``readme`` (software documentation) is the SELECTION domain, the one any 
 ``austen`` (narrative fiction), ``licences`` (legal text) and ``jargon`` (glossary entries) are report-only.
 Per subset, two analyses run: the paper's pipeline (scorer gradnorm: forward + backward) and the default
 (scorer verified: forward + the verified search with compensation, no backward); their wall times are the
-cost comparison. ReplaceMe's map is fitted on the default analysis' kept windows (the same 16). Every number
+cost comparison. A third analysis per subset, the default without its self-sampled fit windows, is an
+ablation. ReplaceMe's map is fitted on the 16 calibration windows (as published); "ReplaceMe + the default's
+self-sampled fit windows" also on the 16 windows the default samples (a stronger peer). Every number
 in the verdicts is computed from the tables, so the text cannot drift from them.
 """
 from __future__ import annotations
@@ -43,16 +45,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from domains import DOMAINS, load_domain  # noqa: E402
 
-PEERS = ("shortgpt", "angular", "replaceme", "last", "random")
+PEERS = ("shortgpt", "angular", "replaceme", "replaceme-self", "last", "random")
 SELECTION_DOMAIN = "readme"
 LABEL = {
     "default": "**sglp-fast default** (verified + compensation)",
     "default-fixed": "default's blocks, wave-1 fixed-ridge maps (ablation)",
     "default-plain": "default's blocks, no maps (ablation)",
+    "default-noself": "default without the self-sampled fit windows (ablation; the round-5 default)",
     "paper": "SGLP paper (GradNorm per segment)",
     "shortgpt": "ShortGPT block influence",
     "angular": "Gromov et al. angular run",
     "replaceme": "ReplaceMe (angular run + LS map, alpha 0)",
+    "replaceme-self": "ReplaceMe + the default's self-sampled fit windows",
     "last": "last n blocks",
     "random": "random (mean of seeds 0, 1, 2)",
 }
@@ -133,10 +137,12 @@ def main() -> int:
         t0 = time.perf_counter()
         default = analyze(model, data, tokenizer=tok, remove=top)
         t_default = time.perf_counter() - t0
-        cost[s] = {"paper_s": t_paper, "default_s": t_default,
+        cost[s] = {"paper_s": t_paper, "default_s": t_default, "sample_s": default.timings.get("sample_s", 0.0),
                    "search_block_forwards": default.plan.extra["selection"]["block_forwards"]}
+        print(f"subset {s}: default without self-sampled fit windows (ablation)", file=sys.stderr, flush=True)
+        noself = analyze(model, data, tokenizer=tok, remove=top, self_fit_windows=0)
         plans[("segments", s, 0)] = ", ".join(f"[{a}-{b}]" for a, b in default.plan.segments)
-        with default:
+        with default, noself:
             ver = default.verifier
             for n in args.remove:
                 plan = default.plan if n == top else default.plan_for(remove=n)
@@ -154,10 +160,17 @@ def main() -> int:
                 rows[("default-plain", s, n)] = scorer(plan.removed)
                 fixed = ver.transforms(plan.removed, policy="fixed")
                 rows[("default-fixed", s, n)] = scorer(plan.removed, fixed, tag=("fixed", s, n))
+                other = noself.plan if n == top else noself.plan_for(remove=n)
+                rows[("default-noself", s, n)] = scorer(other.removed, other.transforms, tag=("noself", s, n))
+                plans[("default-noself", s, n)] = (f"{other.removed}{' +maps at ' + str(sorted(other.transforms)) if other.transforms else ''}")
                 run = baselines.angular_contiguous(default.last_token_hidden, n)
-                rows[("replaceme", s, n)] = scorer(run, ver.transforms(run, policy="replaceme"),
+                # ReplaceMe as published fits on the calibration windows; the second peer also gets the windows
+                # the default samples (more, wider data for its map: a stronger peer)
+                rows[("replaceme", s, n)] = scorer(run, noself.verifier.transforms(run, policy="replaceme"),
                                                    tag=("replaceme", s, n))
-                plans[("replaceme", s, n)] = f"{run} +map"
+                rows[("replaceme-self", s, n)] = scorer(run, ver.transforms(run, policy="replaceme"),
+                                                        tag=("replaceme-self", s, n))
+                plans[("replaceme", s, n)] = plans[("replaceme-self", s, n)] = f"{run} +map"
         for n in args.remove:
             gp = paper.plan if n == top else paper.plan_for(remove=n)
             rows[("paper", s, n)] = scorer(gp.removed)
@@ -181,7 +194,7 @@ def main() -> int:
 def write_report(args, rows, plans, cost, picks, checks, dense, texts, S, t_all) -> None:
     """The results file from the subsets done so far (rewritten after every subset)."""
     top = max(args.remove)
-    methods = ["default", "default-fixed", "default-plain", "paper", *PEERS]
+    methods = ["default", "default-noself", "default-fixed", "default-plain", "paper", *PEERS]
     rivals = ("paper", *PEERS)
 
     def table(text: str) -> str:
@@ -222,9 +235,10 @@ def write_report(args, rows, plans, cost, picks, checks, dense, texts, S, t_all)
                             f"{'yes' if g >= 0.10 and w >= 0 else '**no**'} |" for d, n, g, w in summary)
     ratio = [cost[s]["default_s"] / cost[s]["paper_s"] for s in S]
     cost_rows = "\n".join(f"| {s} | {cost[s]['paper_s']:.0f} | {cost[s]['default_s']:.0f} | "
-                          f"{cost[s]['default_s'] / cost[s]['paper_s']:.2f}x | {cost[s]['search_block_forwards']:.0f} |"
+                          f"{cost[s]['default_s'] / cost[s]['paper_s']:.2f}x | {cost[s]['sample_s']:.0f} | "
+                          f"{cost[s]['search_block_forwards']:.0f} |"
                           for s in S)
-    plan_rows = "\n".join(f"| {m} | {s} | {n} | {plans[(m, s, n)]} |" for m in ("default", "paper", "shortgpt",
+    plan_rows = "\n".join(f"| {m} | {s} | {n} | {plans[(m, s, n)]} |" for m in ("default", "default-noself", "paper", "shortgpt",
                           "angular", "replaceme") for s in S for n in args.remove)
     pick_rows = "\n".join(f"| {s} | {n} | {picks[(s, n)]} | {checks[(s, n)]} |" for s in S for n in args.remove)
     sections = "\n\n".join(
@@ -259,12 +273,13 @@ Met at {len(met)} of {len(summary)} (domain, budget) cells.
 ## Cost: wall time of one analysis that plans {top} removals (same machine, same run)
 
 The paper's pipeline is calibration forward + backward (GradNorm) + CKA + segmentation; the default is the
-calibration forward (no backward) + CKA + segmentation + the verified search: plain and compensated losses of
+calibration forward (no backward) + CKA + segmentation + sampling its 16 fit windows from the model + the
+verified search: plain and compensated losses of
 the candidate plans on every calibration window, cross-fitted over 4 folds (each window judged with maps
 fitted without its fold), the compensation statistics gathered in one pass over the blocks before the runs.
 
-| subset | paper (s) | default (s) | default / paper | search work (block-forwards over the calibration set; 1 forward = 30) |
-|---|---|---|---|---|
+| subset | paper (s) | default (s) | default / paper | of which sampling (s) | search work (block-forwards over the calibration set; 1 forward = 30) |
+|---|---|---|---|---|---|
 {cost_rows}
 
 Default / paper: {min(ratio):.2f}x to {max(ratio):.2f}x (target: at most 2x). The budgets {", ".join(str(n) for n in args.remove if n != top)}
@@ -286,14 +301,16 @@ The compensated check loss is never above the plain one (maps that raised it wer
 |---|---|---|---|
 {plan_rows}
 
-Methods: default = `sglp prune` with no options (scorer `verified`, compensation on: see docs/quality.md);
-the two ablations keep the default's blocks and change only the maps (none; the wave-1 rule: ridge 1 x tr/d,
-no shrinkage, weighted rows, on every window); paper = `--scorer gradnorm` (lowest GradNorm per Fisher
+Methods: default = `sglp prune` with no options (scorer `verified`, compensation on, its maps also fitted on 16
+windows of 256 tokens the model samples itself: see docs/quality.md); "without the self-sampled fit windows" =
+`--self-fit-windows 0` (its own search and maps); the two other ablations keep the default's blocks and change
+only the maps (none; the wave-1 rule: ridge 1 x tr/d, no shrinkage, weighted rows, on the same windows as the
+default's maps); paper = `--scorer gradnorm` (lowest GradNorm per Fisher
 segment, budget split proportional to segment sizes); ShortGPT = the n lowest block influences (1 - cos) over
 the whole depth; angular = Gromov et al.'s contiguous run with the smallest last-token angular distance;
 ReplaceMe = the same run + one unweighted least-squares map (no ridge) from the MLP output of the block before
 it to the run's residual update, fitted on the {args.calib_seqs} calibration windows, folded into that block (arXiv
-2505.02819); last = the last n blocks; random = n blocks drawn with seeds 0, 1, 2 (same for every subset),
+2505.02819), and the same map fitted on those and the default's 16 self-sampled windows; last = the last n blocks; random = n blocks drawn with seeds 0, 1, 2 (same for every subset),
 mean perplexity of the three.
 """
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -18,6 +18,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import logging
 import os
 import time
 from typing import Any
@@ -30,8 +31,9 @@ from . import distributed as dist
 from .calibration import CalibrationData, CalibrationResult, calibrate, load_calibration
 from .calibration import lazy_weights
 from .calibration.losses import loss_kind
-from .calibration.memory import Budget, hidden_size, preflight
+from .calibration.memory import Budget, BudgetTooSmall, hidden_size, preflight
 from .calibration.runtime import check_speedups
+from .calibration.self_text import sample_windows, start_token
 from .checks import check_int
 from .evaluate import block_parameter_counts, count_parameters
 from .models import get_adapter, load_model
@@ -51,6 +53,8 @@ from .similarity import CKAAccumulator
 from .similarity.accumulator import choose_space
 
 DEFAULT_SCORER = DEFAULT_SELECTOR
+
+log = logging.getLogger(__name__)
 
 
 def check_scorer(name: str) -> None:
@@ -257,7 +261,7 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
             text_field: str = "text", progress: bool = False, gradients: bool | None = None,
             verify_windows: int | None = None, shortlist: int = DEFAULT_SHORTLIST,
             compensate: bool | None = None, greedy: bool | None = None, folds: int = DEFAULT_FOLDS,
-            fit_windows: int = 0, map_policy: str = "cv",
+            fit_windows: int = 0, self_fit_windows: int | None = None, map_policy: str = "cv",
             checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
             windows_per_call: int | None = None, prefetch: bool | None = None) -> Analysis:
     """CKA matrix, Fisher segments, per-block scores (every scorer) and, with a budget, the removed blocks.
@@ -268,8 +272,10 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     ``scorer``: a selector of ``selection.registry.SELECTORS``: "verified" (default, a search), or a ranking
     ("gradnorm" is the paper's). ``gradients``: run the backward (GradNorm/Taylor scores); None = only when
     the scorer needs it. ``verify_windows``/``shortlist``/``compensate``/``greedy``/``folds``/``fit_windows``/
-    ``map_policy``: the verified search's settings (``selection.settings.SearchSettings`` says what they mean;
-    ``fit_windows`` extra windows are read from the calibration source after the ``calib_seqs`` windows). With scorer "verified" the
+    ``self_fit_windows``/``map_policy``: the verified search's settings (``selection.settings.SearchSettings``
+    says what they mean; ``fit_windows`` extra windows are read from the calibration source after the
+    ``calib_seqs`` windows; ``self_fit_windows`` windows of ``seq_len`` tokens are sampled from the model, seeded
+    by ``seed``; None = 16 when compensating a causal LM not loaded lazily). With scorer "verified" the
     analysis holds cached block inputs: ``close()`` it when done. ``checkpoint_dir``: save the calibration
     pass block by block so that ``resume=True`` continues a killed run to the same result (the checkpoint
     stays until ``analysis.calib_result.checkpoint.remove()``; ``prune`` removes it once the model is saved).
@@ -283,7 +289,8 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     # 1. every argument checked before anything is loaded
     selector = get_selector(scorer)
     search = SearchSettings(verify_windows=verify_windows, shortlist=shortlist, compensate=compensate,
-                            greedy=greedy, folds=folds, fit_windows=fit_windows, map_policy=map_policy)
+                            greedy=greedy, folds=folds, fit_windows=fit_windows, self_fit_windows=self_fit_windows,
+                            map_policy=map_policy)
     if gradients is None:
         gradients = selector.needs_gradients
     elif not gradients and selector.needs_gradients:
@@ -320,7 +327,12 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
         raise ValueError(f"segments: k={segments} exceeds the {L} blocks of the model; use k <= {L} or 'auto'")
     verified = selector.kind == "search"
     search = search.resolved(loss_kind=loss_kind(adapter), calib_windows=calib_seqs, search=verified,
-                             compensation_blocked_by=_why_not_compensable(adapter))
+                             compensation_blocked_by=_why_not_compensable(adapter),
+                             sampling_blocked_by=_why_no_sampling(adapter, loaded, tokenizer))
+    if self_fit_windows is None and search.compensate and not search.self_fit_windows:
+        log.warning("self_fit_windows: no self-sampled fit windows (%s); the compensation maps fit on the "
+                    "calibration text only, which generalizes worse to other text (docs/quality.md round 7); "
+                    "fit_windows (--fit-windows) adds text windows", _why_no_sampling(adapter, loaded, tokenizer))
 
     # 3. calibration text -> one block-by-block pass (CKA matrix, forward statistics, kept block inputs)
     with clock("tokenize_s"):
@@ -328,14 +340,21 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
             calib, tokenizer, n_seqs=calib_seqs + search.fit_windows, seq_len=seq_len, seed=seed,
             text_field=text_field), search.fit_windows)
     search = search.with_calibration_windows(data.n_seqs)
+    sampled_rows: dict[int, int] = {}
+    if search.self_fit_windows:  # their rows now (the budget check needs their shape), their tokens below
+        fit_data, sampled_rows = _with_sampled_rows(fit_data, search.self_fit_windows, seq_len,
+                                                    start_token(loaded, tokenizer), seed)
     last_token = LastTokenObserver() if (collect_last_token or verified) else None  # Gromov's angular run
     keep = (data.n_seqs if search.compensate else search.verify_windows) if verified else 0
     start, end = dist.window_range(data.n_seqs)  # this rank's windows (all of them in one process)
     batches, kept = data.batches()[start:end], max(0, min(end, keep) - start)
     budget = _memory_budget(max_memory, adapter, batches, search if verified else None, n_remove)
-    plan = preflight(adapter, batches, budget, gradients=gradients, device=device, dtype=torch_dtype,
-                     offload_dir=offload_dir, keep_inputs=kept, prefetch=prefetch,
-                     windows_per_call=windows_per_call)  # a budget below the least fails here
+    plan = _preflight(adapter, batches, budget, fit_data if verified and search.compensate else None,
+                      max_memory, gradients=gradients, device=device, dtype=torch_dtype, offload_dir=offload_dir,
+                      keep_inputs=kept, prefetch=prefetch, windows_per_call=windows_per_call)
+    if sampled_rows:
+        with clock("sample_s"):
+            _sample_rows(loaded, fit_data, sampled_rows, seed)
     with CKAAccumulator(num_layers=L, estimator=cka_estimator, device=device, cache_dir=offload_dir,
                         cache_budget_bytes=plan.cka_budget, cache_cpu_budget_bytes=plan.cka_cpu_budget) as acc:
         observers = [_CKAObserver(acc), *([last_token] if last_token else [])]
@@ -372,7 +391,9 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
             scores=scores, plan=None, model_info=_model_info(source, loaded, L), timings=timings,
             calibration_info={**data.provenance(), "loss": float(result.loss), "cka_estimator": cka_estimator,
                               "dtype": str(torch_dtype).replace("torch.", ""),
-                              **({"fit_only_windows": fit_data.n_seqs} if fit_data is not None else {})},
+                              **({"fit_only_windows": search.fit_windows} if search.fit_windows else {}),
+                              **({"self_fit_windows": search.self_fit_windows, "self_fit_seed": seed}
+                                 if search.self_fit_windows else {})},
             last_token_hidden=hidden, verifier=verifier,
             search=search)
         # 5. selection -> plan
@@ -432,6 +453,51 @@ def _split_fit_windows(data: CalibrationData, fit_windows: int) -> tuple[Calibra
             CalibrationData(data.input_ids[-fit_windows:], data.source, data.seed))
 
 
+def _preflight(adapter: Any, batches: list[dict], budget: Budget, fit_data: CalibrationData | None,
+               max_memory: Any, **kwargs: Any):
+    """The calibration pass's memory plan, and the fit-only pass's budget check (it runs under ``max_memory``
+    too, in the search): a budget below either least fails here, before any work, naming the larger least
+    (so that the figure it prints, passed back, is enough for both)."""
+    errors, plan = [], None
+    try:
+        plan = preflight(adapter, batches, budget, **kwargs)
+    except BudgetTooSmall as err:
+        errors.append(err)
+    if fit_data is not None and max_memory is not None:
+        start, end = dist.window_range(fit_data.n_seqs)
+        if end > start:
+            try:
+                preflight(adapter, fit_data.batches()[start:end], max_memory,
+                          **{**kwargs, "gradients": False, "keep_inputs": 0, "windows_per_call": 1})
+            except BudgetTooSmall as err:
+                errors.append(err)
+    if errors:
+        raise max(errors, key=lambda e: e.least)
+    return plan
+
+
+def _with_sampled_rows(fit_data: CalibrationData | None, n: int, seq_len: int, start: int,
+                       seed: int) -> tuple[CalibrationData, dict[int, int]]:
+    """The fit-only windows with ``n`` rows for windows the model samples after the text ones (every row the
+    start token until ``_sample_rows``), and {row: sampled window index} of the rows this rank samples:
+    ``_fit_only_statistics`` reads no other, so a data-parallel rank samples only its share (each window has
+    its own random stream: the windows are the same whatever the number of ranks)."""
+    text = fit_data.input_ids if fit_data is not None else torch.empty(0, seq_len, dtype=torch.long)
+    first = text.shape[0]
+    lo, hi = dist.window_range(first + n)
+    rows = {r: r - first for r in range(max(lo, first), max(hi, first))}
+    source = "self-sampled" if fit_data is None else f"{fit_data.source} + self-sampled"
+    placeholder = torch.full((n, seq_len), start, dtype=torch.long)
+    return CalibrationData(torch.cat([text, placeholder]), source, seed), rows
+
+
+def _sample_rows(model: Any, fit_data: CalibrationData, rows: dict[int, int], seed: int) -> None:
+    """Fill this rank's sampled rows of ``fit_data`` (``_with_sampled_rows``) with the model's samples."""
+    ids = fit_data.input_ids
+    got = sample_windows(model, list(rows.values()), ids.shape[1], start=int(ids[next(iter(rows)), 0]), seed=seed)
+    ids[list(rows)] = got
+
+
 def _fit_only_statistics(adapter: Any, fit_data: CalibrationData, calibrate_kwargs: dict, runs, weighted: bool):
     """The fit-only windows' statistics of ``runs``: one forward-only calibration pass (this rank's share)."""
     start, end = dist.window_range(fit_data.n_seqs)
@@ -471,6 +537,20 @@ def _why_not_compensable(adapter: Any) -> str | None:
     if adapter.mlp_output_path() is None:
         return (f"{getattr(adapter.config, 'model_type', adapter.family)} blocks do not add their MLP output "
                 "straight to the residual stream")
+    return None
+
+
+def _why_no_sampling(adapter: Any, model: Any, tokenizer: Any) -> str | None:
+    """Why the model cannot sample its own fit windows (None: it can)."""
+    if adapter.kind != "causal_lm":
+        return f"{adapter.kind} models (here {getattr(adapter.config, 'model_type', adapter.family)}) do not generate text"
+    if lazy_weights.is_lazy(model):
+        return ("a lazily loaded model would read every block from disk for each sampled token; fit on text "
+                "instead")
+    try:
+        start_token(model, tokenizer)
+    except ValueError:
+        return "it has no BOS or EOS token in its vocabulary to start a sample from"
     return None
 
 

@@ -130,6 +130,11 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fit-windows", type=_nonneg_int, default=0, metavar="N",
                    help="'verified' scorer: N extra calibration windows (read after --calib-seqs) that only feed "
                         "the compensation maps' statistics: forward only, never kept (default 0)")
+    g.add_argument("--self-fit-windows", type=_nonneg_int, default=None, metavar="N",
+                   help="'verified' scorer: N windows of --seq-len tokens the model samples itself (seeded by "
+                        "--seed) that also only feed the compensation maps, so that the maps are fitted on wider "
+                        "text than the calibration text (default: 16 when compensating a causal LM not loaded "
+                        "with --lazy, else 0; docs/quality.md round 7)")
     g.add_argument("--map-policy", default="cv", choices=("cv", "fixed", "replaceme"),
                    help="how each compensation map is regularized: 'cv' (default: ridge strength and shrinkage "
                         "chosen by cross-validation, halved towards the identity), 'fixed' (ridge 1, the wave-1 "
@@ -506,7 +511,7 @@ def _analyze_kwargs(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
               text_field=args.text_field, progress=not args.quiet and (_Output.rank or (0,))[0] == 0,
               verify_windows=args.verify_windows,
               shortlist=args.shortlist, compensate=args.compensate, greedy=args.greedy, folds=args.folds,
-              fit_windows=args.fit_windows, map_policy=args.map_policy,
+              fit_windows=args.fit_windows, self_fit_windows=args.self_fit_windows, map_policy=args.map_policy,
               checkpoint_dir=args.resume or args.checkpoint_dir, resume=args.resume is not None,
               windows_per_call=getattr(args, "windows_per_call", None),
               prefetch={"on": True, "off": False}.get(getattr(args, "prefetch", "auto")))
@@ -907,6 +912,7 @@ _FLAGS = (("n_seqs*seq_len", "windows*--seq-len"), ("max_device_memory / max_cpu
           ("max_device_memory", "--max-memory"), ("max_cpu_memory", "--max-memory"), ("max_memory", "--max-memory"),
           ("offload_dir=<", "--offload-dir <"), ("offload_dir", "--offload-dir"),
           ("seq_len", "--seq-len"), ("calib_seqs", "--calib-seqs"), ("verify_windows", "--verify-windows"),
+          ("self_fit_windows", "--self-fit-windows"),
           ("fit_windows", "--fit-windows"), ("folds", "--folds"), ("map_policy", "--map-policy"),
           ("protect_first", "--protect-first"), ("protect_last", "--protect-last"), ("ratio_of", "--ratio-of"),
           ("k_max", "--k-max"), ("text_field", "--text-field"), ("allow_empty_segments", "--allow-empty-segments"),

@@ -76,7 +76,9 @@ def plan_of(method: str, analysis: Any, n: int, seed: int = 0) -> tuple[list[int
 
 def replaceme_maps(analysis: Any, removed: Sequence[int]) -> dict | None:
     """ReplaceMe's map of the removed run: unweighted least squares, no ridge, on every calibration window
-    (the analysis' kept block inputs, plus its fit-only windows); None when the run starts at block 0."""
+    (the analysis' kept block inputs, plus its fit-only and self-sampled windows: the same data as the
+    default's maps, so the comparison is of the methods, not of their data); None when the run starts at
+    block 0."""
     if analysis.verifier is None or analysis.verifier.closed or not analysis.compensate:
         raise ValueError("methods: 'replaceme' fits its map on the kept block inputs of an analysis with "
                          "scorer 'verified' and compensation on; analyze(..., scorer='verified')")

@@ -178,8 +178,8 @@ def test_same_plan_cka_maps_and_scores_as_one_process(runs, world):
         assert got["plain_removed"] == ref["plain_removed"]
         assert got["plain_selection"] == ref["plain_selection"]
         sel, ref_sel = got["selection"], ref["selection"]
-        assert (sel["picked"], sel["compensated"], sel["verify_windows"]) == \
-            (ref_sel["picked"], ref_sel["compensated"], ref_sel["verify_windows"])
+        assert (sel["picked"], sel["compensated"], sel["verify_windows"], sel["self_fit_windows"]) == \
+            (ref_sel["picked"], ref_sel["compensated"], ref_sel["verify_windows"], 16)  # each rank samples its share
         assert sel["block_forwards"] == ref_sel["block_forwards"]  # the work of every rank together
         assert (got["output"] is not None) == (rank == 0)  # rank 0 alone writes the model
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import types
 
 import numpy as np
 import pytest
@@ -849,3 +850,72 @@ def test_the_memory_budget_counts_every_matrix_the_search_holds(tmp_path):
         assert f"up to {fmt_bytes(budget.host_matrices_bound * d2)} if the candidate plans remove" in plan, plan
     finally:
         analysis.close()
+
+
+def test_self_sampled_windows_feed_the_maps_as_the_same_windows_given_as_text(tiny_dir):
+    """self_fit_windows=3: the model samples 3 windows (seed = the analysis seed) that feed the statistics
+    exactly as those windows would given as fit-only text, and nothing else (the CKA, scores and check are the
+    calibration windows'); the plan and the calibration record say so. Default: 16 sampled windows."""
+    import sglp_fast
+    from sglp_fast.calibration.self_text import sample_windows, start_token
+    from sglp_fast.calibration.text import load_calibration
+
+    with sglp_fast.analyze(str(tiny_dir), "builtin", self_fit_windows=3, remove=2, **API_CALIB) as own, \
+            sglp_fast.analyze(str(tiny_dir), "builtin", self_fit_windows=0, remove=2, **API_CALIB) as none:
+        ids = load_calibration("builtin", own.tokenizer, n_seqs=6, seq_len=20).input_ids
+        sampled = sample_windows(own.model, range(3), 20, start=start_token(own.model, own.tokenizer), seed=0)
+        with sglp_fast.analyze(str(tiny_dir), torch.cat([ids, sampled]), fit_windows=3, self_fit_windows=0,
+                               remove=2, **API_CALIB) as text:
+            np.testing.assert_array_equal(own.cka, none.cka)
+            assert own.scores == none.scores and own.verifier.num_windows == none.verifier.num_windows == 6
+            info = own.calibration_info
+            assert info["self_fit_windows"] == 3 and "fit_only_windows" not in info and info["self_fit_seed"] == 0
+            assert "self_fit_windows" not in none.calibration_info and own.timings["sample_s"] > 0
+            for a in (own, none, text):
+                a.verifier.prepare([[2, 3]])
+            o, n, t = (a.verifier._stats[(2, 3), True] for a in (own, none, text))
+            assert torch.equal(o.gram, t.gram) and torch.equal(o.cross, t.cross)
+            assert int(o.tokens.sum()) == int(n.tokens.sum()) + 3 * 20
+            assert own.plan.removed == text.plan.removed
+            assert own.plan.extra["selection"]["self_fit_windows"] == 3
+            assert none.plan.extra["selection"]["self_fit_windows"] == 0
+    with sglp_fast.analyze(str(tiny_dir), "builtin", **API_CALIB) as auto:
+        assert auto.search.self_fit_windows == 16 and auto.calibration_info["self_fit_windows"] == 16
+
+
+def test_self_sampled_windows_off_where_the_model_cannot_sample(tiny_dir):
+    """A lazily loaded model would read every block per sampled token: auto gives 0 windows (recorded), and
+    asking for them is an error naming the fix; so is asking with compensation off."""
+    import sglp_fast
+
+    with sglp_fast.analyze(str(tiny_dir), "builtin", lazy=True, **API_CALIB) as lazy:
+        assert lazy.search.compensate and lazy.search.self_fit_windows == 0
+        assert "self_fit_windows" not in lazy.calibration_info
+    with pytest.raises(ValueError, match="self_fit_windows: the model cannot sample.*lazily loaded"):
+        sglp_fast.analyze(str(tiny_dir), "builtin", lazy=True, self_fit_windows=2, **API_CALIB)
+    with pytest.raises(ValueError, match="self_fit_windows: sampled fit windows only feed compensation"):
+        sglp_fast.analyze(str(tiny_dir), "builtin", compensate=False, self_fit_windows=2, **API_CALIB)
+
+
+def test_a_lazy_model_says_it_samples_no_fit_windows(tiny_dir, caplog):
+    import logging
+
+    import sglp_fast
+
+    with caplog.at_level(logging.WARNING, logger="sglp_fast"):
+        sglp_fast.analyze(str(tiny_dir), "builtin", lazy=True, **API_CALIB).close()
+    assert any("no self-sampled fit windows" in r.getMessage() and "lazily loaded" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_a_model_without_a_usable_start_token_cannot_sample():
+    """A tiny GPT-2 names token 50256 as BOS/EOS with 97 embeddings: nothing to start a sample from, which is
+    the reason the default then samples nothing (resolution and messages: test_self_text.py)."""
+    from sglp_fast.api import _why_no_sampling
+    from sglp_fast.models import get_adapter
+
+    model = tiny_model("gpt2", layers=2)
+    assert "no BOS or EOS token" in _why_no_sampling(get_adapter(model), model, None)
+    assert _why_no_sampling(get_adapter(model), model, types.SimpleNamespace(bos_token_id=3)) is None
+    bert = tiny_model("bert", layers=2)
+    assert "do not generate text" in _why_no_sampling(get_adapter(bert), bert, None)

@@ -117,7 +117,8 @@ def runs(removed) -> int:
 def analysis(args, model, tok, data, **kw):
     """The default analysis of ``data`` with the command line's search settings (kw overrides)."""
     opts = dict(tokenizer=tok, calib_seqs=data.n_seqs, seq_len=data.seq_len, verify_windows=args.verify_windows,
-                compensate=False if args.no_compensate else None, greedy=args.greedy)
+                compensate=False if args.no_compensate else None, greedy=args.greedy,
+                self_fit_windows=args.self_fit_windows)
     return sglp_fast.analyze(model, data, **{**opts, **kw})
 
 
@@ -323,6 +324,8 @@ def main(argv=None) -> int:
                    help="lowrank: the halvings of the maps tried (the default's scale is 0.5)")
     p.add_argument("--verify-windows", type=int, default=None, help="check windows (package default 4)")
     p.add_argument("--no-compensate", action="store_true", help="the search without compensated candidates")
+    p.add_argument("--self-fit-windows", type=int, default=None,
+                   help="windows the model samples for the maps' fit (package default: 16 when compensating)")
     p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=None,
                    help="the search's loss-checked greedy (package default: only without compensation)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -103,7 +103,8 @@ def _verified_search(n: int, frame: Frame, evidence: Evidence) -> Choice:
                           protect_last=frame.protect_last, allow_empty_segments=frame.allow_empty_segments,
                           shortlist=settings.shortlist, compensate=bool(settings.compensate),
                           greedy=bool(settings.greedy))
-    record = {**found.to_dict(), "shortlist": settings.shortlist, "verify_windows": verifier.num_windows}
+    record = {**found.to_dict(), "shortlist": settings.shortlist, "verify_windows": verifier.num_windows,
+              "self_fit_windows": settings.self_fit_windows or 0}
     choice = Choice(removed=list(found.removed), record=record)
     if found.compensated:  # the chosen plan's maps, fitted on every window (their in-sample loss is not
         # checked: a number nothing decides on would cost one more pass, ~10% of the search on SmolLM2)
@@ -118,8 +119,9 @@ def _verified_search(n: int, frame: Frame, evidence: Evidence) -> Choice:
                          "fixed": "fixed ridge strength", "replaceme": "unweighted, no ridge (ReplaceMe)"}[policy.name],
             "module": evidence.compensation_module, "policy": policy.name, "folds": folds,
             "maps": {str(p): choices[p].to_dict() for p in found.maps},
-            "fit_windows": evidence.calib_windows + settings.fit_windows,
-            "fit_only_windows": settings.fit_windows}
+            "fit_windows": evidence.calib_windows + settings.fit_windows + (settings.self_fit_windows or 0),
+            "fit_only_windows": settings.fit_windows,
+            "self_fit_windows": settings.self_fit_windows or 0}
     store = getattr(verifier, "matrices", None)
     if settings.compensate and store is not None:  # what the d x d statistics and maps took (the final ones too)
         record["matrices"] = {"peak_in_memory_bytes": int(store.peak_resident_bytes),
