@@ -326,13 +326,13 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     if isinstance(segments, int) and segments > L:
         raise ValueError(f"segments: k={segments} exceeds the {L} blocks of the model; use k <= {L} or 'auto'")
     verified = selector.kind == "search"
+    no_sampling = _why_no_sampling(adapter, loaded, tokenizer)
     search = search.resolved(loss_kind=loss_kind(adapter), calib_windows=calib_seqs, search=verified,
-                             compensation_blocked_by=_why_not_compensable(adapter),
-                             sampling_blocked_by=_why_no_sampling(adapter, loaded, tokenizer))
+                             compensation_blocked_by=_why_not_compensable(adapter), sampling_blocked_by=no_sampling)
     if self_fit_windows is None and search.compensate and not search.self_fit_windows:
         log.warning("self_fit_windows: no self-sampled fit windows (%s); the compensation maps fit on the "
                     "calibration text only, which generalizes worse to other text (docs/quality.md round 7); "
-                    "fit_windows (--fit-windows) adds text windows", _why_no_sampling(adapter, loaded, tokenizer))
+                    "fit_windows (--fit-windows) adds text windows", no_sampling)
 
     # 3. calibration text -> one block-by-block pass (CKA matrix, forward statistics, kept block inputs)
     with clock("tokenize_s"):
