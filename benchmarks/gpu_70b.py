@@ -44,6 +44,7 @@ from make_synthetic import config_for, tensor_specs, write_checkpoint  # noqa: E
 
 GiB = 2**30
 TARGET_BLOCKS = 80  # Llama-3-70B
+LOG_TAIL_LINES = 30  # of the child's log, in the report of a run that did not complete
 GOALS = {"peak_gib": 24.0, "mfu": 0.40, "plan_80_s": 3600.0}
 FULL = dict(shape="70b", blocks=16, windows=128, seq_len=2048, dtype="bfloat16", device="cuda",
             max_memory=24 * GiB, matmul_n=8192, reps=5, time_limit=480.0)
@@ -177,7 +178,11 @@ def config_for_dir(model_dir: str):
 
 
 def child_main(spec: dict) -> int:
-    """Measure phase by phase, one JSON line each (the parent keeps what arrived before a timeout)."""
+    """Measure phase by phase, one JSON line each (the parent keeps what arrived before a timeout); the
+    package's log on stderr, timestamped (a run stopped by the time guard reports its last lines)."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     def emit(phase: str, fn, *args) -> None:
         t0 = time.perf_counter()
         value = fn(*args)
@@ -192,8 +197,9 @@ def child_main(spec: dict) -> int:
 
 
 # --- the parent: checkpoint, child under the time guard, derived numbers, report ---------------------------------
-def run_child(spec: dict, seconds_left: float) -> tuple[dict, str]:
-    """The child's phases, and how it ended ("completed", "timed out in <phase>", "failed: ...")."""
+def run_child(spec: dict, seconds_left: float) -> tuple[dict, str, list[str]]:
+    """The child's phases, how it ended ("completed", "timed out in <phase>", "failed: ...") and, unless it
+    completed, the last lines of its log (where a stopped pipeline had got to)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -211,7 +217,8 @@ def run_child(spec: dict, seconds_left: float) -> tuple[dict, str]:
     if status is None:
         pending = next((p for p in ("matmul", "block", "pipeline") if p not in phases), "?")
         status = f"timed out in {pending} (time limit reached)"
-    return phases, status
+    tail = [] if status == "completed" else stderr.strip().splitlines()[-LOG_TAIL_LINES:]
+    return phases, status, tail
 
 
 def derive(spec: dict, phases: dict, checkpoint_s: float) -> dict:
@@ -235,8 +242,8 @@ def _pipeline_numbers(spec: dict, pipe: dict, rate: float | None, blk: dict | No
     L, t, c = pipe["num_blocks"], pipe["timings"], pipe["calibration"]
     per_block = {"calibrate_forward_s": c["forward_s"] / L, "plan_s": t.get("plan_s", 0.0) / L}
     fixed = {"load_s": t.get("load_s", 0.0), "calibrate_other_s": t["calibrate_s"] - c["forward_s"],
-             "other_s": sum(v for k, v in t.items() if k.endswith("_s")
-                            and k not in ("load_s", "calibrate_s", "plan_s"))}
+             "other_s": sum(v for k, v in t.items() if k.endswith("_s")  # plan_<part>_s: plan_s's split
+                            and k not in ("load_s", "calibrate_s") and not k.startswith("plan_"))}
     plan_80 = sum(fixed.values()) + TARGET_BLOCKS * sum(per_block.values())
     out = {**pipe, "per_block": per_block, "fixed": fixed, "plan_80_s": plan_80,
            "remove_80": round(TARGET_BLOCKS * len(pipe["removed"]) / L)}
@@ -294,6 +301,8 @@ def report_lines(d: dict, device: str, status: str) -> list[str]:
         lines += _pipeline_lines(pipe)
     else:
         lines += ["", "Pipeline: not measured (see the run status above)."]
+    if d.get("log_tail"):
+        lines += ["", "The package's log before the run stopped (last lines):", "", "```", *d["log_tail"], "```"]
     return lines
 
 
@@ -315,6 +324,12 @@ def _pipeline_lines(p: dict) -> list[str]:
         per = {"calibrate": pb["calibrate_forward_s"], "plan": pb["plan_s"]}.get(stage)
         lines.append(f"| {stage} | {t[f'{stage}_s']:.1f} | {'' if per is None else f'{per:.2f}'} | "
                      f"{_fmt_gb(reads.get(stage, 0))} |")
+    parts = {k[len("plan_"):-len("_s")]: v for k, v in t.items()
+             if k.startswith("plan_") and k.endswith("_s") and k != "plan_s"}
+    if parts:
+        lines += ["", "The plan stage's split (the verified search; `Analysis.timings['plan_<part>_s']`): "
+                  + ", ".join(f"{k.replace('_', '-')} {v:.1f} s" for k, v in parts.items())
+                  + f"; the rest (candidate scores, bookkeeping) {t['plan_s'] - sum(parts.values()):.1f} s."]
     c = p["calibration"]
     lines += ["", f"Calibration forward: {c['forward_s']:.1f} s, {c['tokens_per_s_forward']:.0f} tokens/s"
               + (f", {100 * p['forward_mfu']:.1f}% MFU over the whole pass (CKA, statistics and cache traffic "
@@ -414,14 +429,15 @@ def main(argv: list[str] | None = None) -> int:
                              log=lambda *a: print(*a, flush=True))
         checkpoint_s = time.perf_counter() - t0
         spec.update(model_dir=str(model_dir), offload_dir=str(offload))
-        phases, status = run_child(spec, limit - (time.perf_counter() - t_start) - 5.0)
+        phases, status, log_tail = run_child(spec, limit - (time.perf_counter() - t_start) - 5.0)
     finally:
         if args.scratch is None:
             shutil.rmtree(scratch, ignore_errors=True)
         if args.offload_dir is None:
             shutil.rmtree(offload, ignore_errors=True)
     derived = derive(spec, phases, checkpoint_s)
-    derived.update(status=status, device=device_name(spec["device"]), total_s=time.perf_counter() - t_start)
+    derived.update(status=status, device=device_name(spec["device"]), total_s=time.perf_counter() - t_start,
+                   log_tail=log_tail)
     text = "\n".join(report_lines(derived, derived["device"], status)) + "\n"
     print(text)
     if out is not None:

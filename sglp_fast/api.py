@@ -31,6 +31,7 @@ from . import distributed as dist
 from .calibration import CalibrationData, CalibrationResult, calibrate, load_calibration
 from .calibration import lazy_weights
 from .calibration.losses import loss_kind
+from .calibration.devices import allocator_cap
 from .calibration.memory import Budget, BudgetTooSmall, hidden_size, preflight
 from .calibration.runtime import check_speedups
 from .calibration.self_text import sample_windows, start_token
@@ -51,6 +52,7 @@ from .selection.verifier import SkipVerifier
 from .pruning import apply_plan, check_output_dir, save_pruned
 from .similarity import CKAAccumulator
 from .similarity.accumulator import choose_space
+from .sizes import parse_bytes
 
 DEFAULT_SCORER = DEFAULT_SELECTOR
 
@@ -352,61 +354,65 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     plan = _preflight(adapter, batches, budget, fit_data if verified and search.compensate else None,
                       max_memory, gradients=gradients, device=device, dtype=torch_dtype, offload_dir=offload_dir,
                       keep_inputs=kept, prefetch=prefetch, windows_per_call=windows_per_call)
-    if sampled_rows:
-        with clock("sample_s"):
-            _sample_rows(loaded, fit_data, sampled_rows, seed)
-    with CKAAccumulator(num_layers=L, estimator=cka_estimator, device=device, cache_dir=offload_dir,
-                        cache_budget_bytes=plan.cka_budget, cache_cpu_budget_bytes=plan.cka_cpu_budget) as acc:
-        observers = [_CKAObserver(acc), *([last_token] if last_token else [])]
-        with clock("calibrate_s"):
-            result = calibrate(adapter, batches, observers=observers, gradients=gradients,
-                               device=device, dtype=torch_dtype, max_device_memory=budget,
-                               offload_dir=offload_dir, progress=progress,
-                               keep_inputs=kept, checkpoint_dir=checkpoint_dir,
-                               resume=resume, prefetch=prefetch, windows_per_call=windows_per_call)
-        with clock("cka_result_s"), _closing_on_error(result.kept_inputs):
-            cka = np.asarray(acc.all_reduce().result(), dtype=np.float64)
-            hidden = None if last_token is None else dist.gather_rows(last_token.hidden_states(), axis=1,
-                                                                      tag="last_token")
-    extra = None if fit_data is None else functools.partial(
-        _fit_only_statistics, adapter, fit_data, dict(device=device, dtype=torch_dtype, max_device_memory=max_memory,
-                                                      offload_dir=offload_dir, progress=progress,
-                                                      prefetch=prefetch))
-    # the search's d x d matrices: in memory up to what the budget leaves them, then on disk (or a clear stop)
-    matrices = MatrixStore(plan.selection_room_bytes, offload_dir if plan.selection_spills else None,
-                           what="max_memory (--max-memory)")
-    verifier = SkipVerifier(result.kept_inputs, search.verify_windows, window_offset=start, folds=search.folds,
-                            policy=search.map_policy, extra_statistics=extra, matrices=matrices,
-                            plans_per_pass=plan.search_plans_at_once) if result.kept_inputs else None
-    if verifier is None and verified and dist.is_distributed():  # this rank keeps none of the search's windows
-        verifier = SkipVerifier.without_inputs(adapter, result.loss_kind, end - start, search.verify_windows,
-                                               start, folds=search.folds)
-    try:
-        # 4. segments -> scores
-        with clock("segment_s"):
-            seg = fisher_segment(cka, k=segments, k_max=k_max)
-        scores = compute_scores(result, list(SCORERS), seed=seed)
-        analysis = Analysis(
-            model=loaded, tokenizer=tokenizer, calibration=data, calib_result=result, cka=cka, segmentation=seg,
-            scores=scores, plan=None, model_info=_model_info(source, loaded, L), timings=timings,
-            calibration_info={**data.provenance(), "loss": float(result.loss), "cka_estimator": cka_estimator,
-                              "dtype": str(torch_dtype).replace("torch.", ""),
-                              **({"fit_only_windows": search.fit_windows} if search.fit_windows else {}),
-                              **({"self_fit_windows": search.self_fit_windows, "self_fit_seed": seed}
-                                 if search.self_fit_windows else {})},
-            last_token_hidden=hidden, verifier=verifier,
-            search=search)
-        # 5. selection -> plan
-        with clock("plan_s"):
-            analysis.plan = analysis._make_plan(
-                scorer, n_remove, {"ratio": ratio, "ratio_of": ratio_of},
-                Frame(seg.segments, L, protect_first, protect_last, allow_empty_segments),
-                extra={"objective_by_k": [float(x) for x in np.asarray(seg.objective_by_k).ravel()]})
-    except BaseException:
-        if verifier is not None:
-            verifier.close()
-        raise
-    return analysis
+    # the budget holds for the allocator's reserve too, through the search (calibration.devices.allocator_cap)
+    with allocator_cap(plan.device, parse_bytes(max_memory, "max_memory")):
+        if sampled_rows:
+            with clock("sample_s"):
+                _sample_rows(loaded, fit_data, sampled_rows, seed)
+        with CKAAccumulator(num_layers=L, estimator=cka_estimator, device=device, cache_dir=offload_dir,
+                            cache_budget_bytes=plan.cka_budget, cache_cpu_budget_bytes=plan.cka_cpu_budget) as acc:
+            observers = [_CKAObserver(acc), *([last_token] if last_token else [])]
+            with clock("calibrate_s"):
+                result = calibrate(adapter, batches, observers=observers, gradients=gradients,
+                                   device=device, dtype=torch_dtype, max_device_memory=budget,
+                                   offload_dir=offload_dir, progress=progress,
+                                   keep_inputs=kept, checkpoint_dir=checkpoint_dir,
+                                   resume=resume, prefetch=prefetch, windows_per_call=windows_per_call)
+            with clock("cka_result_s"), _closing_on_error(result.kept_inputs):
+                cka = np.asarray(acc.all_reduce().result(), dtype=np.float64)
+                hidden = None if last_token is None else dist.gather_rows(last_token.hidden_states(), axis=1,
+                                                                          tag="last_token")
+        extra = None if fit_data is None else functools.partial(
+            _fit_only_statistics, adapter, fit_data,
+            dict(device=device, dtype=torch_dtype, max_device_memory=max_memory, offload_dir=offload_dir,
+                 progress=progress, prefetch=prefetch))
+        # the search's d x d matrices: in memory up to what the budget leaves them, then on disk (or a clear stop)
+        matrices = MatrixStore(plan.selection_room_bytes, offload_dir if plan.selection_spills else None,
+                               what="max_memory (--max-memory)")
+        verifier = SkipVerifier(result.kept_inputs, search.verify_windows, window_offset=start, folds=search.folds,
+                                policy=search.map_policy, extra_statistics=extra, matrices=matrices,
+                                plans_per_pass=plan.search_plans_at_once) if result.kept_inputs else None
+        if verifier is None and verified and dist.is_distributed():  # this rank keeps none of the search's windows
+            verifier = SkipVerifier.without_inputs(adapter, result.loss_kind, end - start, search.verify_windows,
+                                                   start, folds=search.folds)
+        try:
+            # 4. segments -> scores
+            with clock("segment_s"):
+                seg = fisher_segment(cka, k=segments, k_max=k_max)
+            scores = compute_scores(result, list(SCORERS), seed=seed)
+            analysis = Analysis(
+                model=loaded, tokenizer=tokenizer, calibration=data, calib_result=result, cka=cka, segmentation=seg,
+                scores=scores, plan=None, model_info=_model_info(source, loaded, L), timings=timings,
+                calibration_info={**data.provenance(), "loss": float(result.loss), "cka_estimator": cka_estimator,
+                                  "dtype": str(torch_dtype).replace("torch.", ""),
+                                  **({"fit_only_windows": search.fit_windows} if search.fit_windows else {}),
+                                  **({"self_fit_windows": search.self_fit_windows, "self_fit_seed": seed}
+                                     if search.self_fit_windows else {})},
+                last_token_hidden=hidden, verifier=verifier,
+                search=search)
+            # 5. selection -> plan
+            with clock("plan_s"):
+                analysis.plan = analysis._make_plan(
+                    scorer, n_remove, {"ratio": ratio, "ratio_of": ratio_of},
+                    Frame(seg.segments, L, protect_first, protect_last, allow_empty_segments),
+                    extra={"objective_by_k": [float(x) for x in np.asarray(seg.objective_by_k).ravel()]})
+            if verifier is not None:  # the plan stage's split: where a long search spends its time
+                timings.update({f"plan_{part}_s": secs for part, secs in verifier.seconds.items()})
+        except BaseException:
+            if verifier is not None:
+                verifier.close()
+            raise
+        return analysis
 
 
 def _memory_budget(max_memory: Any, adapter: Any, batches: list[dict], search: SearchSettings | None,
@@ -416,8 +422,8 @@ def _memory_budget(max_memory: Any, adapter: Any, batches: list[dict], search: S
     layer's but the last of every batch, and when a batch completes its L items are read back as one panel.
     With compensation, the search's d x d float64 matrices: per removed run its statistics (XᵀX, XᵀY per fold
     and the never-held-out slot) and maps (per fold and the final one), 3 x (folds + 1), plus one run's
-    eigenvectors and Vᵀ C per fold while its maps are fitted, 2 x folds (the solve's temporaries the memory
-    plan counts itself: ``memory.SOLVE_MATRICES``).
+    eigenvectors and Vᵀ C per fold while its maps are fitted, 2 x folds, held only between the passes (the
+    solve phase; its temporaries the memory plan counts itself: ``memory.SOLVE_MATRICES``).
     The peak counts the runs of one plan of ``n_remove`` blocks (the candidates mostly share theirs; within
     20% in tests/test_memory_budget.py); the plan also shows the bound, (candidates) x (those runs), for
     when every compensated candidate removes other runs. Without a budget (``analyze`` only looks): one run."""
@@ -427,7 +433,7 @@ def _memory_budget(max_memory: Any, adapter: Any, batches: list[dict], search: S
     big = max(items, default=0)
     cka_held = (L - 1) * sum(items) + big
     cka_work = min((L + 1) * big, 1 << 30) + 2 * 4 * d * max(tokens, default=0)  # panel, item, token copies
-    matrices = bound = plans = 0
+    matrices = bound = plans = decompositions = 0
     if search is not None:
         candidates = len(CANDIDATES) - (0 if search.greedy else 1)  # the greedy's plan is one when it runs
         # one search pass checks every candidate, plain and (compensating) with its maps, together
@@ -436,9 +442,10 @@ def _memory_budget(max_memory: Any, adapter: Any, batches: list[dict], search: S
         folds = effective_folds(search.folds, search.verify_windows)
         per_run = 3 * (folds + 1)
         runs = min(n_remove or 1, (L + 1) // 2)
-        matrices, bound = runs * per_run + 2 * folds, candidates * runs * per_run + 2 * folds
+        matrices, bound, decompositions = runs * per_run, candidates * runs * per_run, 2 * folds
     return Budget(max_memory, "max_memory", cka_item_bytes=cka_held, cka_work_bytes=cka_work,
-                  host_matrices=matrices, host_matrices_bound=bound, search_plans=plans,
+                  host_matrices=matrices, host_matrices_bound=bound, solve_matrices=decompositions,
+                  search_plans=plans,
                   search_windows=search.verify_windows if search is not None else 0)
 
 

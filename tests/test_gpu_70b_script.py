@@ -56,6 +56,14 @@ def test_reported_numbers_are_computed_from_the_measurements(tiny_run):
     assert pipe["per_block"]["calibrate_forward_s"] == pytest.approx(c["forward_s"] / L)
     assert pipe["per_block"]["plan_s"] == pytest.approx(t["plan_s"] / L)
     assert pipe["plan_80_s"] == pytest.approx(sum(pipe["fixed"].values()) + 80 * sum(pipe["per_block"].values()))
+    # the plan stage's split (the verifier's parts) is inside plan_s, not counted again among the other stages
+    parts = {k: v for k, v in t.items() if k.startswith("plan_") and k.endswith("_s") and k != "plan_s"}
+    assert set(parts) == {"plan_statistics_s", "plan_fit_only_s", "plan_solve_s", "plan_check_s"}, t
+    assert min(parts.values()) >= 0 and sum(parts.values()) <= t["plan_s"], t
+    assert parts["plan_check_s"] > 0 and parts["plan_statistics_s"] > 0 and parts["plan_solve_s"] > 0, t  # compensated
+    assert pipe["fixed"]["other_s"] == pytest.approx(sum(v for k, v in t.items() if k.endswith("_s") and not
+                                                         k.startswith("plan_") and k not in ("load_s", "calibrate_s")))
+    assert f"check {parts['plan_check_s']:.1f} s" in text
     assert pipe["forward_mfu"] == pytest.approx(L * spec["windows"] * fw / c["forward_s"] / mm["flops_per_s"])
     assert pipe["peak"]["allocated"] > 0 and t["calibrate_bytes_read"] > 0
     slot = spec["windows"] * spec["seq_len"] * config_for("tiny", 1).hidden_size * 4  # float32 run
@@ -94,6 +102,15 @@ def test_the_time_guard_reports_what_it_has(tmp_path):
     d = json.loads((tmp_path / "r.json").read_text())
     assert d["status"].startswith("timed out in ")
     assert "Pipeline: not measured" in (tmp_path / "r.md").read_text()
+
+
+def test_a_stopped_run_reports_the_last_log_lines():
+    d = {"spec": {"shape": "tiny", "max_memory": None, "blocks": 4, "windows": 8, "seq_len": 64, "dtype": "float32",
+                  "remove": 1, "offload_dir": "/x"}, "checkpoint_s": 1.0,
+         "log_tail": ["12:00:01 sglp_fast.selection.verifier: compensation: 2 new run(s)"]}
+    text = "\n".join(gpu_70b.report_lines(d, "CPU", "timed out in pipeline (time limit reached)"))
+    assert "Pipeline: not measured" in text and "last lines" in text and d["log_tail"][0] in text
+    assert "last lines" not in "\n".join(gpu_70b.report_lines({**d, "log_tail": []}, "CPU", "completed"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

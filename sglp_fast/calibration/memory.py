@@ -72,6 +72,7 @@ class Budget(Limit):
     cka_work_bytes: int = 0  # the CKA accumulator's transient when a batch completes (its panel, copies)
     host_matrices: int = 0  # d x d float64 matrices the selection holds at once on the host (compensation)
     host_matrices_bound: int = 0  # ... at most: every candidate plan of the search removing other runs
+    solve_matrices: int = 0  # ... and only while one run's maps are chosen (its folds' decompositions)
     search_plans: int = 0  # plans the verified search checks in one pass over the blocks (0: no search)
     search_windows: int = 0  # windows those plans are checked on (0: every kept window)
 
@@ -503,7 +504,9 @@ def _phases(adapter, shape: _Shape, w: _Weights, gradients: bool, budget: Budget
         check = block_call_bytes(adapter, 1, shape.seq_len, shape.itemsize) * shape.batch_tokens // shape.seq_len
         d2 = shape.hidden * shape.hidden * FLOAT64
         held = host_matrices * d2
-        matrices = dict(matrices=0 if spill_matrices else held, spillable=held if spill_matrices else 0)
+
+        def matrices(n: int) -> dict:
+            return dict(matrices=0 if spill_matrices else n, spillable=n if spill_matrices else 0)
         solve = 0
         if host_matrices:
             # the check pass and the statistics pass: a block call and one batch's XᵀX and XᵀY, or a map
@@ -515,10 +518,11 @@ def _phases(adapter, shape: _Shape, w: _Weights, gradients: bool, budget: Budget
         if budget.search_plans:
             check += _search_state_bytes(shape, budget)
         out.append(_Phase("selection", w.device_block, check, solve=solve, args=shape.call_args(shape.kept_tokens),
-                          **matrices))
-        if host_matrices:  # the maps' solves, between the passes: no block, the solve's temporaries
+                          **matrices(held)))
+        if host_matrices:  # the maps' solves, between the passes: no block, the solve's temporaries, and the
+            # run's fold decompositions its held-out maps are fitted from (released before the next pass)
             out.append(_Phase("solve", w.device_head if w.mode == "resident" else 0, 0,
-                              solve=SOLVE_MATRICES * d2, **matrices))
+                              solve=SOLVE_MATRICES * d2, **matrices(held + budget.solve_matrices * d2)))
     return out
 
 

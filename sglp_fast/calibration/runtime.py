@@ -8,6 +8,7 @@ the loss on the final hidden states, and the top-down backward (see ``gradients.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -26,7 +27,7 @@ from ..progress import shown
 from . import losses as G
 from ..models import get_adapter
 from ..models.base import BlockAdapter, BlockCall
-from .devices import resolve_device
+from .devices import allocator_cap, resolve_device
 from .memory import BudgetTooSmall, block_call_bytes, plan_memory
 from .store import TieredStore, free_memory_bytes
 from .checkpoint import PassCheckpoint, fingerprint, saved_windows_per_call
@@ -185,6 +186,7 @@ def calibrate(model_or_adapter, batches, *, observers=(), gradients: bool = True
     for p, _ in flags:
         p.requires_grad_(False)
     weights = cache = None
+    cap = contextlib.ExitStack()
     try:
         act_dtype = dtype or next((p.dtype for p in adapter.blocks.parameters() if p.is_floating_point()), torch.float32)
         weights = BlockWeights(adapter, device, dtype, prefetch=prefetch)
@@ -193,6 +195,8 @@ def calibrate(model_or_adapter, batches, *, observers=(), gradients: bool = True
         plan, budgets, checked_dir, windows_per_call = _plan(adapter, weights, batches, gradients, act_dtype,
                                                              device, max_device_memory, max_cpu_memory,
                                                              offload_dir, kept_batches, prefetch, windows_per_call)
+        # the budget holds for the allocator's reserve too, not only the tensors (devices.allocator_cap)
+        cap.enter_context(allocator_cap(device, parse_bytes(max_device_memory, "max_device_memory")))
         checkpoint = None
         if checkpoint_dir is not None:
             checkpoint = PassCheckpoint(checkpoint_dir, fingerprint(adapter, batches, act_dtype, device, gradients,
@@ -219,6 +223,7 @@ def calibrate(model_or_adapter, batches, *, observers=(), gradients: bool = True
             weights.discard_prefetch()  # only left over when the pass broke off
         if cache is not None:
             cache.close()
+        cap.close()
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)

@@ -106,21 +106,80 @@ def accumulate(runner: BlockRunner, runs: Iterable[tuple[int, int]], fold_of_bat
             continue  # data-parallel: this rank keeps no window; it only joins the sums below
         with runner.block(p, next_layer=read_next.get(p)) as block:
             proj = mlp_output_module(runner.adapter, block)
-            for b, slot in enumerate(fold_of_batch):
-                out, m = _call_with_mlp_output(runner, block, proj, p, b)
-                if not checked:
-                    _check_additive(runner, block, proj, p, b, out, m)
-                    checked = True
-                mask = runner.token_mask(b)
-                m64, h_mid = m.double()[mask], (out.double() - m.double())[mask]
-                for run, t in targets:
-                    need = runner.cached_input(t, b).double()[mask] - h_mid
-                    w = 1.0 / need.norm(dim=1, keepdim=True).clamp_min(1e-12) if weighted else 1.0
-                    stats[run].add(slot, m64 * w, (need - m64) * w)
+            # where the statistics live (the CPU) every run of block p sums in place in one pass; on a GPU
+            # each run's sums stay on it (one run at a time: the memory plan's one batch's XᵀX and XᵀY), the
+            # block re-run per run (milliseconds) rather than a d x d copy to the host per batch
+            host = _sums_in_place(block, stats[targets[0][0]])
+            for group in ([targets] if host else [[t] for t in targets]):
+                sums = {run: SlotSums(stats[run], in_place=host) for run, _ in group}
+                for b, slot in enumerate(fold_of_batch):
+                    out, m = _call_with_mlp_output(runner, block, proj, p, b)
+                    if not checked:
+                        _check_additive(runner, block, proj, p, b, out, m)
+                        checked = True
+                    mask = runner.token_mask(b)
+                    m64, h_mid = m.double()[mask], (out.double() - m.double())[mask]
+                    for run, t in group:
+                        need = runner.cached_input(t, b).double()[mask] - h_mid
+                        w = 1.0 / need.norm(dim=1, keepdim=True).clamp_min(1e-12) if weighted else 1.0
+                        sums[run].add(slot, m64 * w, (need - m64) * w)
+                for run_sums in sums.values():
+                    run_sums.flush()
     if dist.is_distributed():
         for run in runs:
             stats[run].all_reduce_()
     return stats
+
+
+def _sums_in_place(block: torch.nn.Module, stats: RunStatistics) -> bool:
+    """Whether the block's rows are on the device the statistics live on (the CPU: sum in place)."""
+    param = next(block.parameters(), None)
+    return param is None or param.device == stats.gram.device
+
+
+class SlotSums:
+    """One run's XᵀX, XᵀY, tr(YᵀY) and rows over consecutive batches of one slot, added to its statistics.
+
+    ``in_place``: the rows are where the statistics are (the CPU): each batch adds in place (``addmm_``, no
+    d x d temporary). Else (a GPU) the sums stay on the rows' device and reach the host statistics once per
+    slot (the folds are contiguous: folds + 1 copies per run). Why: at d = 8192 one XᵀX is 512 MiB; its copy to
+    the host and the add there per batch took ~50x the product itself (issue 12)."""
+
+    def __init__(self, stats: RunStatistics, in_place: bool) -> None:
+        self.stats, self.in_place = stats, in_place
+        self.slot: int | None = None
+        self.gram = self.cross = None
+        self.energy = self.tokens = 0
+
+    def add(self, slot: int, X: torch.Tensor, Y: torch.Tensor) -> None:
+        if self.in_place:
+            self.stats.gram[slot].addmm_(X.T, X)
+            self.stats.cross[slot].addmm_(X.T, Y)
+            self.stats.energy[slot] += float((Y * Y).sum())
+            self.stats.tokens[slot] += X.shape[0]
+            return
+        if slot != self.slot:
+            self.flush()
+            self.slot = slot
+        if self.gram is None:
+            self.gram = X.new_zeros(X.shape[1], X.shape[1])
+            self.cross = X.new_zeros(X.shape[1], Y.shape[1])
+        self.gram.addmm_(X.T, X)
+        self.cross.addmm_(X.T, Y)
+        self.energy = self.energy + (Y * Y).sum()  # on the device: no sync per batch
+        self.tokens += X.shape[0]
+
+    def flush(self) -> None:
+        """The current slot's sums into the statistics (host), the device sums zeroed for the next slot."""
+        if self.in_place or self.slot is None or self.gram is None:
+            return
+        self.stats.gram[self.slot] += self.gram.cpu()
+        self.stats.cross[self.slot] += self.cross.cpu()
+        self.stats.energy[self.slot] += float(self.energy)
+        self.stats.tokens[self.slot] += self.tokens
+        self.gram.zero_()
+        self.cross.zero_()
+        self.energy, self.tokens = 0, 0
 
 
 def _call_with_mlp_output(runner, block, proj, layer: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -101,6 +102,9 @@ class SkipVerifier:
         self._memo: dict[tuple, tuple[float, list[float]]] = {}  # loss, per batch
         self._dense_pooled: dict[int, torch.Tensor] = {}  # headless encoders: the dense sentence embeddings
         self.window_block_forwards = 0  # block calls x windows, the work spent so far
+        # wall seconds by part (the plan stage's split, Analysis.timings["plan_<part>_s"]): the statistics pass
+        # over the kept windows, the fit-only windows' pass, the maps' solves, the check passes
+        self.seconds = dict.fromkeys(("statistics", "fit_only", "solve", "check"), 0.0)
         self.closed = False
 
     @classmethod
@@ -138,6 +142,14 @@ class SkipVerifier:
         self.window_block_forwards += self._windows[batch]
         return self._kept.call(block, layer, hidden, batch)
 
+    @contextlib.contextmanager
+    def _timed(self, part: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] += time.perf_counter() - t0
+
     # -- compensation maps ------------------------------------------------------------------------------
     def map_choices(self, removed: Iterable[int], policy: str | R.MapPolicy | None = None) -> dict[int, R.MapChoice]:
         """{block before a run: its regularization} for every run of the plan that can have a map (a >= 1).
@@ -152,7 +164,8 @@ class SkipVerifier:
         for run in runs:
             key = (run, policy.name)
             if key not in self._choices:
-                self._choices[key] = self._choose(run, policy)
+                with self._timed("solve"):
+                    self._choices[key] = self._choose(run, policy)
             out[run[0] - 1] = self._choices[key]
         return out
 
@@ -205,8 +218,9 @@ class SkipVerifier:
             run = next(r for r in runs_of(self._check(removed)) if r[0] - 1 == p)
             key = (run, policy.name, fold)
             if key not in self._fitted:
-                self._fitted[key] = self.matrices.keep(R.fit(self._stats[run, policy.weighted], choice,
-                                                             without_fold=fold, device=self._solve_device))
+                with self._timed("solve"):
+                    self._fitted[key] = self.matrices.keep(R.fit(self._stats[run, policy.weighted], choice,
+                                                                 without_fold=fold, device=self._solve_device))
             out[p] = self._fitted[key]
         return out
 
@@ -231,12 +245,14 @@ class SkipVerifier:
                  fmt_bytes(len(todo) * per_run), fmt_bytes((len(todo) + before) * per_run), before,
                  fmt_bytes(self.matrices.resident_bytes), fmt_bytes(self.matrices.spilled_bytes))
         with self._eval_mode(), torch.no_grad():
-            stats = accumulate(self, todo, self.fold_of_batch, self.folds, weighted=weighted,
-                               check=self._window_offset == 0,  # one rank checks (as one process would)
-                               store=self.matrices)
+            with self._timed("statistics"):
+                stats = accumulate(self, todo, self.fold_of_batch, self.folds, weighted=weighted,
+                                   check=self._window_offset == 0,  # one rank checks (as one process would)
+                                   store=self.matrices)
             if self._extra_statistics is not None:
-                for run, extra in self._extra_statistics(todo, weighted).items():
-                    stats[run].add_statistics(self.folds, extra)
+                with self._timed("fit_only"):
+                    for run, extra in self._extra_statistics(todo, weighted).items():
+                        stats[run].add_statistics(self.folds, extra)
         trained = [float(s.tokens.sum()) - float(s.tokens[:self.folds].max()) for s in stats.values()]
         if any(t <= 0 for t in trained):
             raise ValueError("compensate: no calibration windows left to fit on once a fold is held out; use "
@@ -306,7 +322,7 @@ class SkipVerifier:
         for i in range(0, len(todo), step):
             part = todo[i:i + step]
             fixes = [self._fixes(removed, kept, final, policy) for removed, kept, final, _ in part]
-            with self._eval_mode():
+            with self._eval_mode(), self._timed("check"):
                 for key, result in zip(part, self._run([k[0] for k in part], fixes)):
                     self._memo[key] = result
         return [self._memo[k] for k in keys]
