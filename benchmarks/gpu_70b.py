@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t0 = time.perf_counter()
         if not (model_dir / "config.json").exists():
-            write_checkpoint(model_dir, blocks=spec["blocks"], shape=spec["shape"], seed=0,
+            write_checkpoint(model_dir, blocks=spec["blocks"], shape=spec["shape"], seed=0, device=spec["device"],
                              log=lambda *a: print(*a, flush=True))
         checkpoint_s = time.perf_counter() - t0
         spec.update(model_dir=str(model_dir), offload_dir=str(offload))

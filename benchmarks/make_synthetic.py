@@ -64,16 +64,20 @@ def tensor_specs(cfg) -> list[tuple[str, tuple[int, ...], float]]:
     return specs
 
 
-def make_tensor(name: str, shape: tuple[int, ...], std: float, seed: int) -> torch.Tensor:
-    """One bf16 tensor from its own generator (seed, name); drawn in row chunks to bound the fp32 scratch."""
+def make_tensor(name: str, shape: tuple[int, ...], std: float, seed: int, device: str = "cpu") -> torch.Tensor:
+    """One bf16 tensor (on the CPU) from its own generator (seed, name); drawn in row chunks to bound the fp32
+    scratch. ``device``: where the numbers are drawn: "cuda" draws a 70B checkpoint's 16 G numbers in seconds
+    where one CPU generator takes ~100 s (benchmarks/results/scale_gpu.md), other numbers than the CPU's, as
+    deterministic (same seed, same kind of device: same files)."""
     if std == 0.0:
         return torch.ones(shape, dtype=torch.bfloat16)
-    g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little"))
+    g = torch.Generator(device=device).manual_seed(
+        int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little"))
     out = torch.empty(shape, dtype=torch.bfloat16)
     rows = max(1, (64 << 20) // (4 * math.prod(shape[1:])))  # 64 MiB of fp32 at a time
     for start in range(0, shape[0], rows):
-        chunk = torch.randn((min(rows, shape[0] - start), *shape[1:]), generator=g)
-        out[start:start + chunk.shape[0]] = chunk.mul_(std)
+        chunk = torch.randn((min(rows, shape[0] - start), *shape[1:]), generator=g, device=device)
+        out[start:start + chunk.shape[0]] = chunk.mul_(std).to(torch.bfloat16).cpu()
     return out
 
 
@@ -95,8 +99,9 @@ def make_tokenizer(directory: Path) -> None:
 
 
 def write_checkpoint(out: str | os.PathLike, blocks: int, shape: str = "70b", seed: int = 0,
-                     shard_bytes: int = 5 * 10**9, log=print) -> dict:
-    """Write the checkpoint into ``out`` (created; must be empty); returns sizes and timings."""
+                     shard_bytes: int = 5 * 10**9, log=print, device: str = "cpu") -> dict:
+    """Write the checkpoint into ``out`` (created; must be empty); returns sizes and timings. ``device``:
+    where the random numbers are drawn (``make_tensor``)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"out: {str(out)!r} is not empty; pass a new folder")
@@ -120,7 +125,7 @@ def write_checkpoint(out: str | os.PathLike, blocks: int, shape: str = "70b", se
         sizes[-1] = 0
 
     for name, tshape, std in tensor_specs(cfg):
-        t = make_tensor(name, tshape, std, seed)
+        t = make_tensor(name, tshape, std, seed, device)
         nbytes = t.numel() * t.element_size()
         if shards[-1] and sizes[-1] + nbytes > shard_bytes:
             flush()
@@ -137,7 +142,7 @@ def write_checkpoint(out: str | os.PathLike, blocks: int, shape: str = "70b", se
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     cfg.save_pretrained(out)
     make_tokenizer(out)
-    return {"blocks": blocks, "shape": shape, "bytes": total, "shards": len(files),
+    return {"blocks": blocks, "shape": shape, "bytes": total, "shards": len(files), "drawn_on": device,
             "seconds": time.perf_counter() - t0}
 
 
@@ -148,8 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="70b")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-bytes", type=float, default=5e9, help="largest shard, bytes (default 5e9)")
+    ap.add_argument("--device", default="cpu",
+                    help="where the random numbers are drawn (cuda: fast; other numbers than the CPU's)")
     args = ap.parse_args(argv)
-    info = write_checkpoint(args.out, args.blocks, args.shape, args.seed, int(args.shard_bytes))
+    info = write_checkpoint(args.out, args.blocks, args.shape, args.seed, int(args.shard_bytes),
+                            device=args.device)
     print(json.dumps(info))
     return 0
 

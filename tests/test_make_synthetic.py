@@ -87,3 +87,17 @@ def test_lazy_prune_of_the_synthetic_checkpoint(tmp_path):
     # block): each block at most once per round; 1.5x the blocks here (the wave-1 search read 3.5x)
     assert 0 < reads["plan"] <= 2 * blocks and res["checkpoint_bytes"] >= sum(sizes.values())
     assert reads["eval"] == 2 * blocks - removed  # before: every block; after: the kept ones
+
+
+def test_numbers_drawn_on_a_device_keep_the_layout_and_scale():
+    """make_tensor(device=...): the tensor on the CPU in bf16, the same shape and scale, deterministic; on the
+    CPU exactly what the default draws (a GPU draws other numbers, as deterministic: checked where there is one)."""
+    from make_synthetic import make_tensor
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        a, b = (make_tensor("model.layers.0.mlp.up_proj.weight", (300, 257), 0.5, 3, device) for _ in range(2))
+        assert a.dtype == torch.bfloat16 and a.device.type == "cpu" and a.shape == (300, 257)
+        assert torch.equal(a, b) and abs(float(a.float().std()) - 0.5) < 0.01
+    assert torch.equal(make_tensor("x", (70, 9), 2.0, 1), make_tensor("x", (70, 9), 2.0, 1, "cpu"))
+    assert not torch.equal(make_tensor("x", (70, 9), 2.0, 1), make_tensor("y", (70, 9), 2.0, 1))

@@ -16,6 +16,8 @@
                 for fixed k ("Segmentation k and the budget split")
     lowrank     the default's plans with rank-r truncations of their maps (reduced-rank regression from the
                 same statistics), at the default's halving and without it (round 6)
+    policies    every candidate with each map policy (the default's cv, ReplaceMe's unweighted least squares):
+                cross-fitted check loss and held-out perplexity, and the lowest check loss of all (round 8)
 
 Everything is computed by the package: the budget split, the baselines, the greedy, the compensation and the
 pick are ``sglp_fast.analyze(...).plan_for(...)``; the maps of a candidate that was not picked and its per-window
@@ -272,6 +274,37 @@ def cmd_lowrank(args, model, tok, data, out):
             out[f"n{n}"] = {"removed": p.removed, "maps_at": sorted(p.transforms), "ppl": row}
 
 
+def cmd_policies(args, model, tok, data, out):
+    """Every candidate of the search per budget with each map policy of ``--policies`` (the default's "cv",
+    ReplaceMe's "replaceme": unweighted, unshrunk least squares): its cross-fitted check loss (the maps fitted
+    without each check window's fold, as the search checks them) and the held-out perplexity with the final
+    maps; then what a check that also weighed each policy would pick, against the package's pick."""
+    held = HeldOut(model, eval_texts(tok, args.texts, args.eval_seqs, args.seq_len))
+    with analysis(args, model, tok, data, remove=max(args.remove)) as a:
+        ver = a.verifier
+        for n in args.remove:
+            p = a.plan_for(remove=n)
+            sel = p.extra["selection"]
+            cands = {k: c["removed"] for k, c in sel["candidates"].items() if c.get("calib_loss") is not None}
+            rows = {}
+            for k, removed in cands.items():
+                rows[(k, "plain")] = (ver.loss(removed), held(removed))
+                for pol in args.policies:
+                    loss = ver.losses([removed], compensated=True, policy=pol)[0]
+                    rows[(k, pol)] = (loss, held(removed, ver.transforms(removed, policy=pol), tag=pol))
+            best = min(rows, key=lambda o: rows[o][0])
+            print(f"n={n}: package pick {sel['picked']}{' + maps' if sel['compensated'] else ''} {p.removed} "
+                  f"{fmt(held(p.removed, p.transforms, tag='cv'))}; lowest check loss of all: {best} "
+                  f"{fmt(rows[best][1])}", flush=True)
+            for (k, opt), (loss, ppl) in rows.items():
+                print(f"  {k:28s} {opt:10s} check {loss:.4f} {fmt(ppl)}")
+            out[f"n{n}"] = {"pick": {"removed": p.removed, "compensated": sel["compensated"],
+                                     "ppl": held(p.removed, p.transforms, tag="cv")},
+                            "lowest_check": list(best),
+                            "rows": {f"{k} {opt}": {"removed": cands[k], "check": loss, "ppl": ppl}
+                                     for (k, opt), (loss, ppl) in rows.items()}}
+
+
 def cmd_profile(args, model, tok, data, out):
     n = max(args.remove)
     variants = [("paper", dict(scorer="gradnorm", collect_last_token=True)), ("default", {}),
@@ -305,7 +338,7 @@ def cmd_ksweep(args, model, tok, data, out):
 
 
 COMMANDS = {"scores": cmd_scores, "candidates": cmd_candidates, "kl": cmd_kl, "profile": cmd_profile,
-            "ksweep": cmd_ksweep, "lowrank": cmd_lowrank}
+            "ksweep": cmd_ksweep, "lowrank": cmd_lowrank, "policies": cmd_policies}
 
 
 def main(argv=None) -> int:
@@ -322,6 +355,7 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", type=int, nargs="*", default=[8, 32, 128], help="lowrank: the ranks")
     p.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0],
                    help="lowrank: the halvings of the maps tried (the default's scale is 0.5)")
+    p.add_argument("--policies", nargs="+", default=["cv", "replaceme"], help="policies: the map policies")
     p.add_argument("--verify-windows", type=int, default=None, help="check windows (package default 4)")
     p.add_argument("--no-compensate", action="store_true", help="the search without compensated candidates")
     p.add_argument("--self-fit-windows", type=int, default=None,
