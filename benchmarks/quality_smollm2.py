@@ -51,7 +51,8 @@ LABEL = {
     "default": "**sglp-fast default** (verified + compensation)",
     "default-fixed": "default's blocks, wave-1 fixed-ridge maps (ablation)",
     "default-plain": "default's blocks, no maps (ablation)",
-    "default-noself": "default without the self-sampled fit windows (ablation; the round-5 default)",
+    "default-weighted": "default's blocks, row-weighted maps (ablation; round 7's map policy)",
+    "default-noself": "default without the self-sampled fit windows (ablation)",
     "paper": "SGLP paper (GradNorm per segment)",
     "shortgpt": "ShortGPT block influence",
     "angular": "Gromov et al. angular run",
@@ -160,6 +161,8 @@ def main() -> int:
                 rows[("default-plain", s, n)] = scorer(plan.removed)
                 fixed = ver.transforms(plan.removed, policy="fixed")
                 rows[("default-fixed", s, n)] = scorer(plan.removed, fixed, tag=("fixed", s, n))
+                weighted = ver.transforms(plan.removed, policy="cv-weighted")  # round 7's maps, same blocks
+                rows[("default-weighted", s, n)] = scorer(plan.removed, weighted, tag=("weighted", s, n))
                 other = noself.plan if n == top else noself.plan_for(remove=n)
                 rows[("default-noself", s, n)] = scorer(other.removed, other.transforms, tag=("noself", s, n))
                 plans[("default-noself", s, n)] = (f"{other.removed}{' +maps at ' + str(sorted(other.transforms)) if other.transforms else ''}")
@@ -194,7 +197,7 @@ def main() -> int:
 def write_report(args, rows, plans, cost, picks, checks, dense, texts, S, t_all) -> None:
     """The results file from the subsets done so far (rewritten after every subset)."""
     top = max(args.remove)
-    methods = ["default", "default-noself", "default-fixed", "default-plain", "paper", *PEERS]
+    methods = ["default", "default-noself", "default-weighted", "default-fixed", "default-plain", "paper", *PEERS]
     rivals = ("paper", *PEERS)
 
     def table(text: str) -> str:
@@ -303,9 +306,9 @@ The compensated check loss is never above the plain one (maps that raised it wer
 
 Methods: default = `sglp prune` with no options (scorer `verified`, compensation on, its maps also fitted on 16
 windows of 256 tokens the model samples itself: see docs/quality.md); "without the self-sampled fit windows" =
-`--self-fit-windows 0` (its own search and maps); the two other ablations keep the default's blocks and change
-only the maps (none; the wave-1 rule: ridge 1 x tr/d, no shrinkage, weighted rows, on the same windows as the
-default's maps); paper = `--scorer gradnorm` (lowest GradNorm per Fisher
+`--self-fit-windows 0` (its own search and maps); the three other ablations keep the default's blocks and change
+only the maps (round 7's policy `cv-weighted`: rows weighted by 1/||target||; none; the wave-1 rule: ridge
+1 x tr/d, no shrinkage, weighted rows; on the same windows as the default's maps); paper = `--scorer gradnorm` (lowest GradNorm per Fisher
 segment, budget split proportional to segment sizes); ShortGPT = the n lowest block influences (1 - cos) over
 the whole depth; angular = Gromov et al.'s contiguous run with the smallest last-token angular distance;
 ReplaceMe = the same run + one unweighted least-squares map (no ridge) from the MLP output of the block before

@@ -135,9 +135,10 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
                         "--seed) that also only feed the compensation maps, so that the maps are fitted on wider "
                         "text than the calibration text (default: 16 when compensating a causal LM not loaded "
                         "with --lazy, else 0; docs/quality.md round 7)")
-    g.add_argument("--map-policy", default="cv", choices=("cv", "fixed", "replaceme"),
+    g.add_argument("--map-policy", default="cv", choices=("cv", "cv-weighted", "fixed", "replaceme"),
                    help="how each compensation map is regularized: 'cv' (default: ridge strength and shrinkage "
-                        "chosen by cross-validation, halved towards the identity), 'fixed' (ridge 1, the wave-1 "
+                        "chosen by cross-validation, halved towards the identity), 'cv-weighted' (the same with "
+                        "rows weighted by 1/||target||, the default before round 8), 'fixed' (ridge 1, the wave-1 "
                         "rule), 'replaceme' (unweighted, no ridge)")
     g.add_argument("--shortlist", type=_positive_int, default=4, metavar="C",
                    help="candidates the 'verified' scorer checks per removed block (default 4)")

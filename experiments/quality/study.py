@@ -46,6 +46,7 @@ from sglp_fast.calibration import CalibrationData, load_calibration
 from sglp_fast.evaluate import perplexity
 from sglp_fast.pruning import remove_blocks
 from sglp_fast.selection import regularization as R
+from sglp_fast.selection.verified import one_standard_error_pick
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESEARCH_TOKENS = 387 * 256  # the stop-7 permutation ran over every 256-token window of the built-in text
@@ -274,6 +275,16 @@ def cmd_lowrank(args, model, tok, data, out):
             out[f"n{n}"] = {"removed": p.removed, "maps_at": sorted(p.transforms), "ppl": row}
 
 
+# policies the study tries beside the package's (round 8): ReplaceMe's least squares halved as the default's
+# maps are, and the default's cross-validated ridge without the row weights
+STUDY_POLICIES = {
+    "replaceme-half": R.MapPolicy("replaceme-half", (0.0,), shrink=False, weighted=False, cross_validated=False,
+                                  scale=0.5),
+    "cv-unweighted": R.MapPolicy("cv-unweighted", R.CV.alphas, shrink=True, weighted=False, cross_validated=True,
+                                 scale=R.CV.scale),
+}
+
+
 def cmd_policies(args, model, tok, data, out):
     """Every candidate of the search per budget with each map policy of ``--policies`` (the default's "cv",
     ReplaceMe's "replaceme": unweighted, unshrunk least squares): its cross-fitted check loss (the maps fitted
@@ -286,21 +297,30 @@ def cmd_policies(args, model, tok, data, out):
             p = a.plan_for(remove=n)
             sel = p.extra["selection"]
             cands = {k: c["removed"] for k, c in sel["candidates"].items() if c.get("calib_loss") is not None}
-            rows = {}
+            rows, per = {}, {}
             for k, removed in cands.items():
                 rows[(k, "plain")] = (ver.loss(removed), held(removed))
-                for pol in args.policies:
+                per[(k, "plain")] = np.asarray(ver.batch_losses([removed])[0])
+                for name in args.policies:
+                    pol = STUDY_POLICIES.get(name, name)
                     loss = ver.losses([removed], compensated=True, policy=pol)[0]
-                    rows[(k, pol)] = (loss, held(removed, ver.transforms(removed, policy=pol), tag=pol))
-            best = min(rows, key=lambda o: rows[o][0])
+                    per[(k, name)] = np.asarray(ver.batch_losses([removed], compensated=True, policy=pol)[0])
+                    rows[(k, name)] = (loss, held(removed, ver.transforms(removed, policy=pol), tag=name))
+            options = list(rows)
+            best = min(options, key=lambda o: rows[o][0])
+            # the package's 1-SE rule over every (candidate, policy); a policy after the first counts as more
+            # complex than it (kept only when better by more than a standard error)
+            rank = {pol: i for i, pol in enumerate(["plain", *args.policies])}
+            se_pick = one_standard_error_pick(options, lambda o: rows[o][0], per, best,
+                                              complexity=lambda o: (runs(cands[o[0]]), max(0, rank[o[1]] - 1)))
             print(f"n={n}: package pick {sel['picked']}{' + maps' if sel['compensated'] else ''} {p.removed} "
-                  f"{fmt(held(p.removed, p.transforms, tag='cv'))}; lowest check loss of all: {best} "
-                  f"{fmt(rows[best][1])}", flush=True)
+                  f"{fmt(held(p.removed, p.transforms, tag='pick'))}; lowest check loss of all: {best} "
+                  f"{fmt(rows[best][1])}; 1-SE pick of all: {se_pick} {fmt(rows[se_pick][1])}", flush=True)
             for (k, opt), (loss, ppl) in rows.items():
                 print(f"  {k:28s} {opt:10s} check {loss:.4f} {fmt(ppl)}")
             out[f"n{n}"] = {"pick": {"removed": p.removed, "compensated": sel["compensated"],
-                                     "ppl": held(p.removed, p.transforms, tag="cv")},
-                            "lowest_check": list(best),
+                                     "ppl": held(p.removed, p.transforms, tag="pick")},
+                            "lowest_check": list(best), "one_se_pick": list(se_pick),
                             "rows": {f"{k} {opt}": {"removed": cands[k], "check": loss, "ppl": ppl}
                                      for (k, opt), (loss, ppl) in rows.items()}}
 

@@ -40,7 +40,8 @@ def allocator_cap(device: Any, limit: int | None) -> Iterator[None]:
         yield
         return
     total = torch.cuda.get_device_properties(device).total_memory
-    before = torch.cuda.get_per_process_memory_fraction(device)
+    get = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.9; before it: uncapped
+    before = get(device) if get is not None else 1.0
     held = torch.cuda.memory_reserved(device)  # the caller's own, before this run (not the run's budget)
     torch.cuda.set_per_process_memory_fraction(min(before, (held + int(limit)) / total), device)
     try:

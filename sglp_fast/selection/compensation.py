@@ -3,7 +3,7 @@ projection of the block just before the run (after ReplaceMe, Shopkhoev et al. 2
 
 Why: a removed run a..b leaves the residual stream short of the update those blocks made. The block before
 the run, p = a-1, adds its MLP output m to the stream (out_p = h_mid + m). Replacing m by m @ T with
-T = I + D, D a (row-weighted, ridge) least-squares solution of  m D ~ y - h_mid - m  (y: the dense input of
+T = I + D, D a (ridge) least-squares solution of  m D ~ y - h_mid - m  (y: the dense input of
 block b+1), puts back the part of the missing update that is linear in m. T folds exactly into the
 projection's weights (nn.Linear: W <- T^T W, b <- b T; GPT-2 Conv1D: W <- W T, b <- b T), so the saved model
 has the standard architecture, no extra parameters, and loads with plain ``from_pretrained``. No gradient step.

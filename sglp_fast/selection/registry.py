@@ -116,6 +116,8 @@ def _verified_search(n: int, frame: Frame, evidence: Evidence) -> Choice:
             "method": "least squares folded into the MLP output projection (selection/compensation.py); "
                       + {"cv": "ridge strength and shrinkage towards the identity chosen per map by "
                                f"{folds}-fold cross-validation (selection/regularization.py)",
+                         "cv-weighted": "ridge strength and shrinkage chosen per map by "
+                                        f"{folds}-fold cross-validation, rows weighted by 1/||target||",
                          "fixed": "fixed ridge strength", "replaceme": "unweighted, no ridge (ReplaceMe)"}[policy.name],
             "module": evidence.compensation_module, "policy": policy.name, "folds": folds,
             "maps": {str(p): choices[p].to_dict() for p in found.maps},

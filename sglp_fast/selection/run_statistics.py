@@ -10,8 +10,9 @@ check's cross-fitting folds, plus a "train" slot for windows that are never held
 
     err_f(D) = tr(Y_fᵀY_f) - 2 tr(Dᵀ C_f) + tr(Dᵀ G_f D).
 
-Rows are weighted by w_t = 1 / ||y_t - h_mid_t||, the norm of the token's missing update (``weighted``), so
-the few massive-activation tokens do not dominate the fit; ReplaceMe's fit is unweighted.
+With ``weighted``, rows are weighted by w_t = 1 / ||y_t - h_mid_t||, the norm of the token's missing update, so
+the few massive-activation tokens do not dominate the fit (rounds 4-7's default, the policy ``cv-weighted``);
+the default and ReplaceMe fit unweighted rows (regularization.py, docs/quality.md round 8).
 
 All runs are fitted on the DENSE model's stream (as ReplaceMe does): a run's statistics do not depend on the
 other runs of a plan, so every candidate plan that removes the same run shares them, and one pass that

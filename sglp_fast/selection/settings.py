@@ -8,7 +8,7 @@ from ..checks import check_int, check_optional_bool
 DEFAULT_SHORTLIST = 4
 DEFAULT_VERIFY_WINDOWS = 4  # the check without compensation (the greedy's many small checks)
 DEFAULT_FOLDS = 4
-MAP_POLICIES = ("cv", "fixed", "replaceme")  # selection/regularization.py
+MAP_POLICIES = ("cv", "cv-weighted", "fixed", "replaceme")  # selection/regularization.py
 DEFAULT_SELF_FIT_WINDOWS = 16  # windows the model samples itself for the maps' fit (docs/quality.md round 7)
 
 
