@@ -16,7 +16,7 @@
                 for fixed k ("Segmentation k and the budget split")
     lowrank     the default's plans with rank-r truncations of their maps (reduced-rank regression from the
                 same statistics), at the default's halving and without it (round 6)
-    policies    every candidate with each map policy (the default's cv, ReplaceMe's unweighted least squares):
+    policies    every candidate with each map policy (e.g. cv, cv-weighted, replaceme, replaceme-half):
                 cross-fitted check loss and held-out perplexity, and the lowest check loss of all (round 8)
 
 Everything is computed by the package: the budget split, the baselines, the greedy, the compensation and the
@@ -121,7 +121,7 @@ def analysis(args, model, tok, data, **kw):
     """The default analysis of ``data`` with the command line's search settings (kw overrides)."""
     opts = dict(tokenizer=tok, calib_seqs=data.n_seqs, seq_len=data.seq_len, verify_windows=args.verify_windows,
                 compensate=False if args.no_compensate else None, greedy=args.greedy,
-                self_fit_windows=args.self_fit_windows)
+                self_fit_windows=args.self_fit_windows, map_policy=args.map_policy)
     return sglp_fast.analyze(model, data, **{**opts, **kw})
 
 
@@ -275,13 +275,11 @@ def cmd_lowrank(args, model, tok, data, out):
             out[f"n{n}"] = {"removed": p.removed, "maps_at": sorted(p.transforms), "ppl": row}
 
 
-# policies the study tries beside the package's (round 8): ReplaceMe's least squares halved as the default's
-# maps are, and the default's cross-validated ridge without the row weights
+# a policy the study tries beside the package's (round 8): ReplaceMe's least squares halved as the default's
+# maps are (the round's "cv, unweighted rows" is the package's cv since; its "cv" is now cv-weighted)
 STUDY_POLICIES = {
     "replaceme-half": R.MapPolicy("replaceme-half", (0.0,), shrink=False, weighted=False, cross_validated=False,
                                   scale=0.5),
-    "cv-unweighted": R.MapPolicy("cv-unweighted", R.CV.alphas, shrink=True, weighted=False, cross_validated=True,
-                                 scale=R.CV.scale),
 }
 
 
@@ -376,6 +374,7 @@ def main(argv=None) -> int:
     p.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0],
                    help="lowrank: the halvings of the maps tried (the default's scale is 0.5)")
     p.add_argument("--policies", nargs="+", default=["cv", "replaceme"], help="policies: the map policies")
+    p.add_argument("--map-policy", default="cv", help="the search's own map policy (package default cv)")
     p.add_argument("--verify-windows", type=int, default=None, help="check windows (package default 4)")
     p.add_argument("--no-compensate", action="store_true", help="the search without compensated candidates")
     p.add_argument("--self-fit-windows", type=int, default=None,
