@@ -66,9 +66,9 @@ def tensor_specs(cfg) -> list[tuple[str, tuple[int, ...], float]]:
 
 def make_tensor(name: str, shape: tuple[int, ...], std: float, seed: int, device: str = "cpu") -> torch.Tensor:
     """One bf16 tensor (on the CPU) from its own generator (seed, name); drawn in row chunks to bound the fp32
-    scratch. ``device``: where the numbers are drawn: "cuda" draws a 70B checkpoint's 16 G numbers in seconds
-    where one CPU generator takes ~100 s (benchmarks/results/scale_gpu.md), other numbers than the CPU's, as
-    deterministic (same seed, same kind of device: same files)."""
+    scratch. ``device``: where the numbers are drawn: one CPU generator took 114 s for a 16-block 70B-shaped
+    checkpoint on the H200 machine (benchmarks/results/scale_gpu.md); "cuda" draws them on the GPU (not yet
+    timed), other numbers than the CPU's, as deterministic (same seed, same kind of device: same files)."""
     if std == 0.0:
         return torch.ones(shape, dtype=torch.bfloat16)
     g = torch.Generator(device=device).manual_seed(

@@ -114,11 +114,10 @@ def _verified_search(n: int, frame: Frame, evidence: Evidence) -> Choice:
         folds = getattr(verifier, "folds", settings.folds)  # no more folds than check windows
         choice.compensation = {
             "method": "least squares folded into the MLP output projection (selection/compensation.py); "
-                      + {"cv": "ridge strength and shrinkage towards the identity chosen per map by "
-                               f"{folds}-fold cross-validation (selection/regularization.py)",
-                         "cv-weighted": "ridge strength and shrinkage chosen per map by "
-                                        f"{folds}-fold cross-validation, rows weighted by 1/||target||",
-                         "fixed": "fixed ridge strength", "replaceme": "unweighted, no ridge (ReplaceMe)"}[policy.name],
+                      + ("ridge strength and shrinkage towards the identity chosen per map by "
+                         f"{folds}-fold cross-validation (selection/regularization.py)" if policy.cross_validated
+                         else {"fixed": "fixed ridge strength", "replaceme": "no ridge (ReplaceMe)"}[policy.name])
+                      + ("; rows weighted by 1/||target||" if policy.weighted else "; unweighted rows"),
             "module": evidence.compensation_module, "policy": policy.name, "folds": folds,
             "maps": {str(p): choices[p].to_dict() for p in found.maps},
             "fit_windows": evidence.calib_windows + settings.fit_windows + (settings.self_fit_windows or 0),

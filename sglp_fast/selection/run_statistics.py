@@ -53,9 +53,15 @@ class RunStatistics:
         return self.gram.shape[0] - 1
 
     def add(self, slot: int, X: torch.Tensor, Y: torch.Tensor) -> None:
+        """One batch's rows into ``slot``: in place where the statistics live (no d x d temporary), else the
+        products copied here (``SlotSums`` sums a slot's batches on their device first)."""
         X, Y = X.double(), Y.double()
-        self.gram[slot] += (X.T @ X).cpu()
-        self.cross[slot] += (X.T @ Y).cpu()
+        if X.device == self.gram.device:
+            self.gram[slot].addmm_(X.T, X)
+            self.cross[slot].addmm_(X.T, Y)
+        else:
+            self.gram[slot] += (X.T @ X).cpu()
+            self.cross[slot] += (X.T @ Y).cpu()
         self.energy[slot] += float((Y * Y).sum())
         self.tokens[slot] += X.shape[0]
 
@@ -109,7 +115,7 @@ def accumulate(runner: BlockRunner, runs: Iterable[tuple[int, int]], fold_of_bat
             proj = mlp_output_module(runner.adapter, block)
             # where the statistics live (the CPU) every run of block p sums in place in one pass; on a GPU
             # each run's sums stay on it (one run at a time: the memory plan's one batch's XᵀX and XᵀY), the
-            # block re-run per run (milliseconds) rather than a d x d copy to the host per batch
+            # block re-run per run rather than a d x d copy to the host per batch
             host = _sums_in_place(block, stats[targets[0][0]])
             for group in ([targets] if host else [[t] for t in targets]):
                 sums = {run: SlotSums(stats[run], in_place=host) for run, _ in group}
@@ -141,10 +147,12 @@ def _sums_in_place(block: torch.nn.Module, stats: RunStatistics) -> bool:
 class SlotSums:
     """One run's XᵀX, XᵀY, tr(YᵀY) and rows over consecutive batches of one slot, added to its statistics.
 
-    ``in_place``: the rows are where the statistics are (the CPU): each batch adds in place (``addmm_``, no
-    d x d temporary). Else (a GPU) the sums stay on the rows' device and reach the host statistics once per
-    slot (the folds are contiguous: folds + 1 copies per run). Why: at d = 8192 one XᵀX is 512 MiB; its copy to
-    the host and the add there per batch took ~50x the product itself (issue 12)."""
+    ``in_place``: the rows are where the statistics are (the CPU): each batch goes straight in
+    (``RunStatistics.add``). Else (a GPU) the sums stay on the rows' device and reach the host statistics once
+    per slot (the folds are contiguous: folds + 1 copies per run). Why: at d = 8192 one XᵀX is 512 MiB, and a
+    copy to the host and an add there per batch and run is far more than the product on the GPU (an estimate
+    from the sizes, not measured: the H200 run of scale_gpu.md predates this and has no split of its plan
+    stage)."""
 
     def __init__(self, stats: RunStatistics, in_place: bool) -> None:
         self.stats, self.in_place = stats, in_place
@@ -154,10 +162,7 @@ class SlotSums:
 
     def add(self, slot: int, X: torch.Tensor, Y: torch.Tensor) -> None:
         if self.in_place:
-            self.stats.gram[slot].addmm_(X.T, X)
-            self.stats.cross[slot].addmm_(X.T, Y)
-            self.stats.energy[slot] += float((Y * Y).sum())
-            self.stats.tokens[slot] += X.shape[0]
+            self.stats.add(slot, X, Y)
             return
         if slot != self.slot:
             self.flush()
