@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import importlib
 
+from .hub_kernels_guard import unshadow_hub_kernels
+
 __version__ = "0.1.0"
+
+unshadow_hub_kernels()  # before anything imports transformers (see hub_kernels_guard.py)
 
 # public name -> module that defines it
 _LAZY = {

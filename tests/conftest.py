@@ -15,6 +15,8 @@ if not _HAS_CUDA:
 
 import pytest
 
+import sglp_fast  # noqa: F401  (first: its import keeps the checkout's kernels/ from shadowing HF's kernels)
+
 
 def pytest_collection_modifyitems(config, items):
     if _HAS_CUDA:

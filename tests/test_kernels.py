@@ -152,8 +152,10 @@ def test_gram_panel_is_bit_reproducible(n, d, request):
 # ------------------------------------------------------------ the top-level folder vs HF's `kernels` package
 NO_TRITON_LLAMA = textwrap.dedent(
     """
-    import sys, tempfile
+    import os, sys, tempfile
     sys.modules["triton"] = None  # an environment without triton: `import triton` raises ImportError
+    import sglp_fast  # first, as the CLI and the tests do: it keeps kernels/ from shadowing HF's `kernels`
+    from sglp_fast.hub_kernels_guard import hub_installed
     import transformers as tf
     from transformers.utils import import_utils
 
@@ -164,9 +166,13 @@ NO_TRITON_LLAMA = textwrap.dedent(
         model.save_pretrained(d)
         back = tf.AutoModelForCausalLM.from_pretrained(d)
     assert type(back).__name__ == "LlamaForCausalLM"
-    assert not import_utils.is_kernels_available()  # our folder is not mistaken for HF's kernel hub
+    ours = os.path.realpath("kernels")
     shadow = sys.modules.get("kernels")
-    assert shadow is None or not hasattr(shadow, "__version__")
+    if hub_installed():  # transformers >= 5 requires HF's kernel hub: it must be the module under that name
+        assert shadow is not None and not os.path.realpath(shadow.__file__).startswith(ours + os.sep), shadow
+    else:  # our folder is not mistaken for HF's kernel hub
+        assert not import_utils.is_kernels_available()
+        assert shadow is None or not hasattr(shadow, "__version__")
     import sglp_fast.kernels as k  # the installed package imports without triton too ...
     try:
         k.gram_panel  # ... and only its kernels need it
@@ -177,11 +183,31 @@ NO_TRITON_LLAMA = textwrap.dedent(
 
 
 def test_top_level_kernels_folder_does_not_break_transformers_without_triton():
-    """Python started in the repo root sees ``kernels/`` as top-level ``kernels``, a name transformers
-    probes; without triton that probe used to break AutoModelForCausalLM.from_pretrained."""
+    """Python started in the repo root sees ``kernels/`` as top-level ``kernels``, the import name of HF's
+    kernel hub: without triton transformers' probe of it used to break AutoModelForCausalLM.from_pretrained,
+    and transformers 5.x (which requires the hub) failed to import from it ("cannot import name
+    'CUDAProperties'") until sglp_fast.hub_kernels_guard imported the real one first."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     assert os.path.isfile(os.path.join(root, "kernels", "__init__.py"))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-c", NO_TRITON_LLAMA], cwd=root, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+
+
+def test_kernels_imported_from_our_folder_is_a_clear_error(monkeypatch):
+    """If something imported our folder as ``kernels`` before sglp_fast could stop it, and HF's hub is
+    installed, the error names the cause and the fix instead of transformers' bare ImportError."""
+    import types
+
+    from sglp_fast import hub_kernels_guard
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fake = types.ModuleType("kernels")
+    fake.__file__ = os.path.join(root, "kernels", "__init__.py")
+    monkeypatch.setitem(sys.modules, "kernels", fake)
+    monkeypatch.setattr(hub_kernels_guard, "hub_installed", lambda: True)
+    with pytest.raises(ImportError, match="import sglp_fast before anything imports 'kernels'"):
+        hub_kernels_guard.unshadow_hub_kernels()
+    monkeypatch.setattr(hub_kernels_guard, "hub_installed", lambda: False)
+    hub_kernels_guard.unshadow_hub_kernels()  # without the hub, our folder under that name is harmless

@@ -11,6 +11,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "sglp_fast"
 # stage of each top-level part of sglp_fast, in the order data flows through them
 STAGES = {
     "sizes": 0, "checks": 0, "progress": 0, "_fisher": 0,      # shared helpers, the C++ extension
+    "hub_kernels_guard": 0,                                     # import-time fix, runs before transformers
     "distributed": 0,                                          # torch.distributed helpers (data-parallel)
     "models": 1, "calibration": 1,                             # adapters + the layer-by-layer pass
     "kernels": 2, "similarity": 2,                             # CKA
