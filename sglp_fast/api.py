@@ -264,7 +264,7 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
             verify_windows: int | None = None, shortlist: int = DEFAULT_SHORTLIST,
             compensate: bool | None = None, greedy: bool | None = None, folds: int = DEFAULT_FOLDS,
             fit_windows: int = 0, self_fit_windows: int | None = None, map_policy: str = "cv",
-            checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
+            run_candidates: int = 0, checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
             windows_per_call: int | None = None, prefetch: bool | None = None) -> Analysis:
     """CKA matrix, Fisher segments, per-block scores (every scorer) and, with a budget, the removed blocks.
 
@@ -274,7 +274,7 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     ``scorer``: a selector of ``selection.registry.SELECTORS``: "verified" (default, a search), or a ranking
     ("gradnorm" is the paper's). ``gradients``: run the backward (GradNorm/Taylor scores); None = only when
     the scorer needs it. ``verify_windows``/``shortlist``/``compensate``/``greedy``/``folds``/``fit_windows``/
-    ``self_fit_windows``/``map_policy``: the verified search's settings (``selection.settings.SearchSettings``
+    ``self_fit_windows``/``map_policy``/``run_candidates``: the verified search's settings (``selection.settings.SearchSettings``
     says what they mean; ``fit_windows`` extra windows are read from the calibration source after the
     ``calib_seqs`` windows; ``self_fit_windows`` windows of ``seq_len`` tokens are sampled from the model, seeded
     by ``seed``; None = 16 when compensating a causal LM not loaded lazily). With scorer "verified" the
@@ -292,7 +292,7 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     selector = get_selector(scorer)
     search = SearchSettings(verify_windows=verify_windows, shortlist=shortlist, compensate=compensate,
                             greedy=greedy, folds=folds, fit_windows=fit_windows, self_fit_windows=self_fit_windows,
-                            map_policy=map_policy)
+                            map_policy=map_policy, run_candidates=run_candidates)
     if gradients is None:
         gradients = selector.needs_gradients
     elif not gradients and selector.needs_gradients:

@@ -539,6 +539,9 @@ class FakeVerifier:
     def transforms(self, removed, fold=None, maps=None, policy=None):
         return {}
 
+    def run_distances(self, n):  # a run's "distance": its blocks' summed cost (lowest = cheapest run)
+        return np.array([float(self.cost[s:s + n].sum()) for s in range(len(self.cost) - n + 1)])
+
 
 class NoisyFakeVerifier(FakeVerifier):
     """Four check batches: the fake loss plus a per-batch offset ``noise[plan][b]`` (mean zero)."""
@@ -587,6 +590,71 @@ def test_one_standard_error_rule_prefers_the_simpler_plan_within_noise():
         assert lowest["removed"] == [1, 3] and sel.removed == want, (spread, sel.removed)
         assert sel.to_dict()["rule"] == "one standard error"
         assert (sel.lowest_loss == sel.picked) == (want == [1, 3])
+
+
+def test_run_candidates_are_the_lowest_distance_runs_that_fit_and_are_new():
+    """run_candidates k: the k runs of lowest run_distances, skipping one another candidate proposes and one
+    that breaks the frame, checked (plain and compensated) and pickable; k = 0 adds none."""
+    cost = [5.0, 1.0, 0.9, 0.2, 0.3, 2.0, 0.25, 0.35, 4.0]
+    r = [0.9, 0.1, 0.2, 0.8, 0.7, 0.5, 0.85, 0.95, 0.6]  # the r-based candidates avoid the cheap blocks
+    hidden = np.random.default_rng(1).normal(size=(10, 3, 4))
+    segments = [(0, 4), (5, 8)]
+    protected_last = 1  # block 8 is protected: no run may hold it
+    base = verified_pick(segments=segments, n=2, relative_update=r, block_influence=r, verifier=FakeVerifier(cost),
+                         last_token_hidden=hidden, greedy=False, protect_last=protected_last)
+    assert not any(name.startswith("angular_run") for name in base.candidates)
+    proposed = {tuple(c["removed"]) for c in base.candidates.values() if c.get("calib_loss") is not None}
+    ver = FakeVerifier(cost, comp_gain=0.01)
+    sel = verified_pick(segments=segments, n=2, relative_update=r, block_influence=r, verifier=ver,
+                        last_token_hidden=hidden, greedy=False, protect_last=protected_last, run_candidates=2,
+                        compensate=True)
+    d = ver.run_distances(2)
+    want = [list(range(s, s + 2)) for s in sorted(range(len(d)), key=lambda s: (d[s], s))
+            if tuple(range(s, s + 2)) not in proposed and fits_frame(range(s, s + 2), segments, {8}, False)][:2]
+    assert [sel.candidates[f"angular_run_{i}"]["removed"] for i in (1, 2)] == want
+    assert want[0] == [6, 7] or want[0] == [3, 4]
+    for name in ("angular_run_1", "angular_run_2"):
+        c = sel.candidates[name]
+        assert c["calib_loss"] == pytest.approx(float(np.sum(np.asarray(cost)[c["removed"]])))
+        assert c["calib_loss_compensated"] == pytest.approx(c["calib_loss"] - 0.02)
+    assert sel.removed == [3, 4] and sel.compensated  # the cheapest run, found only as a run candidate
+    assert (3, 4) not in proposed
+    with pytest.raises(ValueError, match="run_candidates"):
+        verified_pick(segments=segments, n=2, relative_update=r, block_influence=r, verifier=ver, run_candidates=-1)
+
+
+def test_run_distances_equal_a_float64_reference(setup):
+    """SkipVerifier.run_distances against arccos(cos)/pi of states recorded by hooks on a float64 forward,
+    over the check windows' real tokens only (left padding excluded; windows of 3 to 9 tokens)."""
+    model, batches, ver = setup
+    check = batches[:ver._nv]
+    states = []  # per batch: [block inputs..., last block output]
+    blocks = get_adapter(model).blocks
+    for batch in check:
+        seen = []
+        hooks = [b.register_forward_pre_hook(lambda m, args, kw: seen.append(args[0] if args else
+                                                                               kw["hidden_states"]),
+                                             with_kwargs=True) for b in blocks]
+        hooks.append(blocks[-1].register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple)
+                                                                                    else out)))
+        with torch.no_grad():
+            model(**batch)
+        for h in hooks:
+            h.remove()
+        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool().numpy()
+        states.append(([x.detach().numpy().astype(np.float64)[mask] for x in seen]))
+    L = len(blocks)
+    for n in (1, 2, L):
+        total, count = np.zeros(L - n + 1), 0
+        for per_layer in states:
+            count += per_layer[0].shape[0]
+            for s in range(L - n + 1):
+                a, b = per_layer[s], per_layer[s + n]
+                cos = np.clip((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)), -1, 1)
+                total[s] += (np.arccos(cos) / np.pi).sum()
+        np.testing.assert_allclose(ver.run_distances(n), total / count, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="does not fit"):
+        ver.run_distances(L + 1)
 
 
 def _brute_force(cost, n, segments, protected):

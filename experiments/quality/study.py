@@ -16,6 +16,11 @@
                 for fixed k ("Segmentation k and the budget split")
     lowrank     the default's plans with rank-r truncations of their maps (reduced-rank regression from the
                 same statistics), at the default's halving and without it (round 6)
+    runs        every contiguous run of n blocks, plain and with the default's maps (and --policies' maps):
+                check loss and held-out perplexity; the best run per text (an oracle: it looks at the
+                held-out text) against the package's pick: how far the plan-and-map family can go (round 9)
+    picks       the package's pick per budget and its held-out perplexity (with --check-on-self: the roles of
+                the texts swapped, see below)
     policies    every candidate with each map policy (e.g. cv, cv-weighted, replaceme, replaceme-half):
                 cross-fitted check loss and held-out perplexity, and the lowest check loss of all (round 8)
 
@@ -43,6 +48,7 @@ import torch
 
 import sglp_fast
 from sglp_fast.calibration import CalibrationData, load_calibration
+from sglp_fast.calibration.text import tokenize_windows
 from sglp_fast.evaluate import perplexity
 from sglp_fast.pruning import remove_blocks
 from sglp_fast.selection import regularization as R
@@ -83,7 +89,12 @@ def eval_texts(tok, names: str, n: int, seq_len: int) -> dict[str, torch.Tensor]
 
             out["B"] = load_calibration([readme_text()], tok, n_seqs=n, seq_len=seq_len).input_ids
         elif name:
-            raise SystemExit(f"--texts: expected a comma list of A and B, got {name!r}")
+            sys.path.insert(0, os.path.join(HERE, "..", "..", "benchmarks"))
+            from domains import DOMAINS, load_domain  # noqa: PLC0415  (the benchmark's held-out domains)
+
+            if name not in DOMAINS:
+                raise SystemExit(f"--texts: expected a comma list of A, B and {', '.join(DOMAINS)}, got {name!r}")
+            out[name] = tokenize_windows(tok, load_domain(name), n, seq_len)  # as quality_smollm2.py does
     return out
 
 
@@ -121,7 +132,10 @@ def analysis(args, model, tok, data, **kw):
     """The default analysis of ``data`` with the command line's search settings (kw overrides)."""
     opts = dict(tokenizer=tok, calib_seqs=data.n_seqs, seq_len=data.seq_len, verify_windows=args.verify_windows,
                 compensate=False if args.no_compensate else None, greedy=args.greedy,
-                self_fit_windows=args.self_fit_windows, map_policy=args.map_policy)
+                self_fit_windows=args.self_fit_windows, map_policy=args.map_policy,
+                run_candidates=args.run_candidates)
+    if args.check_on_self:  # check_on_self(): the first half the model's samples, the second the text, fit-only
+        opts.update(calib_seqs=data.n_seqs // 2, fit_windows=data.n_seqs - data.n_seqs // 2, self_fit_windows=0)
     return sglp_fast.analyze(model, data, **{**opts, **kw})
 
 
@@ -323,6 +337,71 @@ def cmd_policies(args, model, tok, data, out):
                                      for (k, opt), (loss, ppl) in rows.items()}}
 
 
+def cmd_runs(args, model, tok, data, out):
+    """Every contiguous run of n blocks (a run starting at block 0 has no block to fold a map into: skipped),
+    plain and compensated with each of ``--policies`` (cross-fitted check loss; held-out perplexity with the
+    final maps), beside the package's pick. The best run per text is picked on that text itself: an upper
+    bound for any pick of a contiguous run with these maps, not a method (nothing is chosen from it)."""
+    held = HeldOut(model, eval_texts(tok, args.texts, args.eval_seqs, args.seq_len))
+    with analysis(args, model, tok, data, remove=max(args.remove)) as a:
+        ver = a.verifier
+        L = ver.num_blocks
+        for n in args.remove:
+            p = a.plan_for(remove=n)
+            sel = p.extra["selection"]
+            pick_ppl = held(p.removed, p.transforms, tag="pick")
+            rows = {}
+            for start in range(max(1, args.run_starts[0]), min(L - n, args.run_starts[1]) + 1):
+                removed = list(range(start, start + n))
+                rows[(start, "plain")] = (ver.loss(removed), held(removed))
+                for name in args.policies:
+                    pol = STUDY_POLICIES.get(name, name)
+                    loss = ver.losses([removed], compensated=True, policy=pol)[0]
+                    rows[(start, name)] = (loss, held(removed, ver.transforms(removed, policy=pol), tag=name))
+                print(f"  n={n} run {start}-{start + n - 1}: " + "; ".join(
+                    f"{opt} check {rows[(start, opt)][0]:.4f} {fmt(rows[(start, opt)][1])}"
+                    for opt in ["plain", *args.policies]), flush=True)
+            texts = list(pick_ppl)
+            oracle = {t: min(rows, key=lambda o: rows[o][1][t]) for t in texts}
+            lowest = min(rows, key=lambda o: rows[o][0])
+            print(f"n={n}: package pick {sel['picked']}{' + maps' if sel['compensated'] else ''} {p.removed} "
+                  f"{fmt(pick_ppl)}; lowest check loss of the runs: {lowest} {fmt(rows[lowest][1])}", flush=True)
+            for t in texts:
+                o = oracle[t]
+                print(f"  best run on {t} (oracle): {o[0]}-{o[0] + n - 1} {o[1]} {rows[o][1][t]:.2f} "
+                      f"(pick {pick_ppl[t]:.2f}, {100 * (1 - rows[o][1][t] / pick_ppl[t]):+.1f}% below it)")
+            out[f"n{n}"] = {"pick": {"removed": p.removed, "compensated": sel["compensated"], "ppl": pick_ppl},
+                            "lowest_check": list(lowest), "oracle": {t: list(o) for t, o in oracle.items()},
+                            "rows": {f"{s} {opt}": {"removed": list(range(s, s + n)), "check": loss, "ppl": ppl}
+                                     for (s, opt), (loss, ppl) in rows.items()}}
+
+
+def cmd_picks(args, model, tok, data, out):
+    """The package's pick per budget: removed blocks, maps, held-out perplexity."""
+    held = HeldOut(model, eval_texts(tok, args.texts, args.eval_seqs, args.seq_len))
+    with analysis(args, model, tok, data, remove=max(args.remove)) as a:
+        print(f"segments {a.segmentation.segments}; check windows {a.verifier.num_windows}")
+        for n in args.remove:
+            p = a.plan_for(remove=n)
+            sel = p.extra["selection"]
+            ppl = held(p.removed, p.transforms, tag="pick")
+            print(f"n={n}: {sel['picked']}{' + maps' if sel['compensated'] else ''} {p.removed} maps at "
+                  f"{sorted(p.transforms)}: {fmt(ppl)}", flush=True)
+            out[f"n{n}"] = {"picked": sel["picked"], "removed": p.removed, "maps_at": sorted(p.transforms),
+                            "ppl": ppl}
+
+
+def check_on_self(model, tok, data: CalibrationData, seed: int = 0) -> CalibrationData:
+    """Round 9's question: the maps fit on the same windows as the default's (the calibration text and the 16
+    windows the model samples itself), but the check, the CKA and the scores run on the sampled windows and
+    the calibration text only feeds the maps (fit-only). The sampled windows are the default's own (same
+    seed, same indices), so only the roles of the two texts differ."""
+    from sglp_fast.calibration.self_text import sample_windows, start_token  # noqa: PLC0415
+
+    sampled = sample_windows(model, range(data.n_seqs), data.seq_len, start=start_token(model, tok), seed=seed)
+    return CalibrationData(torch.cat([sampled, data.input_ids]), source=f"self-sampled + {data.source}", seed=seed)
+
+
 def cmd_profile(args, model, tok, data, out):
     n = max(args.remove)
     variants = [("paper", dict(scorer="gradnorm", collect_last_token=True)), ("default", {}),
@@ -355,7 +434,7 @@ def cmd_ksweep(args, model, tok, data, out):
                                                   "compensated": bool(p.transforms), "ppl": ppl}
 
 
-COMMANDS = {"scores": cmd_scores, "candidates": cmd_candidates, "kl": cmd_kl, "profile": cmd_profile,
+COMMANDS = {"runs": cmd_runs, "picks": cmd_picks, "scores": cmd_scores, "candidates": cmd_candidates, "kl": cmd_kl, "profile": cmd_profile,
             "ksweep": cmd_ksweep, "lowrank": cmd_lowrank, "policies": cmd_policies}
 
 
@@ -367,7 +446,7 @@ def main(argv=None) -> int:
     p.add_argument("--calib-seqs", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-seqs", type=int, default=8)
-    p.add_argument("--texts", default="A,B", help="held-out texts, comma list of A and B")
+    p.add_argument("--texts", default="A,B", help="held-out texts, comma list of A, B and the benchmark's domains (readme, austen, licences, jargon)")
     p.add_argument("--remove", type=int, nargs="+", default=[4, 6, 8])
     p.add_argument("--k", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], help="ksweep: the k values")
     p.add_argument("--ranks", type=int, nargs="*", default=[8, 32, 128], help="lowrank: the ranks")
@@ -381,6 +460,12 @@ def main(argv=None) -> int:
                    help="windows the model samples for the maps' fit (package default: 16 when compensating)")
     p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=None,
                    help="the search's loss-checked greedy (package default: only without compensation)")
+    p.add_argument("--run-candidates", type=int, default=0,
+                   help="the search's extra contiguous runs of lowest all-token angular distance (package default 0)")
+    p.add_argument("--run-starts", type=int, nargs=2, default=[1, 10**6], metavar=("FIRST", "LAST"),
+                   help="runs: only the runs starting at blocks FIRST..LAST")
+    p.add_argument("--check-on-self", action="store_true",
+                   help="check, CKA and scores on the model's own 16 samples; the calibration subset fit-only")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, metavar="FILE", help="write the numbers as JSON")
     args = p.parse_args(argv)
@@ -389,6 +474,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     model, tok = load(args.model)
     data = calibration(tok, args.subset, args.calib_seqs, args.seq_len)
+    if args.check_on_self:
+        data = check_on_self(model, tok, data)
     out: dict = {"args": vars(args)}
     COMMANDS[args.command](args, model, tok, data, out)
     print(f"[{args.command}: {time.perf_counter() - t0:.0f} s]")

@@ -47,6 +47,10 @@ class Verifier(Protocol):
                    policy: Any = None) -> dict[int, torch.Tensor]:
         """The compensation maps of a plan (fitted without fold ``fold``; None: on every window)."""
 
+    def run_distances(self, n: int) -> Any:
+        """Mean angular distance over every check token between the input and the output of each run of
+        ``n`` blocks (index: its first block), from the dense states the check holds (no forward)."""
+
 
 @runtime_checkable
 class BlockRunner(Protocol):

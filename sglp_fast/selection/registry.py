@@ -102,8 +102,9 @@ def _verified_search(n: int, frame: Frame, evidence: Evidence) -> Choice:
                           last_token_hidden=evidence.last_token_hidden, protect_first=frame.protect_first,
                           protect_last=frame.protect_last, allow_empty_segments=frame.allow_empty_segments,
                           shortlist=settings.shortlist, compensate=bool(settings.compensate),
-                          greedy=bool(settings.greedy))
+                          greedy=bool(settings.greedy), run_candidates=settings.run_candidates)
     record = {**found.to_dict(), "shortlist": settings.shortlist, "verify_windows": verifier.num_windows,
+              **({"run_candidates": settings.run_candidates} if settings.run_candidates else {}),
               "self_fit_windows": settings.self_fit_windows or 0}
     choice = Choice(removed=list(found.removed), record=record)
     if found.compensated:  # the chosen plan's maps, fitted on every window (their in-sample loss is not

@@ -33,6 +33,8 @@ class SearchSettings:
     feed the compensation statistics, so that the maps are fitted on wider text than the calibration text;
     None = ``DEFAULT_SELF_FIT_WINDOWS`` when compensating a model that can sample (a causal LM held in
     memory), else 0. ``map_policy``: how each map is regularized (``regularization.POLICIES``).
+    ``run_candidates``: contiguous runs of lowest all-token angular distance checked as extra candidates
+    (0: Gromov's one run only; docs/quality.md round 9).
     ``resolved()`` fills every None for one model and calibration set.
     """
 
@@ -44,12 +46,15 @@ class SearchSettings:
     fit_windows: int = 0
     self_fit_windows: int | None = None
     map_policy: str = "cv"
+    run_candidates: int = 0
     check_every_window: bool = False  # set by resolved(): the check uses every calibration window
 
     def __post_init__(self) -> None:
         check_int("verify_windows", self.verify_windows, 1, expected="a positive int", optional=True)
         check_int("shortlist", self.shortlist, 1, expected="a positive int")
         check_int("folds", self.folds, 1, expected="a positive int (cross-fitting folds)")
+        check_int("run_candidates", self.run_candidates, 0,
+                  expected="a non-negative int (contiguous runs the search checks besides its candidates)")
         check_int("fit_windows", self.fit_windows, 0, expected="a non-negative int (extra fit-only windows)")
         check_int("self_fit_windows", self.self_fit_windows, 0, optional=True,
                   expected="a non-negative int (windows the model samples for the maps' fit) or None (auto)")

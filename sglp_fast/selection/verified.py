@@ -11,7 +11,8 @@ loss well (+0.89), so it proposes; the loss decides:
    (``SkipVerifier``: a partial forward on a few calibration windows).
 2. pick: among the greedy plan and a few whole plans proposed by other rules (r per segment with the
    proportional split, the n lowest r overall, ShortGPT's n lowest block influence, Gromov's contiguous
-   angular run), the plan with the fewest removed runs whose check loss is within one standard error
+   angular run; with ``run_candidates`` k, the k contiguous runs of lowest angular distance over every
+   token too), the plan with the fewest removed runs whose check loss is within one standard error
    (paired, over the check windows) of the lowest; a proposal that breaks the frame (empties a segment,
    removes a protected block) is left out. Ties go to the lower loss, then the earlier name in
    ``CANDIDATES``.
@@ -70,11 +71,16 @@ def verified_pick(*, segments: Sequence[Sequence[int]], n: int, relative_update:
                   block_influence: Sequence[float], verifier: Verifier, last_token_hidden: np.ndarray | None = None,
                   protect_first: int = 0, protect_last: int = 0, allow_empty_segments: bool = False,
                   shortlist: int = DEFAULT_SHORTLIST, compensate: bool = False,
-                  greedy: bool = True) -> VerifiedSelection:
-    """Remove ``n`` blocks by the verified rule above; ``verifier.losses(plans)`` gives calibration losses."""
+                  greedy: bool = True, run_candidates: int = 0) -> VerifiedSelection:
+    """Remove ``n`` blocks by the verified rule above; ``verifier.losses(plans)`` gives calibration losses.
+
+    ``run_candidates`` k > 0: also the k contiguous runs of lowest all-token angular distance
+    (``verifier.run_distances``) that fit the frame and are not already proposed, as candidates
+    ``angular_run_1``..k (docs/quality.md round 9)."""
     r = np.asarray(relative_update, dtype=np.float64)
     L = len(r)
     check_int("shortlist", shortlist, 1, expected="a positive int (candidates checked per removal)")
+    check_int("run_candidates", run_candidates, 0, expected="a non-negative int (contiguous runs checked)")
     protected = protected_blocks(L, protect_first, protect_last)
     per_segment = split_budget(segments, n, protected=protected, allow_empty_segments=allow_empty_segments)
     work0 = verifier.block_forwards
@@ -101,12 +107,16 @@ def verified_pick(*, segments: Sequence[Sequence[int]], n: int, relative_update:
     }
     valid = {name: plan for name, plan in proposals.items()
              if plan is not None and fits_frame(plan, segments, protected, allow_empty_segments)}
-    names = [name for name in CANDIDATES if name in valid]
+    runs = lowest_runs(verifier, n, run_candidates, [p for p in valid.values()],
+                       lambda plan: fits_frame(plan, segments, protected, allow_empty_segments))
+    valid.update(runs)
+    order = [*CANDIDATES, *runs]
+    names = [name for name in order if name in valid]
     if compensate:
         every_variant(verifier, [valid[name] for name in names])
     losses = verifier.losses([valid[name] for name in names])
     candidates = {name: {"removed": valid[name], "calib_loss": float(loss)} for name, loss in zip(names, losses)}
-    for name in CANDIDATES:
+    for name in CANDIDATES:  # the extra runs are proposed only where they fit: never skipped
         if name not in valid:
             why = ("not run" if name == "greedy" else "not available (no last-token states)") \
                 if proposals[name] is None else "breaks the frame"
@@ -138,6 +148,25 @@ def verified_pick(*, segments: Sequence[Sequence[int]], n: int, relative_update:
                              greedy_steps=steps, block_forwards=verifier.block_forwards - work0,
                              lowest_loss=lowest[0] + (" + compensation" if lowest[1] else ""),
                              maps=sorted(kept_maps[picked]) if comp else [])
+
+
+def lowest_runs(verifier: Verifier, n: int, k: int, proposed: Sequence[Sequence[int]],
+                fits: Any) -> dict[str, list[int]]:
+    """{"angular_run_i": run}: the ``k`` contiguous runs of ``n`` blocks with the lowest all-token angular
+    distance that ``fits`` the frame and no other candidate proposes (ties: the shallower run)."""
+    if k == 0 or n == 0:
+        return {}
+    d = np.asarray(verifier.run_distances(n), dtype=np.float64)
+    seen = {tuple(sorted(p)) for p in proposed}
+    out: dict[str, list[int]] = {}
+    for start in sorted(range(len(d)), key=lambda s: (d[s], s)):
+        run = list(range(start, start + n))
+        if tuple(run) in seen or not fits(run):
+            continue
+        out[f"angular_run_{len(out) + 1}"] = run
+        if len(out) == k:
+            break
+    return out
 
 
 def every_variant(verifier: Verifier, plans: Sequence[Sequence[int]]) -> list[frozenset[int]]:

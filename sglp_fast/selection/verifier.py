@@ -224,6 +224,33 @@ class SkipVerifier:
             out[p] = self._fitted[key]
         return out
 
+    @torch.no_grad()
+    def run_distances(self, n: int) -> np.ndarray:
+        """[num_blocks - n + 1] float64: for each run s..s+n-1, the mean over every real token of the check
+        windows of arccos(cos(h_s, h_s+n)) / pi between the dense states entering and leaving it.
+
+        Why: Gromov's rule measures this on the last token only and proposes one run; over every token it ranks
+        the runs as the compensated check does (docs/quality.md round 9), from states the check already
+        holds: no forward, two reads of each kept input. Data-parallel: summed over the ranks."""
+        check_int("n", n, 1, expected=f"a run length in [1, {self.num_blocks}]")
+        if n > self.num_blocks:
+            raise ValueError(f"n: a run of {n} blocks does not fit in {self.num_blocks} blocks")
+        starts = self.num_blocks - n + 1
+        sums = np.zeros(starts + 1, dtype=np.float64)  # per run, then the token count
+        for b in range(self._nv):
+            mask = self.token_mask(b).reshape(-1)
+            sums[-1] += float(mask.sum())
+
+            def tokens(layer: int) -> torch.Tensor:  # the real tokens' states, float64 [tokens, d]
+                h = self.cached_input(layer, b)
+                return h.reshape(-1, h.shape[-1])[mask.to(h.device)].double()
+
+            for s in range(starts):
+                cos = torch.nn.functional.cosine_similarity(tokens(s), tokens(s + n), dim=-1).clamp(-1.0, 1.0)
+                sums[s] += float(torch.arccos(cos).sum()) / np.pi
+        sums = dist.all_reduce_sum(sums, tag="run_distances")
+        return sums[:-1] / max(sums[-1], 1.0)
+
     def prepare(self, plans: Iterable[Iterable[int]], policy: str | R.MapPolicy | None = None) -> None:
         """The statistics of every run of ``plans`` in one pass (each needed block read once)."""
         policy = R.get_policy(policy or self.policy)
