@@ -386,9 +386,11 @@ def cmd_picks(args, model, tok, data, out):
             sel = p.extra["selection"]
             ppl = held(p.removed, p.transforms, tag="pick")
             print(f"n={n}: {sel['picked']}{' + maps' if sel['compensated'] else ''} {p.removed} maps at "
-                  f"{sorted(p.transforms)}: {fmt(ppl)}", flush=True)
-            out[f"n{n}"] = {"picked": sel["picked"], "removed": p.removed, "maps_at": sorted(p.transforms),
-                            "ppl": ppl}
+                  f"{sorted(p.transforms)} (lowest check: {sel['lowest_loss']}): {fmt(ppl)}", flush=True)
+            out[f"n{n}"] = {"picked": sel["picked"], "lowest_loss": sel["lowest_loss"], "removed": p.removed,
+                            "maps_at": sorted(p.transforms), "ppl": ppl,
+                            "candidates": {k: {f: c.get(f) for f in ("removed", "calib_loss", "calib_loss_compensated")}
+                                           for k, c in sel["candidates"].items()}}
 
 
 def check_on_self(model, tok, data: CalibrationData, seed: int = 0) -> CalibrationData:
