@@ -274,10 +274,11 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     ``scorer``: a selector of ``selection.registry.SELECTORS``: "verified" (default, a search), or a ranking
     ("gradnorm" is the paper's). ``gradients``: run the backward (GradNorm/Taylor scores); None = only when
     the scorer needs it. ``verify_windows``/``shortlist``/``compensate``/``greedy``/``folds``/``fit_windows``/
-    ``self_fit_windows``/``map_policy``/``run_candidates``: the verified search's settings (``selection.settings.SearchSettings``
-    says what they mean; ``fit_windows`` extra windows are read from the calibration source after the
-    ``calib_seqs`` windows; ``self_fit_windows`` windows of ``seq_len`` tokens are sampled from the model, seeded
-    by ``seed``; None = 16 when compensating a causal LM not loaded lazily). With scorer "verified" the
+    ``self_fit_windows``/``map_policy``/``run_candidates``: the verified search's settings
+    (``selection.settings.SearchSettings`` says what they mean; ``fit_windows`` extra windows are read from
+    the calibration source after the ``calib_seqs`` windows; ``self_fit_windows`` windows of ``seq_len``
+    tokens are sampled from the model, seeded by ``seed``; None = 16 when compensating a causal LM not
+    loaded lazily). With scorer "verified" the
     analysis holds cached block inputs: ``close()`` it when done. ``checkpoint_dir``: save the calibration
     pass block by block so that ``resume=True`` continues a killed run to the same result (the checkpoint
     stays until ``analysis.calib_result.checkpoint.remove()``; ``prune`` removes it once the model is saved).

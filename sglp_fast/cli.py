@@ -141,9 +141,9 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
                         "rows weighted by 1/||target||, the default before round 8), 'fixed' (ridge 1, the wave-1 "
                         "rule), 'replaceme' (unweighted, no ridge)")
     g.add_argument("--run-candidates", type=_nonneg_int, default=0, metavar="K",
-                   help="'verified' scorer: also check the K contiguous runs whose input and output differ least "
-                        "in angle over every token (from the states the check holds; default 0: Gromov's one "
-                        "run, last token; docs/quality.md round 9)")
+                   help="'verified' scorer: also check the K contiguous runs whose input and output differ "
+                        "least in angle over every token (from the states the check holds; default 0: "
+                        "Gromov's one run, last token; docs/quality.md round 9)")
     g.add_argument("--shortlist", type=_positive_int, default=4, metavar="C",
                    help="candidates the 'verified' scorer checks per removed block (default 4)")
     g.add_argument("--no-compensate", dest="compensate", action="store_const", const=False, default=None,
@@ -517,7 +517,8 @@ def _analyze_kwargs(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
               verify_windows=args.verify_windows,
               shortlist=args.shortlist, compensate=args.compensate, greedy=args.greedy, folds=args.folds,
               fit_windows=args.fit_windows, self_fit_windows=args.self_fit_windows, map_policy=args.map_policy,
-              run_candidates=args.run_candidates, checkpoint_dir=args.resume or args.checkpoint_dir, resume=args.resume is not None,
+              run_candidates=args.run_candidates, checkpoint_dir=args.resume or args.checkpoint_dir,
+              resume=args.resume is not None,
               windows_per_call=getattr(args, "windows_per_call", None),
               prefetch={"on": True, "off": False}.get(getattr(args, "prefetch", "auto")))
     if hasattr(args, "ratio"):

@@ -49,8 +49,9 @@ def unshadow_hub_kernels() -> None:
         if Path(getattr(loaded, "__file__", "") or "").resolve() == ours and hub_installed():
             raise ImportError(
                 f"the module 'kernels' was imported from sglp-fast's own folder ({ours.parent}) because the "
-                "checkout's root is on sys.path; transformers needs Hugging Face's 'kernels' package under that "
-                "name: import sglp_fast before anything imports 'kernels', or start Python outside the checkout")
+                "checkout's root is on sys.path; transformers needs Hugging Face's 'kernels' package under "
+                "that name: import sglp_fast before anything imports 'kernels', or start Python outside the "
+                "checkout")
         return
     if _origin("kernels") != ours or not hub_installed():
         return

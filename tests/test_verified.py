@@ -600,8 +600,9 @@ def test_run_candidates_are_the_lowest_distance_runs_that_fit_and_are_new():
     hidden = np.random.default_rng(1).normal(size=(10, 3, 4))
     segments = [(0, 4), (5, 8)]
     protected_last = 1  # block 8 is protected: no run may hold it
-    base = verified_pick(segments=segments, n=2, relative_update=r, block_influence=r, verifier=FakeVerifier(cost),
-                         last_token_hidden=hidden, greedy=False, protect_last=protected_last)
+    base = verified_pick(segments=segments, n=2, relative_update=r, block_influence=r,
+                         verifier=FakeVerifier(cost), last_token_hidden=hidden, greedy=False,
+                         protect_last=protected_last)
     assert not any(name.startswith("angular_run") for name in base.candidates)
     proposed = {tuple(c["removed"]) for c in base.candidates.values() if c.get("calib_loss") is not None}
     ver = FakeVerifier(cost, comp_gain=0.01)
@@ -610,7 +611,8 @@ def test_run_candidates_are_the_lowest_distance_runs_that_fit_and_are_new():
                         compensate=True)
     d = ver.run_distances(2)
     want = [list(range(s, s + 2)) for s in sorted(range(len(d)), key=lambda s: (d[s], s))
-            if tuple(range(s, s + 2)) not in proposed and fits_frame(range(s, s + 2), segments, {8}, False)][:2]
+            if tuple(range(s, s + 2)) not in proposed
+            and fits_frame(range(s, s + 2), segments, {8}, False)][:2]
     assert [sel.candidates[f"angular_run_{i}"]["removed"] for i in (1, 2)] == want
     assert want[0] == [6, 7] or want[0] == [3, 4]
     for name in ("angular_run_1", "angular_run_2"):
@@ -620,7 +622,8 @@ def test_run_candidates_are_the_lowest_distance_runs_that_fit_and_are_new():
     assert sel.removed == [3, 4] and sel.compensated  # the cheapest run, found only as a run candidate
     assert (3, 4) not in proposed
     with pytest.raises(ValueError, match="run_candidates"):
-        verified_pick(segments=segments, n=2, relative_update=r, block_influence=r, verifier=ver, run_candidates=-1)
+        verified_pick(segments=segments, n=2, relative_update=r, block_influence=r, verifier=ver,
+                      run_candidates=-1)
 
 
 def test_run_distances_equal_a_float64_reference(setup):
@@ -632,11 +635,11 @@ def test_run_distances_equal_a_float64_reference(setup):
     blocks = get_adapter(model).blocks
     for batch in check:
         seen = []
-        hooks = [b.register_forward_pre_hook(lambda m, args, kw: seen.append(args[0] if args else
-                                                                               kw["hidden_states"]),
-                                             with_kwargs=True) for b in blocks]
-        hooks.append(blocks[-1].register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple)
-                                                                                    else out)))
+        hooks = [b.register_forward_pre_hook(
+            lambda m, args, kw: seen.append(args[0] if args else kw["hidden_states"]), with_kwargs=True)
+            for b in blocks]
+        hooks.append(blocks[-1].register_forward_hook(
+            lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out)))
         with torch.no_grad():
             model(**batch)
         for h in hooks:
@@ -650,7 +653,8 @@ def test_run_distances_equal_a_float64_reference(setup):
             count += per_layer[0].shape[0]
             for s in range(L - n + 1):
                 a, b = per_layer[s], per_layer[s + n]
-                cos = np.clip((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)), -1, 1)
+                norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+                cos = np.clip((a * b).sum(-1) / norms, -1, 1)
                 total[s] += (np.arccos(cos) / np.pi).sum()
         np.testing.assert_allclose(ver.run_distances(n), total / count, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="does not fit"):

@@ -19,8 +19,8 @@
     runs        every contiguous run of n blocks, plain and with the default's maps (and --policies' maps):
                 check loss and held-out perplexity; the best run per text (an oracle: it looks at the
                 held-out text) against the package's pick: how far the plan-and-map family can go (round 9)
-    picks       the package's pick per budget and its held-out perplexity (with --check-on-self: the roles of
-                the texts swapped, see below)
+    picks       the package's pick per budget (and the lowest check option, every candidate's losses) and its
+                held-out perplexity
     policies    every candidate with each map policy (e.g. cv, cv-weighted, replaceme, replaceme-half):
                 cross-fitted check loss and held-out perplexity, and the lowest check loss of all (round 8)
 
@@ -93,7 +93,8 @@ def eval_texts(tok, names: str, n: int, seq_len: int) -> dict[str, torch.Tensor]
             from domains import DOMAINS, load_domain  # noqa: PLC0415  (the benchmark's held-out domains)
 
             if name not in DOMAINS:
-                raise SystemExit(f"--texts: expected a comma list of A, B and {', '.join(DOMAINS)}, got {name!r}")
+                raise SystemExit(f"--texts: expected a comma list of A, B and {', '.join(DOMAINS)}, "
+                                 f"got {name!r}")
             out[name] = tokenize_windows(tok, load_domain(name), n, seq_len)  # as quality_smollm2.py does
     return out
 
@@ -134,8 +135,6 @@ def analysis(args, model, tok, data, **kw):
                 compensate=False if args.no_compensate else None, greedy=args.greedy,
                 self_fit_windows=args.self_fit_windows, map_policy=args.map_policy,
                 run_candidates=args.run_candidates)
-    if args.check_on_self:  # check_on_self(): the first half the model's samples, the second the text, fit-only
-        opts.update(calib_seqs=data.n_seqs // 2, fit_windows=data.n_seqs - data.n_seqs // 2, self_fit_windows=0)
     return sglp_fast.analyze(model, data, **{**opts, **kw})
 
 
@@ -365,15 +364,20 @@ def cmd_runs(args, model, tok, data, out):
             oracle = {t: min(rows, key=lambda o: rows[o][1][t]) for t in texts}
             lowest = min(rows, key=lambda o: rows[o][0])
             print(f"n={n}: package pick {sel['picked']}{' + maps' if sel['compensated'] else ''} {p.removed} "
-                  f"{fmt(pick_ppl)}; lowest check loss of the runs: {lowest} {fmt(rows[lowest][1])}", flush=True)
+                  f"{fmt(pick_ppl)}; lowest check loss of the runs: {lowest} {fmt(rows[lowest][1])}",
+                  flush=True)
             for t in texts:
                 o = oracle[t]
                 print(f"  best run on {t} (oracle): {o[0]}-{o[0] + n - 1} {o[1]} {rows[o][1][t]:.2f} "
                       f"(pick {pick_ppl[t]:.2f}, {100 * (1 - rows[o][1][t] / pick_ppl[t]):+.1f}% below it)")
-            out[f"n{n}"] = {"pick": {"removed": p.removed, "compensated": sel["compensated"], "ppl": pick_ppl},
-                            "lowest_check": list(lowest), "oracle": {t: list(o) for t, o in oracle.items()},
-                            "rows": {f"{s} {opt}": {"removed": list(range(s, s + n)), "check": loss, "ppl": ppl}
-                                     for (s, opt), (loss, ppl) in rows.items()}}
+            pick = {"removed": p.removed, "compensated": sel["compensated"], "ppl": pick_ppl}
+            out[f"n{n}"] = {"pick": pick, "lowest_check": list(lowest),
+                            "oracle": {t: list(o) for t, o in oracle.items()},
+                            "rows": {f"{s} {opt}": {"removed": list(range(s, s + n)), "check": loss,
+                                                    "ppl": ppl} for (s, opt), (loss, ppl) in rows.items()}}
+
+
+LOSS_FIELDS = ("removed", "calib_loss", "calib_loss_compensated")  # what picks records of each candidate
 
 
 def cmd_picks(args, model, tok, data, out):
@@ -389,19 +393,8 @@ def cmd_picks(args, model, tok, data, out):
                   f"{sorted(p.transforms)} (lowest check: {sel['lowest_loss']}): {fmt(ppl)}", flush=True)
             out[f"n{n}"] = {"picked": sel["picked"], "lowest_loss": sel["lowest_loss"], "removed": p.removed,
                             "maps_at": sorted(p.transforms), "ppl": ppl,
-                            "candidates": {k: {f: c.get(f) for f in ("removed", "calib_loss", "calib_loss_compensated")}
+                            "candidates": {k: {f: c.get(f) for f in LOSS_FIELDS}
                                            for k, c in sel["candidates"].items()}}
-
-
-def check_on_self(model, tok, data: CalibrationData, seed: int = 0) -> CalibrationData:
-    """Round 9's question: the maps fit on the same windows as the default's (the calibration text and the 16
-    windows the model samples itself), but the check, the CKA and the scores run on the sampled windows and
-    the calibration text only feeds the maps (fit-only). The sampled windows are the default's own (same
-    seed, same indices), so only the roles of the two texts differ."""
-    from sglp_fast.calibration.self_text import sample_windows, start_token  # noqa: PLC0415
-
-    sampled = sample_windows(model, range(data.n_seqs), data.seq_len, start=start_token(model, tok), seed=seed)
-    return CalibrationData(torch.cat([sampled, data.input_ids]), source=f"self-sampled + {data.source}", seed=seed)
 
 
 def cmd_profile(args, model, tok, data, out):
@@ -436,7 +429,8 @@ def cmd_ksweep(args, model, tok, data, out):
                                                   "compensated": bool(p.transforms), "ppl": ppl}
 
 
-COMMANDS = {"runs": cmd_runs, "picks": cmd_picks, "scores": cmd_scores, "candidates": cmd_candidates, "kl": cmd_kl, "profile": cmd_profile,
+COMMANDS = {"runs": cmd_runs, "picks": cmd_picks, "scores": cmd_scores, "candidates": cmd_candidates,
+            "kl": cmd_kl, "profile": cmd_profile,
             "ksweep": cmd_ksweep, "lowrank": cmd_lowrank, "policies": cmd_policies}
 
 
@@ -448,7 +442,9 @@ def main(argv=None) -> int:
     p.add_argument("--calib-seqs", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-seqs", type=int, default=8)
-    p.add_argument("--texts", default="A,B", help="held-out texts, comma list of A, B and the benchmark's domains (readme, austen, licences, jargon)")
+    p.add_argument("--texts", default="A,B",
+                   help="held-out texts, comma list of A, B and the benchmark's domains (readme, austen, "
+                        "licences, jargon)")
     p.add_argument("--remove", type=int, nargs="+", default=[4, 6, 8])
     p.add_argument("--k", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], help="ksweep: the k values")
     p.add_argument("--ranks", type=int, nargs="*", default=[8, 32, 128], help="lowrank: the ranks")
@@ -463,11 +459,10 @@ def main(argv=None) -> int:
     p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=None,
                    help="the search's loss-checked greedy (package default: only without compensation)")
     p.add_argument("--run-candidates", type=int, default=0,
-                   help="the search's extra contiguous runs of lowest all-token angular distance (package default 0)")
+                   help="the search's extra contiguous runs of lowest all-token angular distance "
+                        "(package default 0)")
     p.add_argument("--run-starts", type=int, nargs=2, default=[1, 10**6], metavar=("FIRST", "LAST"),
                    help="runs: only the runs starting at blocks FIRST..LAST")
-    p.add_argument("--check-on-self", action="store_true",
-                   help="check, CKA and scores on the model's own 16 samples; the calibration subset fit-only")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, metavar="FILE", help="write the numbers as JSON")
     args = p.parse_args(argv)
@@ -476,8 +471,6 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     model, tok = load(args.model)
     data = calibration(tok, args.subset, args.calib_seqs, args.seq_len)
-    if args.check_on_self:
-        data = check_on_self(model, tok, data)
     out: dict = {"args": vars(args)}
     COMMANDS[args.command](args, model, tok, data, out)
     print(f"[{args.command}: {time.perf_counter() - t0:.0f} s]")

@@ -32,7 +32,7 @@ No gradient is needed, so the calibration skips the backward; on SmolLM2 the who
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -107,7 +107,7 @@ def verified_pick(*, segments: Sequence[Sequence[int]], n: int, relative_update:
     }
     valid = {name: plan for name, plan in proposals.items()
              if plan is not None and fits_frame(plan, segments, protected, allow_empty_segments)}
-    runs = lowest_runs(verifier, n, run_candidates, [p for p in valid.values()],
+    runs = lowest_runs(verifier, n, run_candidates, list(valid.values()),
                        lambda plan: fits_frame(plan, segments, protected, allow_empty_segments))
     valid.update(runs)
     order = [*CANDIDATES, *runs]
@@ -151,7 +151,7 @@ def verified_pick(*, segments: Sequence[Sequence[int]], n: int, relative_update:
 
 
 def lowest_runs(verifier: Verifier, n: int, k: int, proposed: Sequence[Sequence[int]],
-                fits: Any) -> dict[str, list[int]]:
+                fits: Callable[[list[int]], bool]) -> dict[str, list[int]]:
     """{"angular_run_i": run}: the ``k`` contiguous runs of ``n`` blocks with the lowest all-token angular
     distance that ``fits`` the frame and no other candidate proposes (ties: the shallower run)."""
     if k == 0 or n == 0:

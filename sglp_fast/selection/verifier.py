@@ -229,8 +229,8 @@ class SkipVerifier:
         """[num_blocks - n + 1] float64: for each run s..s+n-1, the mean over every real token of the check
         windows of arccos(cos(h_s, h_s+n)) / pi between the dense states entering and leaving it.
 
-        Why: Gromov's rule measures this on the last token only and proposes one run; over every token it ranks
-        the runs as the compensated check does (docs/quality.md round 9), from states the check already
+        Why: Gromov's rule measures this on the last token only and proposes one run; over every token it
+        ranks the runs as the compensated check does (docs/quality.md round 9), from states the check already
         holds: no forward, two reads of each kept input. Data-parallel: summed over the ranks."""
         check_int("n", n, 1, expected=f"a run length in [1, {self.num_blocks}]")
         if n > self.num_blocks:
