@@ -45,7 +45,8 @@ from .selection.baselines import LastTokenObserver
 from .selection.registry import DEFAULT_SELECTOR, Evidence, Frame, get_selector
 from .selection.scores import SCORERS, compute_scores
 from .selection.run_statistics import FitOnlyObserver
-from .selection.settings import DEFAULT_FOLDS, DEFAULT_SHORTLIST, SearchSettings, effective_folds
+from .selection.settings import (DEFAULT_FOLDS, DEFAULT_RUN_CANDIDATES, DEFAULT_SHORTLIST, SearchSettings,
+                                 effective_folds)
 from .selection.verified import CANDIDATES
 from .selection.matrix_store import MatrixStore
 from .selection.verifier import SkipVerifier
@@ -264,7 +265,7 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
             verify_windows: int | None = None, shortlist: int = DEFAULT_SHORTLIST,
             compensate: bool | None = None, greedy: bool | None = None, folds: int = DEFAULT_FOLDS,
             fit_windows: int = 0, self_fit_windows: int | None = None, map_policy: str = "cv",
-            run_candidates: int = 0, checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
+            run_candidates: int = DEFAULT_RUN_CANDIDATES, checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
             windows_per_call: int | None = None, prefetch: bool | None = None) -> Analysis:
     """CKA matrix, Fisher segments, per-block scores (every scorer) and, with a budget, the removed blocks.
 
@@ -426,8 +427,8 @@ def _memory_budget(max_memory: Any, adapter: Any, batches: list[dict], search: S
     eigenvectors and Vᵀ C per fold while its maps are fitted, 2 x folds, held only between the passes (the
     solve phase; its temporaries the memory plan counts itself: ``memory.SOLVE_MATRICES``).
     The peak counts the runs of one plan of ``n_remove`` blocks (the candidates mostly share theirs; within
-    20% in tests/test_memory_budget.py); the plan also shows the bound, (candidates) x (those runs), for
-    when every compensated candidate removes other runs. Without a budget (``analyze`` only looks): one run."""
+    20% in tests/test_memory_budget.py); the plan also shows the bound, (candidates) x (those runs) + one
+    run per run candidate, for when every compensated candidate removes other runs. Without a budget (``analyze`` only looks): one run."""
     L, d = adapter.num_blocks, hidden_size(adapter.config)
     tokens = [int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches]
     items = [4 * (n * n if choose_space("auto", "linear", L, n, d) == "gram" else n * d) for n in tokens]
@@ -437,13 +438,16 @@ def _memory_budget(max_memory: Any, adapter: Any, batches: list[dict], search: S
     matrices = bound = plans = decompositions = 0
     if search is not None:
         candidates = len(CANDIDATES) - (0 if search.greedy else 1)  # the greedy's plan is one when it runs
+        # run candidates: new runs only, and a model has L - n + 1 runs of n blocks, one of them Gromov's
+        extra_runs = min(search.run_candidates, max(L - (n_remove or 1), 0))
         # one search pass checks every candidate, plain and (compensating) with its maps, together
-        plans = candidates * (2 if search.compensate else 1)
+        plans = (candidates + extra_runs) * (2 if search.compensate else 1)
     if search is not None and search.compensate:
         folds = effective_folds(search.folds, search.verify_windows)
         per_run = 3 * (folds + 1)
         runs = min(n_remove or 1, (L + 1) // 2)
-        matrices, bound, decompositions = runs * per_run, candidates * runs * per_run, 2 * folds
+        bound = (candidates * runs + extra_runs) * per_run  # a run candidate is one run
+        matrices, decompositions = runs * per_run, 2 * folds
     return Budget(max_memory, "max_memory", cka_item_bytes=cka_held, cka_work_bytes=cka_work,
                   host_matrices=matrices, host_matrices_bound=bound, solve_matrices=decompositions,
                   search_plans=plans,

@@ -20,6 +20,7 @@ from typing import Any
 
 from . import __version__
 from .checks import check_int
+from .selection.settings import DEFAULT_RUN_CANDIDATES
 from .sizes import size_from_text
 
 log = logging.getLogger("sglp_fast.cli")  # not __name__, which is "__main__" under `python -m`
@@ -140,10 +141,11 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
                         "chosen by cross-validation, halved towards the identity), 'cv-weighted' (the same with "
                         "rows weighted by 1/||target||, the default before round 8), 'fixed' (ridge 1, the wave-1 "
                         "rule), 'replaceme' (unweighted, no ridge)")
-    g.add_argument("--run-candidates", type=_nonneg_int, default=0, metavar="K",
+    g.add_argument("--run-candidates", type=_nonneg_int, default=DEFAULT_RUN_CANDIDATES, metavar="K",
                    help="'verified' scorer: also check the K contiguous runs whose input and output differ "
-                        "least in angle over every token (from the states the check holds; default 0: "
-                        "Gromov's one run, last token; docs/quality.md round 9)")
+                        "least in angle over every token (from the states the check holds; one is picked "
+                        f"only with the lowest check loss; default {DEFAULT_RUN_CANDIDATES}; 0: Gromov's one "
+                        "run, last token, only; docs/quality.md rounds 9 and 10)")
     g.add_argument("--shortlist", type=_positive_int, default=4, metavar="C",
                    help="candidates the 'verified' scorer checks per removed block (default 4)")
     g.add_argument("--no-compensate", dest="compensate", action="store_const", const=False, default=None,

@@ -20,7 +20,7 @@ from sglp_fast.calibration.runtime import calibrate
 from sglp_fast.selection import regularization as R
 from sglp_fast.selection.compensation import apply_transforms, fold_state_tensor, folded, module_kind, runs_of
 from sglp_fast.models import get_adapter
-from sglp_fast.selection.verified import CANDIDATES, fits_frame, verified_pick
+from sglp_fast.selection.verified import CANDIDATES, fits_frame, one_standard_error_pick, verified_pick
 from sglp_fast.selection.verifier import SkipVerifier
 
 torch.set_grad_enabled(True)
@@ -626,6 +626,30 @@ def test_run_candidates_are_the_lowest_distance_runs_that_fit_and_are_new():
                       run_candidates=-1)
 
 
+@pytest.mark.parametrize("run_cost, picked", [(1.01, [1, 3]), (0.99, [1, 2])])
+def test_a_run_candidate_is_picked_only_on_the_lowest_check(run_cost, picked):
+    """A run candidate within one standard error of the lowest plan, but above it, is not picked (the 1-SE
+    rule's preference for fewer runs would take it: it is one run against two); with the lowest check it is."""
+    r = [0.9, 0.1, 0.3, 0.2, 0.8]  # every rule proposes [1, 3]; the one run candidate is [1, 2]
+    cost = [5.0, 1.0, run_cost, 1.0, 5.0]
+    ver = NoisyFakeVerifier(cost, {(1, 2): [0.1, -0.1, 0.1, -0.1]})  # within 1 SE of [1, 3] either way
+    sel = verified_pick(segments=[(0, 4)], n=2, relative_update=r, block_influence=r, verifier=ver,
+                        greedy=False, run_candidates=1)
+    assert sel.candidates["angular_run_1"]["removed"] == [1, 2]
+    assert sel.removed == picked
+    assert sel.lowest_loss == sel.picked
+    assert sel.picked == ("angular_run_1" if picked == [1, 2] else "relative_update_per_segment")
+    # the same two options without the guard: the 1-SE rule alone takes the run
+    options = [("relative_update_per_segment", False), ("angular_run_1", False)]
+    losses = {"relative_update_per_segment": 2.0, "angular_run_1": 1.0 + run_cost}
+    per_batch = {o: np.asarray(ver.batch_losses([[1, 3] if o[0].startswith("rel") else [1, 2]])[0])
+                 for o in options}
+    lowest = min(options, key=lambda o: losses[o[0]])
+    alone = one_standard_error_pick(options, lambda o: losses[o[0]], per_batch, lowest,
+                                    complexity=lambda o: 1 if o[0] == "angular_run_1" else 2)
+    assert alone == ("angular_run_1", False)
+
+
 def test_run_distances_equal_a_float64_reference(setup):
     """SkipVerifier.run_distances against arccos(cos)/pi of states recorded by hooks on a float64 forward,
     over the check windows' real tokens only (left padding excluded; windows of 3 to 9 tokens)."""
@@ -937,8 +961,9 @@ def test_no_more_folds_than_check_windows(setup):
 def test_the_memory_budget_counts_every_matrix_the_search_holds(tmp_path):
     """api._memory_budget's bound on the d x d float64 matrices of the compensated search (statistics per fold,
     maps per fold and final, of every candidate's runs), known before calibration, is at or above what the
-    search held. Here (seed 8, one block removed) two candidates remove different blocks, so the typical count
-    (one plan's runs, the one the predicted peak uses) is short, and the plan says so."""
+    search held. Here (seed 8, one block removed) the candidates and the run candidates remove different
+    blocks, so the typical count (one plan's runs, the one the predicted peak uses) is short, and the plan
+    says so."""
     import sglp_fast
     from pipeline_models import save_tiny
     from sglp_fast.api import _memory_budget
@@ -949,7 +974,7 @@ def test_the_memory_budget_counts_every_matrix_the_search_holds(tmp_path):
         ver = analysis.verifier
         held = sum(2 * st.gram.shape[0] for st in ver._stats.values()) + len(ver._fitted)
         runs = {run for run, _ in ver._stats}
-        assert len(runs) == 2, runs
+        assert len(runs) == 2 + analysis.search.run_candidates, runs  # 2 proposals, each run candidate
         budget = _memory_budget(None, get_adapter(analysis.model), analysis.calibration.batches(), analysis.search, 1)
         assert budget.host_matrices < held <= budget.host_matrices_bound, (held, budget)
         assert budget.solve_matrices == 2 * ver.folds, budget  # one run's V and Vᵀ C per fold, while it is solved

@@ -10,6 +10,7 @@ DEFAULT_VERIFY_WINDOWS = 4  # the check without compensation (the greedy's many 
 DEFAULT_FOLDS = 4
 MAP_POLICIES = ("cv", "cv-weighted", "fixed", "replaceme")  # selection/regularization.py
 DEFAULT_SELF_FIT_WINDOWS = 16  # windows the model samples itself for the maps' fit (docs/quality.md round 7)
+DEFAULT_RUN_CANDIDATES = 3  # contiguous runs checked besides the proposals (docs/quality.md round 10)
 
 
 def effective_folds(folds: int, check_windows: int) -> int:
@@ -34,7 +35,7 @@ class SearchSettings:
     None = ``DEFAULT_SELF_FIT_WINDOWS`` when compensating a model that can sample (a causal LM held in
     memory), else 0. ``map_policy``: how each map is regularized (``regularization.POLICIES``).
     ``run_candidates``: contiguous runs of lowest all-token angular distance checked as extra candidates
-    (0: Gromov's one run only; docs/quality.md round 9).
+    (0: Gromov's one run only; docs/quality.md rounds 9 and 10).
     ``resolved()`` fills every None for one model and calibration set.
     """
 
@@ -46,7 +47,7 @@ class SearchSettings:
     fit_windows: int = 0
     self_fit_windows: int | None = None
     map_policy: str = "cv"
-    run_candidates: int = 0
+    run_candidates: int = DEFAULT_RUN_CANDIDATES
     check_every_window: bool = False  # set by resolved(): the check uses every calibration window
 
     def __post_init__(self) -> None:

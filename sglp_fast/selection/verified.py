@@ -12,10 +12,10 @@ loss well (+0.89), so it proposes; the loss decides:
 2. pick: among the greedy plan and a few whole plans proposed by other rules (r per segment with the
    proportional split, the n lowest r overall, ShortGPT's n lowest block influence, Gromov's contiguous
    angular run; with ``run_candidates`` k, the k contiguous runs of lowest angular distance over every
-   token too), the plan with the fewest removed runs whose check loss is within one standard error
-   (paired, over the check windows) of the lowest; a proposal that breaks the frame (empties a segment,
-   removes a protected block) is left out. Ties go to the lower loss, then the earlier name in
-   ``CANDIDATES``.
+   token too, picked only where one has the lowest check loss), the plan with the fewest removed runs whose
+   check loss is within one standard error (paired, over the check windows) of the lowest; a proposal that
+   breaks the frame (empties a segment, removes a protected block) is left out. Ties go to the lower loss,
+   then the earlier name in ``CANDIDATES``.
 3. with ``compensate=True`` every candidate is also scored compensated: a least-squares map folded into the
    block before each removed run (``compensation.py``), each map's regularization chosen on held-out folds
    (``regularization.py``; a run whose held-out folds favour no map gets none), and the loss checked
@@ -142,8 +142,11 @@ def verified_pick(*, segments: Sequence[Sequence[int]], n: int, relative_update:
     per_batch = {o: np.asarray(verifier.batch_losses([valid[o[0]]], compensated=o[1],
                                                      maps=[kept_maps.get(o[0]) if o[1] else None])[0])
                  for o in options}
-    picked, comp = one_standard_error_pick(options, loss_of, per_batch, lowest,
-                                           complexity=lambda o: len(runs_of(valid[o[0]])))
+    if lowest[0] in runs:  # a run candidate is picked on the lowest check only (docstring of lowest_runs)
+        picked, comp = lowest
+    else:
+        picked, comp = one_standard_error_pick([o for o in options if o[0] not in runs], loss_of, per_batch,
+                                               lowest, complexity=lambda o: len(runs_of(valid[o[0]])))
     return VerifiedSelection(removed=list(valid[picked]), picked=picked, compensated=comp, candidates=candidates,
                              greedy_steps=steps, block_forwards=verifier.block_forwards - work0,
                              lowest_loss=lowest[0] + (" + compensation" if lowest[1] else ""),
@@ -153,7 +156,12 @@ def verified_pick(*, segments: Sequence[Sequence[int]], n: int, relative_update:
 def lowest_runs(verifier: Verifier, n: int, k: int, proposed: Sequence[Sequence[int]],
                 fits: Callable[[list[int]], bool]) -> dict[str, list[int]]:
     """{"angular_run_i": run}: the ``k`` contiguous runs of ``n`` blocks with the lowest all-token angular
-    distance that ``fits`` the frame and no other candidate proposes (ties: the shallower run)."""
+    distance that ``fits`` the frame and no other candidate proposes (ties: the shallower run).
+
+    The pick takes one of them only where it has the lowest check loss outright, not through the 1-SE rule:
+    every run candidate is a single run, the simplest kind of plan, so the rule would prefer it whenever it is
+    within noise of the lowest. On subset 0 at 8 blocks the run 12-19 won that way (check 3.840 against block
+    influence's 3.836) and was 14% worse on the selection domain (docs/quality.md round 10)."""
     if k == 0 or n == 0:
         return {}
     d = np.asarray(verifier.run_distances(n), dtype=np.float64)
