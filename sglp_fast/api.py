@@ -427,8 +427,9 @@ def _memory_budget(max_memory: Any, adapter: Any, batches: list[dict], search: S
     eigenvectors and Vᵀ C per fold while its maps are fitted, 2 x folds, held only between the passes (the
     solve phase; its temporaries the memory plan counts itself: ``memory.SOLVE_MATRICES``).
     The peak counts the runs of one plan of ``n_remove`` blocks (the candidates mostly share theirs; within
-    20% in tests/test_memory_budget.py); the plan also shows the bound, (candidates) x (those runs) + one
-    run per run candidate, for when every compensated candidate removes other runs. Without a budget (``analyze`` only looks): one run."""
+    20% in tests/test_memory_budget.py) and one run per run candidate; the plan also shows the bound,
+    (candidates) x (those runs) + one run per run candidate, for when every compensated candidate removes
+    other runs. Without a budget (``analyze`` only looks): one run."""
     L, d = adapter.num_blocks, hidden_size(adapter.config)
     tokens = [int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches]
     items = [4 * (n * n if choose_space("auto", "linear", L, n, d) == "gram" else n * d) for n in tokens]
@@ -440,14 +441,17 @@ def _memory_budget(max_memory: Any, adapter: Any, batches: list[dict], search: S
         candidates = len(CANDIDATES) - (0 if search.greedy else 1)  # the greedy's plan is one when it runs
         # run candidates: new runs only, and a model has L - n + 1 runs of n blocks, one of them Gromov's
         extra_runs = min(search.run_candidates, max(L - (n_remove or 1), 0))
+        # ... of which L - n can hold a map (the first starts after block 0), one typically the plan's own
+        extra_maps = min(search.run_candidates, max(L - (n_remove or 1) - 1, 0))
         # one search pass checks every candidate, plain and (compensating) with its maps, together
         plans = (candidates + extra_runs) * (2 if search.compensate else 1)
     if search is not None and search.compensate:
         folds = effective_folds(search.folds, search.verify_windows)
         per_run = 3 * (folds + 1)
         runs = min(n_remove or 1, (L + 1) // 2)
-        bound = (candidates * runs + extra_runs) * per_run  # a run candidate is one run
-        matrices, decompositions = runs * per_run, 2 * folds
+        # a run candidate is one run of its own (no other candidate proposes it)
+        matrices, bound = (runs + extra_maps) * per_run, (candidates * runs + extra_runs) * per_run
+        decompositions = 2 * folds
     return Budget(max_memory, "max_memory", cka_item_bytes=cka_held, cka_work_bytes=cka_work,
                   host_matrices=matrices, host_matrices_bound=bound, solve_matrices=decompositions,
                   search_plans=plans,

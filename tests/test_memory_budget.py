@@ -52,6 +52,9 @@ CASES = {
     # compensation's d x d float64 statistics and maps (2 MiB each at this width: as much as the weights)
     "compensated": ({"layers": 3, "hidden_size": 512, "intermediate_size": 1408},
                     dict(calib_seqs=4, seq_len=64, verify_windows=2)),
+    # the same with run candidates: their runs' statistics and maps too
+    "compensated_runs": ({"layers": 3, "hidden_size": 512, "intermediate_size": 1408},
+                         dict(calib_seqs=4, seq_len=64, verify_windows=2, run_candidates=3)),
 }
 
 

@@ -958,18 +958,19 @@ def test_no_more_folds_than_check_windows(setup):
         assert all(st.gram.shape[0] == 2 for st in one._stats.values())
 
 
-def test_the_memory_budget_counts_every_matrix_the_search_holds(tmp_path):
+@pytest.mark.parametrize("run_candidates", [0, 3])
+def test_the_memory_budget_counts_every_matrix_the_search_holds(tmp_path, run_candidates):
     """api._memory_budget's bound on the d x d float64 matrices of the compensated search (statistics per fold,
     maps per fold and final, of every candidate's runs), known before calibration, is at or above what the
-    search held. Here (seed 8, one block removed) the candidates and the run candidates remove different
-    blocks, so the typical count (one plan's runs, the one the predicted peak uses) is short, and the plan
-    says so."""
+    search held. Here (seed 8, one block removed) two candidates (and each run candidate) remove different
+    blocks, so the typical count (one plan's runs and one per run candidate, the one the predicted peak
+    uses) is short, and the plan says so."""
     import sglp_fast
     from pipeline_models import save_tiny
     from sglp_fast.api import _memory_budget
 
     analysis = sglp_fast.analyze(str(save_tiny(tmp_path / "tiny", "llama", layers=7, seed=8)), "builtin", remove=1,
-                                 **API_CALIB)
+                                 run_candidates=run_candidates, **API_CALIB)
     try:
         ver = analysis.verifier
         held = sum(2 * st.gram.shape[0] for st in ver._stats.values()) + len(ver._fitted)

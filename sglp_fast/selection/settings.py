@@ -10,7 +10,7 @@ DEFAULT_VERIFY_WINDOWS = 4  # the check without compensation (the greedy's many 
 DEFAULT_FOLDS = 4
 MAP_POLICIES = ("cv", "cv-weighted", "fixed", "replaceme")  # selection/regularization.py
 DEFAULT_SELF_FIT_WINDOWS = 16  # windows the model samples itself for the maps' fit (docs/quality.md round 7)
-DEFAULT_RUN_CANDIDATES = 3  # contiguous runs checked besides the proposals (docs/quality.md round 10)
+DEFAULT_RUN_CANDIDATES = 0  # contiguous runs checked besides the proposals (opt-in: docs/quality.md round 10)
 
 
 def effective_folds(folds: int, check_windows: int) -> int:
