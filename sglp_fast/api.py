@@ -265,8 +265,9 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
             verify_windows: int | None = None, shortlist: int = DEFAULT_SHORTLIST,
             compensate: bool | None = None, greedy: bool | None = None, folds: int = DEFAULT_FOLDS,
             fit_windows: int = 0, self_fit_windows: int | None = None, map_policy: str = "cv",
-            run_candidates: int = DEFAULT_RUN_CANDIDATES, checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
-            windows_per_call: int | None = None, prefetch: bool | None = None) -> Analysis:
+            run_candidates: int = DEFAULT_RUN_CANDIDATES, checkpoint_dir: str | os.PathLike | None = None,
+            resume: bool = False, windows_per_call: int | None = None,
+            prefetch: bool | None = None) -> Analysis:
     """CKA matrix, Fisher segments, per-block scores (every scorer) and, with a budget, the removed blocks.
 
     ``model``: path / hub name / .gguf / nn.Module / None (default SmolLM2-135M). ``calib``: a source spec

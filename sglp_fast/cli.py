@@ -143,9 +143,10 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
                         "rule), 'replaceme' (unweighted, no ridge)")
     g.add_argument("--run-candidates", type=_nonneg_int, default=DEFAULT_RUN_CANDIDATES, metavar="K",
                    help="'verified' scorer: also check the K contiguous runs whose input and output differ "
-                        "least in angle over every token (from the states the check holds; one is picked "
-                        f"only with the lowest check loss; default {DEFAULT_RUN_CANDIDATES}: Gromov's one run, "
-                        "last token, only; docs/quality.md rounds 9 and 10)")
+                        "least in angle over every token (from the states the check holds; one is "
+                        "picked only with the lowest check loss; default "
+                        f"{DEFAULT_RUN_CANDIDATES}: Gromov's one run, last token, only; docs/quality.md "
+                        "rounds 9 and 10)")
     g.add_argument("--shortlist", type=_positive_int, default=4, metavar="C",
                    help="candidates the 'verified' scorer checks per removed block (default 4)")
     g.add_argument("--no-compensate", dest="compensate", action="store_const", const=False, default=None,

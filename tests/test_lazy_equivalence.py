@@ -95,7 +95,8 @@ def _assert_same_files(mem: Path, lazy: Path) -> None:
 
 
 def test_default_scorer_bfloat16_bit_identical(checkpoint, tmp_path):
-    mem, lazy = _both(checkpoint, tmp_path, "--dtype", "bfloat16", "--run-candidates", "3")  # their distances too
+    # with run candidates: their all-token distances come from the kept inputs too
+    mem, lazy = _both(checkpoint, tmp_path, "--dtype", "bfloat16", "--run-candidates", "3")
     _assert_same_plan(mem, lazy)
     w_mem, w_lazy = _tensors(mem, "model*.safetensors"), _tensors(lazy, "model*.safetensors")
     assert w_mem.keys() == w_lazy.keys()

@@ -629,7 +629,8 @@ def test_run_candidates_are_the_lowest_distance_runs_that_fit_and_are_new():
 @pytest.mark.parametrize("run_cost, picked", [(1.01, [1, 3]), (0.99, [1, 2])])
 def test_a_run_candidate_is_picked_only_on_the_lowest_check(run_cost, picked):
     """A run candidate within one standard error of the lowest plan, but above it, is not picked (the 1-SE
-    rule's preference for fewer runs would take it: it is one run against two); with the lowest check it is."""
+    rule's preference for fewer runs would take it: it is one run against two); with the lowest check it
+    is."""
     r = [0.9, 0.1, 0.3, 0.2, 0.8]  # every rule proposes [1, 3]; the one run candidate is [1, 2]
     cost = [5.0, 1.0, run_cost, 1.0, 5.0]
     ver = NoisyFakeVerifier(cost, {(1, 2): [0.1, -0.1, 0.1, -0.1]})  # within 1 SE of [1, 3] either way
