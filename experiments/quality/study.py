@@ -456,13 +456,12 @@ def _writer_statistics(model, runs, text: torch.Tensor, sampled: torch.Tensor, f
             lambda m, i, o, l=l: got.__setitem__(("h", l), o[0] if isinstance(o, tuple) else o)))
     stats = {r: {"mlp": RunStatistics.zeros(folds, d), "attn+mlp": RunStatistics.zeros(folds, 2 * d)}
              for r in runs}
-    rows = [(i, i * folds // text.shape[0]) for i in range(text.shape[0])]  # the verifier's contiguous folds
-    rows += [(text.shape[0] + j, folds) for j in range(sampled.shape[0])]
-    ids = torch.cat([text, sampled])
+    windows = [(text[i:i + 1], i * folds // text.shape[0]) for i in range(text.shape[0])]  # the verifier's folds
+    windows += [(sampled[j:j + 1], folds) for j in range(sampled.shape[0])]  # any length
     try:
         with torch.no_grad():
-            for i, slot in rows:
-                model(input_ids=ids[i:i + 1])
+            for ids, slot in windows:
+                model(input_ids=ids)
                 for a, b in runs:
                     m, att = got[("m", a - 1)].reshape(-1, d), got[("a", a - 1)].reshape(-1, d)
                     Y = (got[("h", b)] - got[("h", a - 1)]).reshape(-1, d)
@@ -495,16 +494,19 @@ def cmd_writers(args, model, tok, data, out):
     """Round 11, two levers of the maps on fixed plans (``--plans``; the default's at 4 and 6 blocks): the
     map fitted on block p's attention and MLP outputs together (two maps, folded into o_proj and down_proj)
     against the package's MLP-only map, and more self-sampled fit windows (``--self-windows``, the first 16
-    are the package's own). Both regularized by the package's CV (``regularization.CV``: ridge and shrink
+    are the package's own), or shorter ones sampled more at a time (``--self-len``, ``--self-batch``: the same
+    tokens in fewer sampling steps). Both regularized by the package's CV (``regularization.CV``: ridge and shrink
     chosen on the folds), then scaled by each of ``--scales`` instead of the package's halving (0.5)."""
     held = HeldOut(model, eval_texts(tok, args.texts, args.eval_seqs, args.seq_len))
     plans = [[int(x) for x in plan.split(",")] for plan in args.plans]
     runs = sorted({r for plan in plans for r in runs_of(plan) if r[0] > 0})
     counts = sorted(set(args.self_windows))
     t0 = time.perf_counter()
-    sampled = sample_windows(model, list(range(max(counts))), data.seq_len, start=start_token(model, tok),
-                             seed=0)
-    print(f"sampled {max(counts)} windows in {time.perf_counter() - t0:.0f} s", flush=True)
+    length = args.self_len or data.seq_len
+    sampled = sample_windows(model, list(range(max(counts))), length, start=start_token(model, tok), seed=0,
+                             batch=args.self_batch)
+    print(f"sampled {max(counts)} windows of {length} tokens (batch {args.self_batch}) in "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
     choices = {}
     for count in counts:
         stats = _writer_statistics(model, runs, data.input_ids, sampled[:count])
@@ -568,6 +570,9 @@ def main(argv=None) -> int:
                         "blocks in benchmarks/results/quality_smollm2.md)")
     p.add_argument("--self-windows", type=int, nargs="+", default=[16],
                    help="writers: numbers of self-sampled fit windows (the first 16 are the package's)")
+    p.add_argument("--self-len", type=int, default=None,
+                   help="writers: tokens per sampled window (default --seq-len, as the package)")
+    p.add_argument("--self-batch", type=int, default=16, help="writers: windows sampled at once (package 16)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, metavar="FILE", help="write the numbers as JSON")
     args = p.parse_args(argv)
