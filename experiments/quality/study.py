@@ -456,8 +456,9 @@ def _writer_statistics(model, runs, text: torch.Tensor, sampled: torch.Tensor, f
             lambda m, i, o, l=l: got.__setitem__(("h", l), o[0] if isinstance(o, tuple) else o)))
     stats = {r: {"mlp": RunStatistics.zeros(folds, d), "attn+mlp": RunStatistics.zeros(folds, 2 * d)}
              for r in runs}
-    windows = [(text[i:i + 1], i * folds // text.shape[0]) for i in range(text.shape[0])]  # the verifier's folds
-    windows += [(sampled[j:j + 1], folds) for j in range(sampled.shape[0])]  # any length
+    # the verifier's contiguous folds; the sampled windows (of any length) in the train slot
+    windows = [(text[i:i + 1], i * folds // text.shape[0]) for i in range(text.shape[0])]
+    windows += [(sampled[j:j + 1], folds) for j in range(sampled.shape[0])]
     try:
         with torch.no_grad():
             for ids, slot in windows:
@@ -494,9 +495,10 @@ def cmd_writers(args, model, tok, data, out):
     """Round 11, two levers of the maps on fixed plans (``--plans``; the default's at 4 and 6 blocks): the
     map fitted on block p's attention and MLP outputs together (two maps, folded into o_proj and down_proj)
     against the package's MLP-only map, and more self-sampled fit windows (``--self-windows``, the first 16
-    are the package's own), or shorter ones sampled more at a time (``--self-len``, ``--self-batch``: the same
-    tokens in fewer sampling steps). Both regularized by the package's CV (``regularization.CV``: ridge and shrink
-    chosen on the folds), then scaled by each of ``--scales`` instead of the package's halving (0.5)."""
+    are the package's own), or shorter ones sampled more at a time (``--self-len``, ``--self-batch``: the
+    same tokens in fewer sampling steps). Both regularized by the package's CV (``regularization.CV``: ridge
+    and shrink chosen on the folds), then scaled by each of ``--scales`` instead of the package's halving
+    (0.5)."""
     held = HeldOut(model, eval_texts(tok, args.texts, args.eval_seqs, args.seq_len))
     plans = [[int(x) for x in plan.split(",")] for plan in args.plans]
     runs = sorted({r for plan in plans for r in runs_of(plan) if r[0] > 0})
