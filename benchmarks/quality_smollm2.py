@@ -128,7 +128,6 @@ def main() -> int:
     checks: dict[tuple[int, int], str] = {}
     runs: dict[int, dict[str, str | float]] = {}  # subset -> when, where and how long it was computed
     scorer = dense = None
-    done: list[int] = []
     for s in args.subsets:
         record = None if args.fresh else cache.load(s)
         if record is not None:
@@ -157,8 +156,7 @@ def main() -> int:
         picks.update(unpack(record["picks"]))
         checks.update(unpack(record["checks"]))
         cost[s], dense, runs[s] = record["cost"], record["dense"], record["run"]
-        done.append(s)
-        write_report(args, rows, plans, cost, picks, checks, dense, done, runs)
+        write_report(args, rows, plans, cost, picks, checks, dense, runs)
     return 0
 
 
@@ -234,8 +232,10 @@ def with_maps(plan) -> str:
     return f"{plan.removed}{' +maps at ' + str(sorted(plan.transforms)) if plan.transforms else ''}"
 
 
-def write_report(args, rows, plans, cost, picks, checks, dense, S, runs) -> None:
-    """The results file from the subsets done so far (rewritten after every subset)."""
+def write_report(args, rows, plans, cost, picks, checks, dense, runs) -> None:
+    """The results file from the subsets done so far (rewritten after every subset); ``runs``: when, where and
+    how long each was computed, in the order done."""
+    S = list(runs)
     top = max(args.remove)
     methods = ["default", "default-noself", "default-weighted", "default-fixed", "default-plain", "paper", *PEERS]
     rivals = ("paper", *PEERS)

@@ -145,7 +145,7 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
                    help="'verified' scorer: also check the K contiguous runs whose input and output differ "
                         "least in angle over every token (from the states the check holds; one is "
                         "picked only with the lowest check loss; default "
-                        f"{DEFAULT_RUN_CANDIDATES}: Gromov's one run, last token, only; docs/quality.md "
+                        f"{DEFAULT_RUN_CANDIDATES}; 0: Gromov's one run, last token, only; docs/quality.md "
                         "rounds 9 and 10)")
     g.add_argument("--shortlist", type=_positive_int, default=4, metavar="C",
                    help="candidates the 'verified' scorer checks per removed block (default 4)")
