@@ -8,7 +8,9 @@ quality benchmark's: windows 16s..16s+15 of the built-in text) it times ``analyz
 ``scorer="gradnorm"`` and with the default, alternating (paper, default) so that a slow spell of the machine
 hits both, after one untimed warm-up of each; the default without its self-sampled fit windows
 (``self_fit_windows=0``, the round-5 default) is timed in the same rotation, so the sampling's share is
-measured, not estimated. Then the extra fit-only windows (``fit_windows``): the default
+measured, not estimated; so is the default with shorter sampled windows (``--short-samples``: 64 windows of
+64 tokens, sampled 64 at a time: the same tokens in a quarter of the steps, docs/quality.md round 11). Then
+the extra fit-only windows (``fit_windows``): the default
 with N extra windows against the default without, on subset 0: the cost per extra window. The ratios are
 measured in one run on one machine; absolute seconds are this CPU's only.
 """
@@ -25,6 +27,7 @@ import time
 import torch
 
 from sglp_fast import __version__, analyze
+from sglp_fast.calibration.self_text import sampling_batch
 from sglp_fast.calibration.text import CalibrationData, builtin_text, tokenize_windows
 from sglp_fast.models import load_model
 from sglp_fast.models.loading import default_model_path
@@ -51,6 +54,8 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--subsets", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--fit-windows", type=int, default=32, help="extra fit-only windows for the per-window cost")
+    p.add_argument("--short-samples", type=int, nargs=2, default=(64, 64), metavar=("WINDOWS", "TOKENS"),
+                   help="the default with this many self-sampled windows of this many tokens, timed beside it")
     p.add_argument("--out", default=os.path.join(HERE, "results", "cost_smollm2.md"))
     args = p.parse_args()
 
@@ -67,14 +72,18 @@ def main() -> int:
     common = dict(remove=args.remove, calib_seqs=args.calib_seqs, seq_len=args.seq_len)
     timed(model, tok, subset(0), scorer="gradnorm", **common)  # warm-up: first-call costs out of the timings
     timed(model, tok, subset(0), **common)
-    rows = []
+    rows, shorts = [], []
+    short_n, short_len = args.short_samples
     for s in args.subsets:
         t_paper, paper = timed(model, tok, subset(s), scorer="gradnorm", **common)
         t_default, default = timed(model, tok, subset(s), **common)
         t_noself, _ = timed(model, tok, subset(s), self_fit_windows=0, **common)
+        t_short, short = timed(model, tok, subset(s), self_fit_windows=short_n, self_fit_len=short_len, **common)
         rows.append((s, t_paper, t_default, paper, default, t_noself))
+        shorts.append((t_short, short))
         print(f"subset {s}: paper {t_paper:.1f} s, default {t_default:.1f} s ({t_default / t_paper:.2f}x), without "
-              f"self-sampled windows {t_noself:.1f} s", file=sys.stderr, flush=True)
+              f"self-sampled windows {t_noself:.1f} s, {short_n} x {short_len} sampled {t_short:.1f} s",
+              file=sys.stderr, flush=True)
     t_plain, _ = timed(model, tok, subset(0), **common)
     t_fit, fit = timed(model, tok, subset(0, args.fit_windows), fit_windows=args.fit_windows, **common)
     per_window = (t_fit - t_plain) / args.fit_windows
@@ -85,8 +94,10 @@ def main() -> int:
     table = "\n".join(
         f"| {s} | {tp:.1f} | {td:.1f} | **{td / tp:.2f}x** | {pa['calibrate_s']:.1f} + {pa['plan_s']:.1f} | "
         f"{de['sample_s']:.1f} + {de['calibrate_s']:.1f} + {de['plan_s']:.1f} | {de['block_forwards']:.0f} | "
-        f"{tn:.1f} ({tn / tp:.2f}x) |"
-        for s, tp, td, pa, de, tn in rows)
+        f"{tn:.1f} ({tn / tp:.2f}x) | {ts:.1f} ({ts / tp:.2f}x): {sh['sample_s']:.1f} + {sh['calibrate_s']:.1f} + "
+        f"{sh['plan_s']:.1f} |"
+        for (s, tp, td, pa, de, tn), (ts, sh) in zip(rows, shorts))
+    ratios_short = [ts / p for (_, p, *_), (ts, _) in zip(rows, shorts)]
     per_sampled = statistics.mean(d - n for _, _, d, _, _, n in rows) / max(1, rows[0][4]["self_fit_windows"])
     verdict = "met" if max(ratios) <= 2 else "**not met**"
     text = f"""# Cost: the default plan vs the paper's pipeline on SmolLM2-135M (timed alone)
@@ -102,14 +113,17 @@ segments, lowest GradNorm per segment). Default: forward only, CKA, segments, th
 compensation (16 fit windows sampled from the model, statistics, cross-fitted plain and compensated checks
 over every window, the final maps).
 
-| subset | paper (s) | default (s) | default / paper | paper: calibrate + plan (s) | default: sample + calibrate + plan (s) | search block-forwards | default without self-sampled windows (s) |
-|---|---|---|---|---|---|---|---|
+| subset | paper (s) | default (s) | default / paper | paper: calibrate + plan (s) | default: sample + calibrate + plan (s) | search block-forwards | default without self-sampled windows (s) | default, {short_n} sampled windows of {short_len} tokens (s): sample + calibrate + plan |
+|---|---|---|---|---|---|---|---|---|
 {table}
 
 Default / paper: {min(ratios):.2f}x to {max(ratios):.2f}x, mean {statistics.mean(ratios):.2f}x (target: at most 2x): {verdict}.
 Without the self-sampled fit windows (`--self-fit-windows 0`): {min(ratios_noself):.2f}x to {max(ratios_noself):.2f}x,
-mean {statistics.mean(ratios_noself):.2f}x. A sampled window costs {per_sampled:.2f} s here, on the mean (sampling 256
+mean {statistics.mean(ratios_noself):.2f}x. A sampled window costs {per_sampled:.2f} s here, on the mean (sampling {args.seq_len}
 tokens one step at a time, then its forward-only statistics pass).
+With {short_n} sampled windows of {short_len} tokens instead (`--self-fit-windows {short_n} --self-fit-len {short_len}`, sampled
+up to {sampling_batch(short_len)} at a time): {min(ratios_short):.2f}x to {max(ratios_short):.2f}x, mean {statistics.mean(ratios_short):.2f}x; plans:
+{"; ".join(f"subset {r[0]}: {sh['removed']} (default: {r[4]['removed']})" for r, (_, sh) in zip(rows, shorts))}.
 
 Extra fit-only windows (`--fit-windows`, forward only, they feed only the compensation statistics): on subset 0
 the default took {t_plain:.1f} s without and {t_fit:.1f} s with {args.fit_windows} extra windows of {args.seq_len} tokens:

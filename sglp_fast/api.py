@@ -34,7 +34,7 @@ from .calibration.losses import loss_kind
 from .calibration.devices import allocator_cap
 from .calibration.memory import Budget, BudgetTooSmall, hidden_size, preflight
 from .calibration.runtime import check_speedups
-from .calibration.self_text import sample_windows, start_token
+from .calibration.self_text import sample_windows, sampling_batch, start_token
 from .checks import check_int
 from .evaluate import block_parameter_counts, count_parameters
 from .models import get_adapter, load_model
@@ -264,7 +264,8 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
             text_field: str = "text", progress: bool = False, gradients: bool | None = None,
             verify_windows: int | None = None, shortlist: int = DEFAULT_SHORTLIST,
             compensate: bool | None = None, greedy: bool | None = None, folds: int = DEFAULT_FOLDS,
-            fit_windows: int = 0, self_fit_windows: int | None = None, map_policy: str = "cv",
+            fit_windows: int = 0, self_fit_windows: int | None = None, self_fit_len: int | None = None,
+            map_policy: str = "cv",
             run_candidates: int = DEFAULT_RUN_CANDIDATES, checkpoint_dir: str | os.PathLike | None = None,
             resume: bool = False, windows_per_call: int | None = None,
             prefetch: bool | None = None) -> Analysis:
@@ -276,11 +277,11 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     ``scorer``: a selector of ``selection.registry.SELECTORS``: "verified" (default, a search), or a ranking
     ("gradnorm" is the paper's). ``gradients``: run the backward (GradNorm/Taylor scores); None = only when
     the scorer needs it. ``verify_windows``/``shortlist``/``compensate``/``greedy``/``folds``/``fit_windows``/
-    ``self_fit_windows``/``map_policy``/``run_candidates``: the verified search's settings
+    ``self_fit_windows``/``self_fit_len``/``map_policy``/``run_candidates``: the verified search's settings
     (``selection.settings.SearchSettings`` says what they mean; ``fit_windows`` extra windows are read from
-    the calibration source after the ``calib_seqs`` windows; ``self_fit_windows`` windows of ``seq_len``
-    tokens are sampled from the model, seeded by ``seed``; None = 16 when compensating a causal LM not
-    loaded lazily). With scorer "verified" the
+    the calibration source after the ``calib_seqs`` windows; ``self_fit_windows`` windows of ``self_fit_len``
+    tokens (None: ``seq_len``) are sampled from the model, seeded by ``seed``; None = 16 when compensating a
+    causal LM not loaded lazily). With scorer "verified" the
     analysis holds cached block inputs: ``close()`` it when done. ``checkpoint_dir``: save the calibration
     pass block by block so that ``resume=True`` continues a killed run to the same result (the checkpoint
     stays until ``analysis.calib_result.checkpoint.remove()``; ``prune`` removes it once the model is saved).
@@ -295,7 +296,7 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
     selector = get_selector(scorer)
     search = SearchSettings(verify_windows=verify_windows, shortlist=shortlist, compensate=compensate,
                             greedy=greedy, folds=folds, fit_windows=fit_windows, self_fit_windows=self_fit_windows,
-                            map_policy=map_policy, run_candidates=run_candidates)
+                            self_fit_len=self_fit_len, map_policy=map_policy, run_candidates=run_candidates)
     if gradients is None:
         gradients = selector.needs_gradients
     elif not gradients and selector.needs_gradients:
@@ -345,23 +346,26 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
             calib, tokenizer, n_seqs=calib_seqs + search.fit_windows, seq_len=seq_len, seed=seed,
             text_field=text_field), search.fit_windows)
     search = search.with_calibration_windows(data.n_seqs)
-    sampled_rows: dict[int, int] = {}
+    sampled, sampled_rows = None, {}
     if search.self_fit_windows:  # their rows now (the budget check needs their shape), their tokens below
-        fit_data, sampled_rows = _with_sampled_rows(fit_data, search.self_fit_windows, seq_len,
-                                                    start_token(loaded, tokenizer), seed)
+        sample_len = search.self_fit_len or seq_len
+        adapter.check_window_length(sample_len, "self_fit_len")
+        sampled, sampled_rows = _sampled_placeholder(search.self_fit_windows, sample_len,
+                                                     start_token(loaded, tokenizer), seed)
+    fit_sets = [d for d in (fit_data, sampled) if d is not None]  # forward only: the maps' statistics
     last_token = LastTokenObserver() if (collect_last_token or verified) else None  # Gromov's angular run
     keep = (data.n_seqs if search.compensate else search.verify_windows) if verified else 0
     start, end = dist.window_range(data.n_seqs)  # this rank's windows (all of them in one process)
     batches, kept = data.batches()[start:end], max(0, min(end, keep) - start)
     budget = _memory_budget(max_memory, adapter, batches, search if verified else None, n_remove)
-    plan = _preflight(adapter, batches, budget, fit_data if verified and search.compensate else None,
+    plan = _preflight(adapter, batches, budget, fit_sets if verified and search.compensate else [],
                       max_memory, gradients=gradients, device=device, dtype=torch_dtype, offload_dir=offload_dir,
                       keep_inputs=kept, prefetch=prefetch, windows_per_call=windows_per_call)
     # the budget holds for the allocator's reserve too, through the search (calibration.devices.allocator_cap)
     with allocator_cap(plan.device, parse_bytes(max_memory, "max_memory")):
         if sampled_rows:
             with clock("sample_s"):
-                _sample_rows(loaded, fit_data, sampled_rows, seed)
+                _sample_rows(loaded, sampled, sampled_rows, seed)
         with CKAAccumulator(num_layers=L, estimator=cka_estimator, device=device, cache_dir=offload_dir,
                             cache_budget_bytes=plan.cka_budget, cache_cpu_budget_bytes=plan.cka_cpu_budget) as acc:
             observers = [_CKAObserver(acc), *([last_token] if last_token else [])]
@@ -375,8 +379,8 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
                 cka = np.asarray(acc.all_reduce().result(), dtype=np.float64)
                 hidden = None if last_token is None else dist.gather_rows(last_token.hidden_states(), axis=1,
                                                                           tag="last_token")
-        extra = None if fit_data is None else functools.partial(
-            _fit_only_statistics, adapter, fit_data,
+        extra = None if not fit_sets else functools.partial(
+            _fit_only_statistics, adapter, fit_sets,
             dict(device=device, dtype=torch_dtype, max_device_memory=max_memory, offload_dir=offload_dir,
                  progress=progress, prefetch=prefetch))
         # the search's d x d matrices: in memory up to what the budget leaves them, then on disk (or a clear stop)
@@ -399,7 +403,8 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
                 calibration_info={**data.provenance(), "loss": float(result.loss), "cka_estimator": cka_estimator,
                                   "dtype": str(torch_dtype).replace("torch.", ""),
                                   **({"fit_only_windows": search.fit_windows} if search.fit_windows else {}),
-                                  **({"self_fit_windows": search.self_fit_windows, "self_fit_seed": seed}
+                                  **({"self_fit_windows": search.self_fit_windows, "self_fit_seed": seed,
+                                      "self_fit_len": search.self_fit_len or seq_len}
                                      if search.self_fit_windows else {})},
                 last_token_hidden=hidden, verifier=verifier,
                 search=search)
@@ -470,17 +475,17 @@ def _split_fit_windows(data: CalibrationData, fit_windows: int) -> tuple[Calibra
             CalibrationData(data.input_ids[-fit_windows:], data.source, data.seed))
 
 
-def _preflight(adapter: Any, batches: list[dict], budget: Budget, fit_data: CalibrationData | None,
+def _preflight(adapter: Any, batches: list[dict], budget: Budget, fit_sets: list[CalibrationData],
                max_memory: Any, **kwargs: Any):
-    """The calibration pass's memory plan, and the fit-only pass's budget check (it runs under ``max_memory``
-    too, in the search): a budget below either least fails here, before any work, naming the larger least
-    (so that the figure it prints, passed back, is enough for both)."""
+    """The calibration pass's memory plan, and the fit-only passes' budget check (they run under
+    ``max_memory`` too, in the search): a budget below any least fails here, before any work, naming the
+    largest least (so that the figure it prints, passed back, is enough for all)."""
     errors, plan = [], None
     try:
         plan = preflight(adapter, batches, budget, **kwargs)
     except BudgetTooSmall as err:
         errors.append(err)
-    if fit_data is not None and max_memory is not None:
+    for fit_data in fit_sets if max_memory is not None else []:
         start, end = dist.window_range(fit_data.n_seqs)
         if end > start:
             try:
@@ -493,36 +498,37 @@ def _preflight(adapter: Any, batches: list[dict], budget: Budget, fit_data: Cali
     return plan
 
 
-def _with_sampled_rows(fit_data: CalibrationData | None, n: int, seq_len: int, start: int,
-                       seed: int) -> tuple[CalibrationData, dict[int, int]]:
-    """The fit-only windows with ``n`` rows for windows the model samples after the text ones (every row the
-    start token until ``_sample_rows``), and {row: sampled window index} of the rows this rank samples:
-    ``_fit_only_statistics`` reads no other, so a data-parallel rank samples only its share (each window has
-    its own random stream: the windows are the same whatever the number of ranks)."""
-    text = fit_data.input_ids if fit_data is not None else torch.empty(0, seq_len, dtype=torch.long)
-    first = text.shape[0]
-    lo, hi = dist.window_range(first + n)
-    rows = {r: r - first for r in range(max(lo, first), max(hi, first))}
-    source = "self-sampled" if fit_data is None else f"{fit_data.source} + self-sampled"
-    placeholder = torch.full((n, seq_len), start, dtype=torch.long)
-    return CalibrationData(torch.cat([text, placeholder]), source, seed), rows
+def _sampled_placeholder(n: int, length: int, start: int,
+                         seed: int) -> tuple[CalibrationData, dict[int, int]]:
+    """The ``n`` windows of ``length`` tokens the model samples (every token the start token until
+    ``_sample_rows``; their own length, so they need not be as long as the calibration windows), and
+    {row: sampled window index} of the rows this rank samples: ``_fit_only_statistics`` reads no other, so a
+    data-parallel rank samples only its share (each window has its own random stream: the windows are the
+    same whatever the number of ranks)."""
+    lo, hi = dist.window_range(n)
+    placeholder = torch.full((n, length), start, dtype=torch.long)
+    return CalibrationData(placeholder, "self-sampled", seed), {r: r for r in range(lo, hi)}
 
 
-def _sample_rows(model: Any, fit_data: CalibrationData, rows: dict[int, int], seed: int) -> None:
-    """Fill this rank's sampled rows of ``fit_data`` (``_with_sampled_rows``) with the model's samples."""
-    ids = fit_data.input_ids
-    got = sample_windows(model, list(rows.values()), ids.shape[1], start=int(ids[next(iter(rows)), 0]), seed=seed)
+def _sample_rows(model: Any, sampled: CalibrationData, rows: dict[int, int], seed: int) -> None:
+    """Fill this rank's rows of ``sampled`` (``_sampled_placeholder``) with the model's samples."""
+    ids = sampled.input_ids
+    got = sample_windows(model, list(rows.values()), ids.shape[1], start=int(ids[next(iter(rows)), 0]),
+                         seed=seed, batch=sampling_batch(ids.shape[1]))
     ids[list(rows)] = got
 
 
-def _fit_only_statistics(adapter: Any, fit_data: CalibrationData, calibrate_kwargs: dict, runs, weighted: bool):
-    """The fit-only windows' statistics of ``runs``: one forward-only calibration pass (this rank's share)."""
-    start, end = dist.window_range(fit_data.n_seqs)
+def _fit_only_statistics(adapter: Any, fit_sets: list[CalibrationData], calibrate_kwargs: dict, runs,
+                         weighted: bool):
+    """The fit-only windows' statistics of ``runs`` (text fit windows, sampled windows: each set its own
+    window length): one forward-only calibration pass per set over this rank's share, then one reduction."""
     observer = FitOnlyObserver(adapter, runs, weighted)
     try:
-        # one window per block call: the observer pairs the hooked MLP output with the call's own window
-        calibrate(adapter, fit_data.batches()[start:end], observers=[observer], gradients=False,
-                  keep_inputs=0, windows_per_call=1, **calibrate_kwargs)
+        for fit_data in fit_sets:
+            start, end = dist.window_range(fit_data.n_seqs)
+            # one window per block call: the observer pairs the hooked MLP output with the call's own window
+            calibrate(adapter, fit_data.batches()[start:end], observers=[observer], gradients=False,
+                      keep_inputs=0, windows_per_call=1, **calibrate_kwargs)
     finally:
         observer.close()
     if dist.is_distributed():

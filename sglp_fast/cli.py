@@ -136,6 +136,9 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
                         "--seed) that also only feed the compensation maps, so that the maps are fitted on wider "
                         "text than the calibration text (default: 16 when compensating a causal LM not loaded "
                         "with --lazy, else 0; docs/quality.md round 7)")
+    g.add_argument("--self-fit-len", type=_int_at_least(2, "an int >= 2"), default=None, metavar="T",
+                   help="'verified' scorer: tokens per self-sampled fit window (default: --seq-len); shorter "
+                        "windows are sampled in fewer, wider steps (docs/quality.md round 11)")
     g.add_argument("--map-policy", default="cv", choices=("cv", "cv-weighted", "fixed", "replaceme"),
                    help="how each compensation map is regularized: 'cv' (default: ridge strength and shrinkage "
                         "chosen by cross-validation, halved towards the identity), 'cv-weighted' (the same with "
@@ -519,8 +522,9 @@ def _analyze_kwargs(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
               text_field=args.text_field, progress=not args.quiet and (_Output.rank or (0,))[0] == 0,
               verify_windows=args.verify_windows,
               shortlist=args.shortlist, compensate=args.compensate, greedy=args.greedy, folds=args.folds,
-              fit_windows=args.fit_windows, self_fit_windows=args.self_fit_windows, map_policy=args.map_policy,
-              run_candidates=args.run_candidates, checkpoint_dir=args.resume or args.checkpoint_dir,
+              fit_windows=args.fit_windows, self_fit_windows=args.self_fit_windows,
+              self_fit_len=args.self_fit_len, map_policy=args.map_policy, run_candidates=args.run_candidates,
+              checkpoint_dir=args.resume or args.checkpoint_dir,
               resume=args.resume is not None,
               windows_per_call=getattr(args, "windows_per_call", None),
               prefetch={"on": True, "off": False}.get(getattr(args, "prefetch", "auto")))
@@ -921,7 +925,8 @@ _FLAGS = (("n_seqs*seq_len", "windows*--seq-len"), ("max_device_memory / max_cpu
           ("max_device_memory", "--max-memory"), ("max_cpu_memory", "--max-memory"), ("max_memory", "--max-memory"),
           ("offload_dir=<", "--offload-dir <"), ("offload_dir", "--offload-dir"),
           ("seq_len", "--seq-len"), ("calib_seqs", "--calib-seqs"), ("verify_windows", "--verify-windows"),
-          ("self_fit_windows", "--self-fit-windows"), ("run_candidates", "--run-candidates"),
+          ("self_fit_windows", "--self-fit-windows"), ("self_fit_len", "--self-fit-len"),
+          ("run_candidates", "--run-candidates"),
           ("fit_windows", "--fit-windows"), ("folds", "--folds"), ("map_policy", "--map-policy"),
           ("protect_first", "--protect-first"), ("protect_last", "--protect-last"), ("ratio_of", "--ratio-of"),
           ("k_max", "--k-max"), ("text_field", "--text-field"), ("allow_empty_segments", "--allow-empty-segments"),

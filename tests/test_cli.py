@@ -326,15 +326,18 @@ def test_console_script_entry_point():
 
 
 def test_compensation_flags_reach_the_plan(model_dir, tmp_path, capsys):
-    """--folds, --fit-windows, --self-fit-windows and --map-policy: the plan records them; bad values are
-    refused by argparse, or by the library with the flag's name."""
+    """--folds, --fit-windows, --self-fit-windows, --self-fit-len and --map-policy: the plan records them (the
+    text fit windows and the shorter sampled ones in one analysis); bad values are refused by argparse, or by
+    the library with the flag's name."""
     rc, _, err = run(capsys, "prune", model_dir, "--remove", 2, "--calib-seqs", 4, "--seq-len", 16, "-q",
-                     "--folds", 2, "--fit-windows", 2, "--self-fit-windows", 3, "--map-policy", "fixed", "--no-eval",
+                     "--folds", 2, "--fit-windows", 2, "--self-fit-windows", 3, "--self-fit-len", 6,
+                     "--map-policy", "fixed", "--no-eval",
                      "-o", tmp_path / "o", "--json", tmp_path / "p.json")
     assert rc == 0, err
     plan = json.loads((tmp_path / "o" / "plan.json").read_text())
     assert plan["calibration"]["fit_only_windows"] == 2 and plan["calibration"]["n_seqs"] == 4
     assert plan["calibration"]["self_fit_windows"] == 3 and plan["selection"]["self_fit_windows"] == 3
+    assert plan["calibration"]["self_fit_len"] == 6 and plan["selection"]["self_fit_len"] == 6
     sel = plan["selection"]
     assert sel["verify_windows"] == 4  # every calibration window, cross-fitted; the fit-only ones are not checked
     comp = plan.get("compensation")
@@ -342,7 +345,11 @@ def test_compensation_flags_reach_the_plan(model_dir, tmp_path, capsys):
                             comp["fit_windows"]) == ("fixed", 2, 2, 3, 9)
     rc, _, err = run(capsys, "analyze", model_dir, "--no-compensate", "--self-fit-windows", 2, *FAST)
     assert rc == 2 and "--self-fit-windows" in err and "self_fit_windows" not in err, err
-    for bad, words in ((["--folds", "0"], ("--folds", "positive")), (["--map-policy", "ridge"], ("--map-policy",))):
+    rc, _, err = run(capsys, "analyze", model_dir, "--no-compensate", "--self-fit-len", 8, *FAST)
+    assert rc == 2 and "--self-fit-len" in err and "self_fit_len" not in err, err
+    for bad, words in ((["--folds", "0"], ("--folds", "positive")),
+                       (["--map-policy", "ridge"], ("--map-policy",)),
+                       (["--self-fit-len", "1"], ("--self-fit-len", ">= 2"))):
         with pytest.raises(SystemExit) as exit_:
             main(["analyze", model_dir, *bad, *FAST])
         err = capsys.readouterr().err

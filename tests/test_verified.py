@@ -1021,6 +1021,65 @@ def test_self_sampled_windows_feed_the_maps_as_the_same_windows_given_as_text(ti
         assert auto.search.self_fit_windows == 16 and auto.calibration_info["self_fit_windows"] == 16
 
 
+def test_self_sampled_windows_of_their_own_length_feed_the_maps(tiny_dir):
+    """self_fit_len=7 (the calibration windows have 20 tokens): the model samples 3 windows of 7 tokens, and
+    they add to the statistics of a run exactly their rows' X^T X and X^T Y, checked against a float64 sum
+    over hooks of a plain forward of those windows (X: block p's MLP output, Y: block b's output minus block
+    p's); the plan and the calibration record carry the length. Asking for it with no sampled windows, or
+    below 2 tokens, is an error naming the setting."""
+    import sglp_fast
+    from sglp_fast.calibration.self_text import sample_windows, start_token
+
+    run, length = (2, 4), 7
+    with sglp_fast.analyze(str(tiny_dir), "builtin", self_fit_windows=3, self_fit_len=length, remove=2,
+                           **API_CALIB) as own, \
+            sglp_fast.analyze(str(tiny_dir), "builtin", self_fit_windows=0, remove=2, **API_CALIB) as none:
+        for a in (own, none):
+            a.verifier.prepare([list(range(run[0], run[1] + 1))])
+        o, n = (a.verifier._stats[run, R.CV.weighted] for a in (own, none))
+        assert int(o.tokens.sum()) == int(n.tokens.sum()) + 3 * length
+        assert own.calibration_info["self_fit_len"] == length
+        assert own.plan.extra["selection"]["self_fit_len"] == length
+        start = start_token(own.model, own.tokenizer)
+        sampled = sample_windows(own.model, range(3), length, start=start, seed=0)
+        assert sampled.shape == (3, length) and not torch.equal(sampled[0], sampled[1])
+        layers, seen = own.model.model.layers, {}
+        p, b = run[0] - 1, run[1]
+
+        def keep(name):
+            return lambda mod, inp, out: seen.__setitem__(name, out[0] if isinstance(out, tuple) else out)
+
+        hooks = [layers[p].mlp.down_proj.register_forward_hook(keep("m")),
+                 layers[p].register_forward_hook(keep("p")), layers[b].register_forward_hook(keep("b"))]
+        try:
+            with torch.no_grad():
+                own.model(input_ids=sampled)
+        finally:
+            for h in hooks:
+                h.remove()
+        X = seen["m"].double().reshape(-1, seen["m"].shape[-1])
+        Y = (seen["b"].double() - seen["p"].double()).reshape(X.shape)
+        gram, cross = (o.gram - n.gram).sum(0), (o.cross - n.cross).sum(0)
+        torch.testing.assert_close(gram, X.T @ X, rtol=1e-4, atol=1e-6 * float((X.T @ X).abs().max()))
+        torch.testing.assert_close(cross, X.T @ Y, rtol=1e-4, atol=1e-6 * float((X.T @ Y).abs().max()))
+    with pytest.raises(ValueError, match="self_fit_len: .*none are sampled"):
+        sglp_fast.analyze(str(tiny_dir), "builtin", self_fit_windows=0, self_fit_len=8, **API_CALIB)
+    with pytest.raises(ValueError, match="self_fit_len"):
+        sglp_fast.analyze(str(tiny_dir), "builtin", self_fit_len=1, **API_CALIB)
+    limit = get_adapter(own.model).max_positions()
+    with pytest.raises(ValueError, match=f"self_fit_len: {limit + 1} tokens per window exceed"):
+        sglp_fast.analyze(str(tiny_dir), "builtin", self_fit_len=limit + 1, **API_CALIB)
+
+
+def test_sampling_batch_holds_the_default_tokens():
+    """Short sampled windows go in wider batches (16 x 256 tokens' worth), never fewer than 16 windows."""
+    from sglp_fast.calibration.self_text import sampling_batch
+
+    assert [sampling_batch(t) for t in (256, 64, 1000, 4096, 5)] == [16, 64, 16, 16, 819]
+    with pytest.raises(ValueError, match="length"):
+        sampling_batch(0)
+
+
 def test_self_sampled_windows_off_where_the_model_cannot_sample(tiny_dir):
     """A lazily loaded model would read every block per sampled token: auto gives 0 windows (recorded), and
     asking for them is an error naming the fix; so is asking with compensation off."""

@@ -139,7 +139,8 @@ def analysis(args, model, tok, data, **kw):
     """The default analysis of ``data`` with the command line's search settings (kw overrides)."""
     opts = dict(tokenizer=tok, calib_seqs=data.n_seqs, seq_len=data.seq_len, verify_windows=args.verify_windows,
                 compensate=False if args.no_compensate else None, greedy=args.greedy,
-                self_fit_windows=args.self_fit_windows, map_policy=args.map_policy,
+                self_fit_windows=args.self_fit_windows, self_fit_len=args.self_fit_len,
+                map_policy=args.map_policy,
                 run_candidates=args.run_candidates)
     return sglp_fast.analyze(model, data, **{**opts, **kw})
 
@@ -560,6 +561,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-compensate", action="store_true", help="the search without compensated candidates")
     p.add_argument("--self-fit-windows", type=int, default=None,
                    help="windows the model samples for the maps' fit (package default: 16 when compensating)")
+    p.add_argument("--self-fit-len", type=int, default=None,
+                   help="tokens per sampled fit window (package default: --seq-len)")
     p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=None,
                    help="the search's loss-checked greedy (package default: only without compensation)")
     p.add_argument("--run-candidates", type=int, default=0,

@@ -21,6 +21,18 @@ import torch
 from ..checks import check_int
 
 _SEED_STRIDE = 1_000_003  # window i of seed s draws from generator seed s * stride + i
+SAMPLING_TOKENS = 4096  # windows x length sampled in one batch: the default's 16 x 256, whatever the length
+
+
+def sampling_batch(length: int) -> int:
+    """Windows of ``length`` tokens sampled together: at least 16, and as many as hold ``SAMPLING_TOKENS``.
+
+    Why: a sampling step reads every weight of the model for one token per window, so its time hardly grows
+    with the batch (SmolLM2 on 2 CPU cores: 239 ms at 16 windows, 412 ms at 64); shorter windows in a wider
+    batch take fewer steps for the same tokens, and the key-value cache stays the size of 16 x 256 tokens'.
+    """
+    check_int("length", length, 1)
+    return max(16, SAMPLING_TOKENS // length)
 
 
 def start_token(model: Any, tokenizer: Any = None) -> int:

@@ -126,12 +126,13 @@ class BlockAdapter:
         """State-dict prefix of block ``index`` (e.g. ``model.layers.3.``)."""
         return f"{self.blocks_path}.{index}."
 
-    def check_window_length(self, seq_len: int) -> None:
-        """Refuse windows longer than the model's positions (calibration, search and evaluation alike)."""
+    def check_window_length(self, seq_len: int, name: str = "seq_len") -> None:
+        """Refuse windows longer than the model's positions (calibration, search and evaluation alike);
+        ``name``: the setting that gave the length."""
         limit = self.max_positions()
         if limit is not None and seq_len > limit:
-            raise ValueError(f"seq_len: {seq_len} tokens per window exceed the {limit} positions this model "
-                             f"supports (config max_position_embeddings); use seq_len <= {limit}")
+            raise ValueError(f"{name}: {seq_len} tokens per window exceed the {limit} positions this model "
+                             f"supports (config max_position_embeddings); use {name} <= {limit}")
 
     def max_positions(self) -> int | None:
         """Longest sequence the model supports, or None when the architecture has no limit."""

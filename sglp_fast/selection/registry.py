@@ -105,7 +105,8 @@ def _verified_search(n: int, frame: Frame, evidence: Evidence) -> Choice:
                           greedy=bool(settings.greedy), run_candidates=settings.run_candidates)
     record = {**found.to_dict(), "shortlist": settings.shortlist, "verify_windows": verifier.num_windows,
               **({"run_candidates": settings.run_candidates} if settings.run_candidates else {}),
-              "self_fit_windows": settings.self_fit_windows or 0}
+              "self_fit_windows": settings.self_fit_windows or 0,
+              **({"self_fit_len": settings.self_fit_len} if settings.self_fit_len else {})}
     choice = Choice(removed=list(found.removed), record=record)
     if found.compensated:  # the chosen plan's maps, fitted on every window (their in-sample loss is not
         # checked: a number nothing decides on would cost one more pass, ~10% of the search on SmolLM2)
@@ -123,7 +124,8 @@ def _verified_search(n: int, frame: Frame, evidence: Evidence) -> Choice:
             "maps": {str(p): choices[p].to_dict() for p in found.maps},
             "fit_windows": evidence.calib_windows + settings.fit_windows + (settings.self_fit_windows or 0),
             "fit_only_windows": settings.fit_windows,
-            "self_fit_windows": settings.self_fit_windows or 0}
+            "self_fit_windows": settings.self_fit_windows or 0,
+            **({"self_fit_len": settings.self_fit_len} if settings.self_fit_len else {})}
     store = getattr(verifier, "matrices", None)
     if settings.compensate and store is not None:  # what the d x d statistics and maps took (the final ones too)
         record["matrices"] = {"peak_in_memory_bytes": int(store.peak_resident_bytes),

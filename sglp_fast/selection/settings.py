@@ -33,7 +33,9 @@ class SearchSettings:
     ``self_fit_windows``: windows the dense model samples itself (``calibration.self_text``) that also only
     feed the compensation statistics, so that the maps are fitted on wider text than the calibration text;
     None = ``DEFAULT_SELF_FIT_WINDOWS`` when compensating a model that can sample (a causal LM held in
-    memory), else 0. ``map_policy``: how each map is regularized (``regularization.POLICIES``).
+    memory), else 0. ``self_fit_len``: tokens per sampled window (None: the calibration windows' length);
+    shorter windows sample in fewer, wider steps (docs/quality.md round 11). ``map_policy``: how each map
+    is regularized (``regularization.POLICIES``).
     ``run_candidates``: contiguous runs of lowest all-token angular distance checked as extra candidates
     (0: Gromov's one run only; docs/quality.md rounds 9 and 10).
     ``resolved()`` fills every None for one model and calibration set.
@@ -46,6 +48,7 @@ class SearchSettings:
     folds: int = DEFAULT_FOLDS
     fit_windows: int = 0
     self_fit_windows: int | None = None
+    self_fit_len: int | None = None
     map_policy: str = "cv"
     run_candidates: int = DEFAULT_RUN_CANDIDATES
     check_every_window: bool = False  # set by resolved(): the check uses every calibration window
@@ -59,6 +62,9 @@ class SearchSettings:
         check_int("fit_windows", self.fit_windows, 0, expected="a non-negative int (extra fit-only windows)")
         check_int("self_fit_windows", self.self_fit_windows, 0, optional=True,
                   expected="a non-negative int (windows the model samples for the maps' fit) or None (auto)")
+        check_int("self_fit_len", self.self_fit_len, 2, optional=True,
+                  expected="an int >= 2 (tokens per sampled window: the start token and the samples) or None "
+                           "(the calibration windows' length)")
         check_optional_bool("compensate", self.compensate, "auto")
         check_optional_bool("greedy", self.greedy, "auto: only without compensation")
         if self.map_policy not in MAP_POLICIES:
@@ -80,6 +86,10 @@ class SearchSettings:
                              f"{'' if why is None else ' (' + why + ')'}; drop fit_windows (--fit-windows)")
         compensate = self.compensate is not False and why is None
         self_fit = self._self_fit_windows(compensate, why, sampling_blocked_by)
+        if self.self_fit_len is not None and not self_fit:
+            raise ValueError("self_fit_len: sets the length of the self-sampled fit windows, and none are "
+                             "sampled here (self_fit_windows is 0, or compensation or sampling is off); drop "
+                             "self_fit_len (--self-fit-len)")
         every = self.verify_windows is None and (loss_kind == "pooled_energy" or compensate)
         windows = calib_windows if every else (self.verify_windows or DEFAULT_VERIFY_WINDOWS)
         greedy = (not compensate) if self.greedy is None else self.greedy
