@@ -346,7 +346,7 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
             calib, tokenizer, n_seqs=calib_seqs + search.fit_windows, seq_len=seq_len, seed=seed,
             text_field=text_field), search.fit_windows)
     search = search.with_calibration_windows(data.n_seqs)
-    sampled, sampled_rows = None, {}
+    sampled, sampled_rows = None, range(0)
     if search.self_fit_windows:  # their rows now (the budget check needs their shape), their tokens below
         sample_len = search.self_fit_len or seq_len
         adapter.check_window_length(sample_len, "self_fit_len")
@@ -404,7 +404,7 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
                                   "dtype": str(torch_dtype).replace("torch.", ""),
                                   **({"fit_only_windows": search.fit_windows} if search.fit_windows else {}),
                                   **({"self_fit_windows": search.self_fit_windows, "self_fit_seed": seed,
-                                      "self_fit_len": search.self_fit_len or seq_len}
+                                      "self_fit_len": sampled.seq_len}
                                      if search.self_fit_windows else {})},
                 last_token_hidden=hidden, verifier=verifier,
                 search=search)
@@ -498,24 +498,21 @@ def _preflight(adapter: Any, batches: list[dict], budget: Budget, fit_sets: list
     return plan
 
 
-def _sampled_placeholder(n: int, length: int, start: int,
-                         seed: int) -> tuple[CalibrationData, dict[int, int]]:
+def _sampled_placeholder(n: int, length: int, start: int, seed: int) -> tuple[CalibrationData, range]:
     """The ``n`` windows of ``length`` tokens the model samples (every token the start token until
-    ``_sample_rows``; their own length, so they need not be as long as the calibration windows), and
-    {row: sampled window index} of the rows this rank samples: ``_fit_only_statistics`` reads no other, so a
+    ``_sample_rows``; their own length, so they need not be as long as the calibration windows), and the
+    rows (= sampled window indices) this rank samples: ``_fit_only_statistics`` reads no other, so a
     data-parallel rank samples only its share (each window has its own random stream: the windows are the
     same whatever the number of ranks)."""
-    lo, hi = dist.window_range(n)
     placeholder = torch.full((n, length), start, dtype=torch.long)
-    return CalibrationData(placeholder, "self-sampled", seed), {r: r for r in range(lo, hi)}
+    return CalibrationData(placeholder, "self-sampled", seed), range(*dist.window_range(n))
 
 
-def _sample_rows(model: Any, sampled: CalibrationData, rows: dict[int, int], seed: int) -> None:
+def _sample_rows(model: Any, sampled: CalibrationData, rows: range, seed: int) -> None:
     """Fill this rank's rows of ``sampled`` (``_sampled_placeholder``) with the model's samples."""
     ids = sampled.input_ids
-    got = sample_windows(model, list(rows.values()), ids.shape[1], start=int(ids[next(iter(rows)), 0]),
-                         seed=seed, batch=sampling_batch(ids.shape[1]))
-    ids[list(rows)] = got
+    ids[rows.start:rows.stop] = sample_windows(model, rows, ids.shape[1], start=int(ids[rows.start, 0]),
+                                               seed=seed, batch=sampling_batch(ids.shape[1]))
 
 
 def _fit_only_statistics(adapter: Any, fit_sets: list[CalibrationData], calibrate_kwargs: dict, runs,

@@ -29,7 +29,8 @@ def sampling_batch(length: int) -> int:
 
     Why: a sampling step reads every weight of the model for one token per window, so its time hardly grows
     with the batch (SmolLM2 on 2 CPU cores: 239 ms at 16 windows, 412 ms at 64); shorter windows in a wider
-    batch take fewer steps for the same tokens, and the key-value cache stays the size of 16 x 256 tokens'.
+    batch take fewer steps for the same tokens, and for windows of up to 256 tokens the key-value cache
+    holds no more than 16 x 256 tokens'.
     """
     check_int("length", length, 1)
     return max(16, SAMPLING_TOKENS // length)
