@@ -110,8 +110,9 @@ One `analyze(remove={args.remove})` per pipeline and calibration subset ({args.c
 subset s = windows {args.calib_seqs}s.. of the built-in text, as in quality_smollm2.md), the two pipelines
 alternating after one untimed warm-up of each. Paper: `scorer="gradnorm"` (forward + backward, CKA, Fisher
 segments, lowest GradNorm per segment). Default: forward only, CKA, segments, the verified search with
-compensation (16 fit windows sampled from the model, statistics, cross-fitted plain and compensated checks
-over every window, the final maps).
+compensation (16 fit windows sampled from the model, statistics, cross-fitted compensated checks over every
+window, plain checks of the candidates within one standard error of the lowest option (`plain_checks`
+"band"), the final maps).
 
 | subset | paper (s) | default (s) | default / paper | paper: calibrate + plan (s) | default: sample + calibrate + plan (s) | search block-forwards | default without self-sampled windows (s) | default, {short_n} sampled windows of {short_len} tokens (s): sample + calibrate + plan |
 |---|---|---|---|---|---|---|---|---|
@@ -128,8 +129,8 @@ up to {sampling_batch(short_len)} at a time): {min(ratios_short):.2f}x to {max(r
 Extra fit-only windows (`--fit-windows`, forward only, they feed only the compensation statistics): on subset 0
 the default took {t_plain:.1f} s without and {t_fit:.1f} s with {args.fit_windows} extra windows of {args.seq_len} tokens:
 **{per_window:.2f} s per extra window** here (the whole default analysis spends {t_plain / args.calib_seqs:.2f} s per
-calibration window); an extra window costs one forward-only pass of the model over it plus the d x d
-statistics of the candidate runs. Plan with them: {fit['removed']}.
+calibration window); an extra window costs one forward-only pass of the model over it (several windows per
+block call) plus the d x d statistics of the candidate runs. Plan with them: {fit['removed']}.
 """
     with open(args.out, "w", encoding="utf-8") as f:
         f.write(text)

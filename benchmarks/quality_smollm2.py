@@ -188,7 +188,8 @@ def measure_subset(args, s, model, tok, calib_all, scorer, rows, plans, cost, pi
                              + f" | {sel['lowest_loss']}")
             cands = sel["candidates"]
             checks[(s, n)] = "; ".join(
-                f"{name} {c['calib_loss']:.3f} -> {c['calib_loss_compensated']:.3f}"
+                f"{name} {'(not checked)' if c['calib_loss'] is None else format(c['calib_loss'], '.3f')} -> "
+                f"{c['calib_loss_compensated']:.3f}"
                 + (f" (dropped {c['maps_dropped_by_check']})" if c.get("maps_dropped_by_check") else "")
                 for name, c in cands.items() if c.get("calib_loss_compensated") is not None)
             rows[("default", s, n)] = scorer(plan.removed, plan.transforms, tag=("default", s, n))

@@ -382,7 +382,7 @@ def analyze(model: Any = None, calib: Any = None, *, tokenizer: Any = None, segm
         extra = None if not fit_sets else functools.partial(
             _fit_only_statistics, adapter, fit_sets,
             dict(device=device, dtype=torch_dtype, max_device_memory=max_memory, offload_dir=offload_dir,
-                 progress=progress, prefetch=prefetch))
+                 progress=progress, prefetch=prefetch, windows_per_call=windows_per_call))
         # the search's d x d matrices: in memory up to what the budget leaves them, then on disk (or a clear stop)
         matrices = MatrixStore(plan.selection_room_bytes, offload_dir if plan.selection_spills else None,
                                what="max_memory (--max-memory)")
@@ -490,7 +490,7 @@ def _preflight(adapter: Any, batches: list[dict], budget: Budget, fit_sets: list
         if end > start:
             try:
                 preflight(adapter, fit_data.batches()[start:end], max_memory,
-                          **{**kwargs, "gradients": False, "keep_inputs": 0, "windows_per_call": 1})
+                          **{**kwargs, "gradients": False, "keep_inputs": 0})
             except BudgetTooSmall as err:
                 errors.append(err)
     if errors:
@@ -518,14 +518,16 @@ def _sample_rows(model: Any, sampled: CalibrationData, rows: range, seed: int) -
 def _fit_only_statistics(adapter: Any, fit_sets: list[CalibrationData], calibrate_kwargs: dict, runs,
                          weighted: bool):
     """The fit-only windows' statistics of ``runs`` (text fit windows, sampled windows: each set its own
-    window length): one forward-only calibration pass per set over this rank's share, then one reduction."""
+    window length): one forward-only calibration pass per set over this rank's share, then one reduction.
+    The windows of a set go through each block several at a time (``calibrate``'s default grouping, as the
+    calibration pass: 64 sampled windows of 64 tokens one per call took twice the time, docs/quality.md
+    round 13)."""
     observer = FitOnlyObserver(adapter, runs, weighted)
     try:
         for fit_data in fit_sets:
             start, end = dist.window_range(fit_data.n_seqs)
-            # one window per block call: the observer pairs the hooked MLP output with the call's own window
             calibrate(adapter, fit_data.batches()[start:end], observers=[observer], gradients=False,
-                      keep_inputs=0, windows_per_call=1, **calibrate_kwargs)
+                      keep_inputs=0, **calibrate_kwargs)
     finally:
         observer.close()
     if dist.is_distributed():

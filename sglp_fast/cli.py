@@ -574,6 +574,13 @@ def _finite_ppl(value: float, what: str) -> float:
     return value
 
 
+def _candidate_losses(name: str, c: dict) -> str:
+    """A candidate's check losses for the summary (plain: "not checked" when the search skipped it)."""
+    plain = "(plain not checked)" if c.get("calib_loss") is None else f"{c['calib_loss']:.4f}"
+    comp = f" (compensated {c['calib_loss_compensated']:.4f})" if "calib_loss_compensated" in c else ""
+    return f"{name} {plain}{comp}"
+
+
 def _print_segments(plan: Any) -> None:
     _say(f"segments: k={plan.k} ({plan.k_rule})")
     per_seg = plan.removed_per_segment() if plan.removed is not None else [None] * plan.k
@@ -584,9 +591,7 @@ def _print_segments(plan: Any) -> None:
         _say(f"removed blocks ({len(plan.removed)} of {plan.num_blocks}, scorer {plan.scorer}): {plan.removed}")
     sel = plan.extra.get("selection")
     if plan.removed is not None and sel:
-        losses = ", ".join(f"{name} {c['calib_loss']:.4f}"
-                           + (f" (compensated {c['calib_loss_compensated']:.4f})" if "calib_loss_compensated" in c else "")
-                           for name, c in sel["candidates"].items() if c.get("calib_loss") is not None)
+        losses = ", ".join(_candidate_losses(name, c) for name, c in sel["candidates"].items() if "skipped" not in c)
         kept = sel["picked"] + (" + compensation" if sel.get("compensated") else "")
         why = (f" (simplest within one standard error of the lowest, '{sel['lowest_loss']}')"
                if sel.get("lowest_loss") and sel["lowest_loss"] != kept else "")

@@ -68,6 +68,8 @@ def test_prune_prints_and_saves(model_dir, tmp_path, capsys):
     for name, c in sel["candidates"].items():  # every checked candidate's loss is printed
         if c.get("calib_loss") is not None:
             assert f"{name} {c['calib_loss']:.4f}" in text
+        elif "skipped" not in c:  # compensated only (plain_checks "band")
+            assert f"{name} (plain not checked) (compensated {c['calib_loss_compensated']:.4f})" in text
     assert plan.removed == sel["candidates"][sel["picked"]]["removed"]
     for i, rem in enumerate(plan.removed_per_segment()):
         assert f"segment {i + 1}: blocks" in text and f"removed {len(rem)}: {rem}" in text

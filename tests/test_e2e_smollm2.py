@@ -44,10 +44,15 @@ def test_default_model_prune_reload_generate(smollm2_file, tmp_path, capsys):
                                                   dtype=torch.float32).eval()
     sel = plan.extra["selection"]
     assert plan.scorer == "verified" and (plan.transforms is not None) == sel["compensated"]
-    # never worse than no map: every compensated candidate's cross-fitted check loss is at or below the
-    # same plan's plain loss (maps that raised it were dropped), and at least one map survived somewhere
+    # never worse than no map: every compensated candidate checked plain has its cross-fitted check loss at
+    # or below the same plan's plain loss (maps that raised it were dropped), the kept plan among them (with
+    # the weights resident, only the candidates within one standard error of the lowest option are checked
+    # plain: the others cannot be picked), and at least one map survived somewhere
     scored = [c for c in sel["candidates"].values() if c.get("calib_loss_compensated") is not None]
-    assert scored and all(c["calib_loss_compensated"] <= c["calib_loss"] for c in scored)
+    assert sel["plain_checks"] == "band" and sel["candidates"][sel["picked"]]["calib_loss"] is not None
+    checked = [c for c in scored if c["calib_loss"] is not None]
+    assert checked and all(c["calib_loss_compensated"] <= c["calib_loss"] for c in checked)
+    assert all("not checked" in c["plain"] for c in scored if c["calib_loss"] is None)
     assert any(m["kept"] for c in scored for m in c["maps"].values())
     if plan.transforms:
         for blk, T in plan.transforms.items():

@@ -20,7 +20,8 @@ from sglp_fast.calibration.runtime import calibrate
 from sglp_fast.selection import regularization as R
 from sglp_fast.selection.compensation import apply_transforms, fold_state_tensor, folded, module_kind, runs_of
 from sglp_fast.models import get_adapter
-from sglp_fast.selection.verified import CANDIDATES, fits_frame, one_standard_error_pick, verified_pick
+from sglp_fast.selection.verified import (CANDIDATES, fits_frame, one_standard_error_pick, verified_pick,
+                                          within_one_se)
 from sglp_fast.selection.verifier import SkipVerifier
 
 torch.set_grad_enabled(True)
@@ -437,6 +438,7 @@ def test_the_compensated_search_is_one_pass_after_the_statistics(setup):
     model's loss (maps fitted on every window) is one more pass, for the kept plan only."""
     model, batches, _ = setup
     ver = _verifier(model, batches, 3, keep_all=True)
+    ver.plain_checks = "all"  # the weights are resident: "band" by default (the next test)
     passes = []
     run = ver._run
     ver._run = lambda plans, fixes: passes.append(len(plans)) or run(plans, fixes)
@@ -458,6 +460,99 @@ def test_the_compensated_search_is_one_pass_after_the_statistics(setup):
             assert len(passes) == 1 + rounds
     finally:
         ver.close()
+
+
+def test_band_checks_plain_only_off_the_band_and_picks_as_all():
+    """plain_checks "band" (the default with resident weights) against "all" on a real model, 4 random setups:
+    the same pick, maps and compensated losses; a candidate checked plain has the same plain loss; one not
+    checked plain has its compensated option out of one standard error of the lowest option (and some are);
+    it takes no more block calls."""
+    unchecked = 0
+    for seed in range(4):
+        unchecked += _band_against_all(seed)
+    assert unchecked > 0
+
+
+def _band_against_all(seed: int) -> int:
+    model_seed, batch_seed = _seeds(2, seed=100 + seed)
+    model = tiny_model("llama", layers=6, seed=model_seed).double()
+    batches = _batches(seed=batch_seed, shapes=((1, 9), (1, 7), (1, 8), (1, 6), (1, 9), (1, 5), (1, 8)))
+    r = np.random.default_rng(seed).random(6)
+    hidden = np.random.default_rng(seed).normal(size=(7, 7, 16))
+    kw = dict(segments=[(0, 2), (3, 5)], n=2, relative_update=r, block_influence=r[::-1].copy(),
+              last_token_hidden=hidden, compensate=True, greedy=False, run_candidates=2)
+    sel, work, unchecked = {}, {}, 0
+    for mode in ("all", "band"):
+        ver = _verifier(model, batches, 7, keep_all=True)
+        assert ver.plain_checks == "band"  # resident weights
+        ver.plain_checks = mode
+        try:
+            sel[mode] = verified_pick(verifier=ver, **kw)
+            work[mode] = ver.window_block_forwards
+            if mode == "band":
+                for name, c in sel[mode].candidates.items():
+                    if c.get("calib_loss") is None and "skipped" not in c:
+                        per = ver.batch_losses([c["removed"]], compensated=True,
+                                               maps=[[int(p) for p, m in c["maps"].items() if m["kept"]]])[0]
+                        low = sel[mode].lowest_loss
+                        lname, lcomp = low.replace(" + compensation", ""), low.endswith("compensation")
+                        lc = sel[mode].candidates[lname]
+                        base = ver.batch_losses([lc["removed"]], compensated=lcomp,
+                                                maps=[[int(p) for p, m in lc["maps"].items() if m["kept"]]
+                                                      if lcomp else None])[0]
+                        assert not within_one_se(np.asarray(per), np.asarray(base)), name
+                        assert "not checked" in c["plain"]
+                        unchecked += 1
+        finally:
+            ver.close()
+    a, b = sel["all"], sel["band"]
+    assert (a.removed, a.picked, a.compensated, a.maps, a.lowest_loss) == \
+        (b.removed, b.picked, b.compensated, b.maps, b.lowest_loss)
+    assert b.to_dict()["plain_checks"] == "band" and a.to_dict()["plain_checks"] == "all"
+    for name, c in b.candidates.items():
+        if "skipped" in c:
+            continue
+        if c["calib_loss"] is not None:
+            assert c["calib_loss"] == pytest.approx(a.candidates[name]["calib_loss"], rel=1e-12)
+        want = a.candidates[name]["calib_loss_compensated"]
+        assert c["calib_loss_compensated"] == pytest.approx(want, rel=1e-12) \
+            or a.candidates[name].get("maps_dropped_by_check")
+    assert work["band"] <= work["all"]
+    return unchecked
+
+
+def test_band_holds_maps_that_raise_the_loss_to_never_worse():
+    """Fake losses where every map raises the loss: the lowest compensated plan is checked plain and loses
+    its maps (never_worse), then it is the lowest option alone; the plans out of that band are not checked
+    plain (and keep maps that "all" drops: they are not picked); the pick equals the one of "all"."""
+    r = [0.9, 0.1, 0.3, 0.2, 0.8, 0.6]
+    block_influence = [0.9, 0.8, 0.1, 0.2, 0.7, 0.6]
+    cost = [5.0, 1.0, 1.05, 1.0, 3.0, 3.0]
+    # proposals: relative_update [1, 3] (plain 2.0), block_influence [2, 3] (2.05), angular run [4, 5] (6.0)
+    gains = {(1, 3): -0.1, (2, 3): -0.1, (4, 5): 0.2}
+    hidden = np.random.default_rng(0).normal(size=(7, 2, 3))
+    hidden[6] = hidden[4]  # the last-token states entering block 4 and leaving block 5 agree
+    sel, vers = {}, {}
+    for mode in ("all", "band"):
+        vers[mode] = GainFakeVerifier(cost, gains, mode)
+        sel[mode] = verified_pick(segments=[(0, 5)], n=2, relative_update=r, block_influence=block_influence,
+                                  verifier=vers[mode], last_token_hidden=hidden, greedy=False,
+                                  compensate=True)
+    a, b = sel["all"], sel["band"]
+    names = ("relative_update_per_segment", "block_influence", "angular")
+    assert [b.candidates[n]["removed"] for n in names] == [[1, 3], [2, 3], [4, 5]]
+    assert (a.removed, a.picked, a.compensated) == (b.removed, b.picked, b.compensated) \
+        == ([1, 3], "relative_update_per_segment", False)
+    low = b.candidates["relative_update_per_segment"]
+    assert low["calib_loss"] == pytest.approx(2.0) and low["calib_loss_compensated"] == pytest.approx(2.0)
+    assert low["maps_dropped_by_check"] == [0, 2]
+    for name in ("block_influence", "angular"):
+        assert b.candidates[name]["calib_loss"] is None and a.candidates[name]["calib_loss"] is not None
+        assert "not checked" in b.candidates[name]["plain"]
+    assert b.candidates["block_influence"]["calib_loss_compensated"] == pytest.approx(2.15)
+    assert a.candidates["block_influence"]["calib_loss_compensated"] == pytest.approx(2.05)  # map dropped
+    plain_calls = lambda v: {p for p, comp in v.calls if not comp}  # noqa: E731
+    assert plain_calls(vers["band"]) == {(1, 3)} and plain_calls(vers["all"]) == {(1, 3), (2, 3), (4, 5)}
 
 
 def test_never_worse_drops_maps_until_the_check_is_not_above_plain(setup):
@@ -508,6 +603,7 @@ class FakeVerifier:
 
     num_windows = 1
     block_forwards = 0.0
+    plain_checks = "all"
 
     def __init__(self, cost, pair=None, comp_gain=0.0):
         self.cost, self.pair, self.comp_gain = np.asarray(cost, float), dict(pair or {}), comp_gain
@@ -555,6 +651,31 @@ class NoisyFakeVerifier(FakeVerifier):
                 for p, x in zip(plans, self.losses(plans, compensated))]
 
 
+class GainFakeVerifier(NoisyFakeVerifier):
+    """Compensated loss = plain - ``gains[plan]`` x (share of the plan's maps kept); no map kept: plain."""
+
+    def __init__(self, cost, gains, plain_checks):
+        super().__init__(cost, {})
+        self.gains = {tuple(sorted(k)): v for k, v in gains.items()}
+        self.plain_checks = plain_checks
+
+    def losses(self, plans, compensated=False, all_windows=False, maps=None, policy=None):
+        comps = [compensated] * len(plans) if isinstance(compensated, bool) else list(compensated)
+        maps = [None] * len(plans) if maps is None else list(maps)
+        out = []
+        for p, comp, m in zip(plans, comps, maps):
+            p = sorted(set(p))
+            every = self.map_blocks(p)
+            kept = every if m is None else frozenset(m)
+            share = len(kept) / len(every) if comp and every else 0.0
+            self.calls.append((tuple(p), share > 0))  # no map kept: the plain check
+            out.append(float(self.cost[p].sum()) - self.gains.get(tuple(p), 0.0) * share)
+        return out
+
+    def batch_losses(self, plans, compensated=False, all_windows=False, maps=None, policy=None):
+        return [[x + 0.01, x - 0.01, x + 0.01, x - 0.01] for x in self.losses(plans, compensated, maps=maps)]
+
+
 @pytest.mark.parametrize("impl", [FakeVerifier, NoisyFakeVerifier, SkipVerifier])
 def test_verifiers_match_the_protocols(impl):
     """The fakes the search is tested with, and the real verifier, have the protocol's exact signatures."""
@@ -571,7 +692,7 @@ def test_verifiers_match_the_protocols(impl):
             if name.startswith("_") or not callable(member):
                 continue
             assert params(getattr(impl, name)) == params(member), (impl, name)
-        for name in ("num_windows", "block_forwards") if proto is Verifier else ():
+        for name in ("num_windows", "block_forwards", "plain_checks") if proto is Verifier else ():
             assert hasattr(impl, name), (impl, name)
 
 
@@ -926,6 +1047,46 @@ def test_fit_only_windows_feed_the_statistics_and_nothing_else(tiny_dir):
             torch.testing.assert_close(b.gram.sum(0), c.gram.sum(0), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(b.cross.sum(0), c.cross.sum(0), rtol=1e-5, atol=1e-6)
             assert int(b.tokens.sum()) == int(c.tokens.sum()) > int(a.tokens.sum())
+
+
+def test_fit_only_observer_takes_each_batch_from_grouped_block_calls():
+    """FitOnlyObserver under calibrate's windows_per_call (several batches per block call, and batches of
+    another shape in a call of their own): the same statistics as one batch per call (float64 model)."""
+    from sglp_fast.calibration.losses import token_mask
+    from sglp_fast.selection.run_statistics import FitOnlyObserver
+
+    model_seed, batch_seed = _seeds(2, seed=7)
+    model = tiny_model("llama", layers=5, seed=model_seed).double()
+    batches = _batches(seed=batch_seed, shapes=((1, 6), (1, 6), (1, 6), (2, 5), (2, 5), (1, 5)))
+    runs = [(1, 2), (2, 4), (3, 3)]
+    stats, calls = {}, {}
+    proj = get_adapter(model).blocks[0].mlp.down_proj
+    for per_call in (1, 3, 4):
+        observer = FitOnlyObserver(get_adapter(model), runs, weighted=False)
+        count = []
+        hook = proj.register_forward_hook(lambda *a: count.append(1))
+        try:
+            res = calibrate(model, batches, observers=[observer], gradients=False, keep_inputs=0,
+                            windows_per_call=per_call, progress=False)
+        finally:
+            observer.close()
+            hook.remove()
+        assert res.timings["windows_per_call"] == per_call
+        stats[per_call], calls[per_call] = observer.stats, len(count)
+    assert calls == {1: 6, 3: 4, 4: 3}  # [0-2] [3] [4] [5] with 3; [0-2] [3, 4] [5] with 4
+    for per_call in (3, 4):
+        for run in runs:
+            a, b = stats[1][run], stats[per_call][run]
+            tokens = sum(int(token_mask(x).sum()) for x in batches)
+            assert int(a.tokens.sum()) == int(b.tokens.sum()) == tokens
+            for x, y in ((a.gram, b.gram), (a.cross, b.cross), (a.energy, b.energy)):
+                torch.testing.assert_close(y, x, rtol=1e-10, atol=1e-12)
+    observer = FitOnlyObserver(get_adapter(model), runs, weighted=False)
+    try:
+        with pytest.raises(RuntimeError, match="was not recorded"):
+            observer._take(0, 1)  # no call of block 0 recorded
+    finally:
+        observer.close()
 
 
 def test_plans_checked_a_few_at_a_time_give_the_same_losses(setup):

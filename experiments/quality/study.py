@@ -135,6 +135,17 @@ def runs(removed) -> int:
     return sum(1 for i, x in enumerate(r) if i == 0 or x != r[i - 1] + 1)
 
 
+def checked_candidates(sel: dict, verifier) -> dict:
+    """The search's candidates that were checked (not skipped), each with its plain check loss: the package
+    checks plain only the candidates near the lowest option (``plain_checks`` "band"); the rest here."""
+    out = {}
+    for k, c in sel["candidates"].items():
+        if "skipped" in c:
+            continue
+        out[k] = c if c.get("calib_loss") is not None else {**c, "calib_loss": verifier.loss(c["removed"])}
+    return out
+
+
 def analysis(args, model, tok, data, **kw):
     """The default analysis of ``data`` with the command line's search settings (kw overrides)."""
     opts = dict(tokenizer=tok, calib_seqs=data.n_seqs, seq_len=data.seq_len, verify_windows=args.verify_windows,
@@ -178,7 +189,7 @@ def cmd_candidates(args, model, tok, data, out):
         for n in args.remove:
             p = a.plan_for(remove=n)
             sel = p.extra["selection"]
-            cands = {k: c for k, c in sel["candidates"].items() if c.get("calib_loss") is not None}
+            cands = checked_candidates(sel, a.verifier)
             options = [(k, False) for k in cands] + ([(k, True) for k in cands] if a.compensate else [])
             per = {o: np.asarray(a.verifier.batch_losses([cands[o[0]]["removed"]], compensated=o[1])[0])
                    for o in options}
@@ -231,9 +242,7 @@ def cmd_kl(args, model, tok, data, out):
             p = a.plan_for(remove=n)
             sel = p.extra["selection"]
             kls = {}
-            for k, c in sel["candidates"].items():
-                if c.get("calib_loss") is None:
-                    continue
+            for k, c in checked_candidates(sel, a.verifier).items():
                 for comp in (False, True) if a.compensate else (False,):
                     maps = a.verifier.transforms(c["removed"], fold=0) if comp else None
                     pruned = remove_blocks(copy.deepcopy(a.model), c["removed"], maps)
@@ -314,7 +323,7 @@ def cmd_policies(args, model, tok, data, out):
         for n in args.remove:
             p = a.plan_for(remove=n)
             sel = p.extra["selection"]
-            cands = {k: c["removed"] for k, c in sel["candidates"].items() if c.get("calib_loss") is not None}
+            cands = {k: c["removed"] for k, c in checked_candidates(sel, ver).items()}
             rows, per = {}, {}
             for k, removed in cands.items():
                 rows[(k, "plain")] = (ver.loss(removed), held(removed))

@@ -25,6 +25,11 @@ class Verifier(Protocol):
     def block_forwards(self) -> float:
         """Work spent so far, in block-forwards over the whole calibration set."""
 
+    @property
+    def plain_checks(self) -> str:
+        """Which candidates the compensated search also checks plain: "band" or "all"
+        (``verified.checked_variants``)."""
+
     def losses(self, plans: Sequence[Iterable[int]], compensated: bool = False, all_windows: bool = False,
                maps: Sequence[Iterable[int] | None] | None = None, policy: Any = None) -> list[float]:
         """Mean check loss of each plan (a set of removed blocks), optionally compensated (cross-fitted)."""

@@ -221,8 +221,9 @@ class FitOnlyObserver:
 
     Why an observer: the fit-only windows (``fit_windows``) need only a forward pass, which calibration
     already streams block by block under the memory plan; they are never kept. A forward hook on the MLP
-    output projection of each block before a run records m; its X and the block's output wait (one window's
-    worth per run) until the run's target block input is reached.
+    output projection of each block before a run records m of each block call; ``observe`` takes each batch's
+    rows from them in order (a call may hold several batches: ``calibrate``'s ``windows_per_call``). Its X
+    and the block's output wait (one batch's worth per run) until the run's target block input is reached.
     """
 
     def __init__(self, adapter, runs: Sequence[tuple[int, int]], weighted: bool) -> None:
@@ -231,20 +232,36 @@ class FitOnlyObserver:
         width = int(adapter.config.hidden_size)
         self.stats = {run: RunStatistics.zeros(0, width) for run in self.runs}
         self._pending: dict[tuple[tuple[int, int], int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._seen: dict[int, torch.Tensor] = {}
+        self._seen: dict[int, list[torch.Tensor]] = {}  # per block: its calls' MLP outputs not yet observed
         self._hooks = []
-        for p in sorted({a - 1 for a, _ in self.runs}):
+        self._hooked = sorted({a - 1 for a, _ in self.runs})
+        for p in self._hooked:
             proj = mlp_output_module(adapter, adapter.blocks[p])
             self._hooks.append(proj.register_forward_hook(
-                lambda mod, inp, out, p=p: self._seen.__setitem__(p, out.detach())))
+                lambda mod, inp, out, p=p: self._seen.setdefault(p, []).append(out.detach())))
+
+    def _take(self, layer: int, rows: int) -> torch.Tensor:
+        """The next ``rows`` windows of block ``layer``'s hooked MLP outputs, in call order."""
+        queue = self._seen.get(layer) or []
+        if not queue or queue[0].shape[0] < rows:
+            raise RuntimeError(f"fit-only statistics: block {layer}'s MLP output of this batch was not "
+                               "recorded (its calls and the observed batches disagree); pass "
+                               "windows_per_call=1")
+        head = queue[0]
+        if head.shape[0] == rows:
+            queue.pop(0)
+            return head
+        queue[0] = head[rows:]
+        return head[:rows]
 
     def observe(self, layer: int, block_input: torch.Tensor, block_output: torch.Tensor, batch: int,
                 mask: torch.Tensor) -> None:
         mask = mask.to(block_output.device)
+        m_here = self._take(layer, block_output.shape[0]) if layer in self._hooked else None
         for run in self.runs:
             p, t = run[0] - 1, run[1] + 1
             if layer == p:
-                m = at_least_fp32(self._seen[p])[mask]  # float32 while waiting: half the memory of float64
+                m = at_least_fp32(m_here)[mask]  # float32 while waiting: half the memory of float64
                 self._pending[run, batch] = (m.cpu(), block_output[mask].cpu())
             if layer == t - 1:  # block t's input is this block's output
                 m, out = (x.double() for x in self._pending.pop((run, batch)))
@@ -252,7 +269,6 @@ class FitOnlyObserver:
                 need = y - (out - m)
                 w = 1.0 / need.norm(dim=1, keepdim=True).clamp_min(1e-12) if self.weighted else 1.0
                 self.stats[run].add(0, m * w, (need - m) * w)
-        self._seen.pop(layer, None)
 
     def close(self) -> None:
         for hook in self._hooks:

@@ -19,15 +19,17 @@ loss well (+0.89), so it proposes; the loss decides:
 3. with ``compensate=True`` every candidate is also scored compensated: a least-squares map folded into the
    block before each removed run (``compensation.py``), each map's regularization chosen on held-out folds
    (``regularization.py``; a run whose held-out folds favour no map gets none), and the loss checked
-   cross-fitted over every check window (``verifier.py``). A compensated candidate is never worse than the
-   same plan plain on the check (``never_worse``: maps that raise the loss are dropped). The pick is over
+   cross-fitted over every check window (``verifier.py``). A compensated candidate that can be picked is
+   never worse than the same plan plain on the check (``never_worse``: maps that raise the loss are
+   dropped); with weights resident on the device only the candidates within one standard error of the
+   lowest are checked plain (``checked_variants``). The pick is over
    plain and compensated candidates together (plain first on ties). The greedy is off then by default: its
    choices are made on plain losses, compensation reverses them (it picks the blocks right after the
    massive-activation block, which compensation cannot repair), it won 1 of 9 picks of the stop-8 benchmark
    and was over half of the search's work.
 
-No gradient is needed, so the calibration skips the backward; on SmolLM2 the whole default analysis takes
-1.2x the paper's pipeline (benchmarks/results/quality_smollm2.md).
+No gradient is needed, so the calibration skips the backward; the cost against the paper's pipeline is
+measured in benchmarks/results/cost_smollm2.md.
 """
 from __future__ import annotations
 
@@ -59,12 +61,14 @@ class VerifiedSelection:
     block_forwards: float
     lowest_loss: str = ""  # the option with the lowest check loss (the pick may be a simpler one within 1 SE)
     maps: list[int] = dataclasses.field(default_factory=list)  # blocks that keep a map (compensated picks)
+    plain_checks: str = ""  # with compensation: which candidates were checked plain too ("band" or "all")
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": "verified", "picked": self.picked, "compensated": self.compensated,
                 "rule": "one standard error", "lowest_loss": self.lowest_loss, "candidates": self.candidates,
                 "greedy_steps": self.greedy_steps, "block_forwards": round(self.block_forwards, 3),
-                **({"maps": self.maps} if self.compensated else {})}
+                **({"maps": self.maps} if self.compensated else {}),
+                **({"plain_checks": self.plain_checks} if self.plain_checks else {})}
 
 
 def verified_pick(*, segments: Sequence[Sequence[int]], n: int, relative_update: Sequence[float],
@@ -112,20 +116,25 @@ def verified_pick(*, segments: Sequence[Sequence[int]], n: int, relative_update:
     valid.update(runs)
     order = [*CANDIDATES, *runs]
     names = [name for name in order if name in valid]
+    plans = [valid[name] for name in names]
     if compensate:
-        every_variant(verifier, [valid[name] for name in names])
-    losses = verifier.losses([valid[name] for name in names])
-    candidates = {name: {"removed": valid[name], "calib_loss": float(loss)} for name, loss in zip(names, losses)}
+        losses, found = checked_variants(verifier, plans)
+    else:
+        losses, found = verifier.losses(plans), []
+    candidates = {name: {"removed": valid[name], "calib_loss": None if loss is None else float(loss)}
+                  for name, loss in zip(names, losses)}
     for name in CANDIDATES:  # the extra runs are proposed only where they fit: never skipped
         if name not in valid:
             why = ("not run" if name == "greedy" else "not available (no last-token states)") \
                 if proposals[name] is None else "breaks the frame"
             candidates[name] = {"removed": proposals[name], "calib_loss": None, "skipped": why}
-    options = [(name, False) for name in names]
+    options = [(name, False) for name in names if candidates[name]["calib_loss"] is not None]
     kept_maps: dict[str, frozenset[int]] = {}
     if compensate:
-        found = never_worse(verifier, [valid[name] for name in names], [candidates[n]["calib_loss"] for n in names])
         for name, (loss, maps, dropped) in zip(names, found):
+            if candidates[name]["calib_loss"] is None:
+                candidates[name]["plain"] = ("not checked: compensated, outside one standard error of the "
+                                             "lowest")
             choices = verifier.map_choices(valid[name])
             candidates[name]["calib_loss_compensated"] = float(loss)
             candidates[name]["maps"] = {str(p): {**c.to_dict(), "kept": p in maps} for p, c in choices.items()}
@@ -150,7 +159,8 @@ def verified_pick(*, segments: Sequence[Sequence[int]], n: int, relative_update:
     return VerifiedSelection(removed=list(valid[picked]), picked=picked, compensated=comp, candidates=candidates,
                              greedy_steps=steps, block_forwards=verifier.block_forwards - work0,
                              lowest_loss=lowest[0] + (" + compensation" if lowest[1] else ""),
-                             maps=sorted(kept_maps[picked]) if comp else [])
+                             maps=sorted(kept_maps[picked]) if comp else [],
+                             plain_checks=verifier.plain_checks if compensate else "")
 
 
 def lowest_runs(verifier: Verifier, n: int, k: int, proposed: Sequence[Sequence[int]],
@@ -190,6 +200,48 @@ def every_variant(verifier: Verifier, plans: Sequence[Sequence[int]]) -> list[fr
     return maps
 
 
+def checked_variants(verifier: Verifier, plans: Sequence[Sequence[int]]
+                     ) -> tuple[list[float | None], list[tuple[float, frozenset[int], list[int]]]]:
+    """(plain check loss or None, ``never_worse``'s (compensated loss, maps, dropped)) of each plan.
+
+    ``verifier.plain_checks`` "all": every plan plain and compensated in one pass. "band": the compensated
+    checks first (one pass), then plain only the plans whose option is within one standard error (paired, over
+    the check batches) of the lowest option, as the pick measures it; the maps of those plans are then held
+    to ``never_worse``, and the band is measured again until it has no plan left unchecked. Why: plain and
+    compensated variants of a plan share no block call (the map sits one block before the plain plan's first
+    skipped block), so the plain pass is half of the check; a plan out of the band is not picked, unless its
+    maps raise the check loss so far that its plain variant would be in the band (the compensated check was
+    below the plain one for every candidate of the 12 benchmark searches, docs/quality.md round 13). Where
+    each pass reads the blocks again (lazy or copied weights) one pass of both variants costs less. A plan
+    the held-out folds give no map has its plain check from the first pass (the same loss).
+    """
+    k = len(plans)
+    if verifier.plain_checks == "all" or k == 0:
+        every_variant(verifier, plans)
+        plain = verifier.losses(plans)
+        return list(plain), never_worse(verifier, plans, plain)
+    verifier.prepare(plans)
+    maps = [verifier.map_blocks(p) for p in plans]
+    comp = verifier.losses(plans, compensated=True, maps=maps)
+    found: list[tuple[float, frozenset[int], list[int]]] = [(float(c), m, []) for c, m in zip(comp, maps)]
+    plain: list[float | None] = [None if m else float(c) for c, m in zip(comp, maps)]
+    while True:
+        # every option known so far, (plan, compensated), with its per-batch losses (memoized: no pass)
+        options = [(i, True) for i in range(k) if found[i][1]]
+        options += [(i, False) for i in range(k) if plain[i] is not None]
+        per = {(i, c): np.asarray(verifier.batch_losses([plans[i]], compensated=c,
+                                                        maps=[found[i][1] if c else None])[0])
+               for i, c in options}
+        lowest = min(options, key=lambda o: (found[o[0]][0] if o[1] else plain[o[0]], o))
+        todo = sorted({i for i, c in options if plain[i] is None and within_one_se(per[(i, c)], per[lowest])})
+        if not todo:
+            break
+        values = verifier.losses([plans[i] for i in todo])  # one pass
+        for i, value, result in zip(todo, values, never_worse(verifier, [plans[i] for i in todo], values)):
+            plain[i], found[i] = float(value), result
+    return plain, found
+
+
 def never_worse(verifier: Verifier, plans: Sequence[Sequence[int]], plain: Sequence[float]
                 ) -> list[tuple[float, frozenset[int], list[int]]]:
     """(compensated check loss, blocks keeping a map, maps dropped) of each plan, never above its plain loss.
@@ -224,10 +276,13 @@ def one_standard_error_pick(options, loss_of, per_batch, lowest, complexity):
     breaks in the residual stream); ties go to the lower loss, then to the earlier option.
     """
     base = per_batch[lowest]
+    return min((o for o in options if within_one_se(per_batch[o], base)),
+               key=lambda o: (complexity(o), loss_of(o), options.index(o)))
 
-    def within(o):
-        d = per_batch[o] - base
-        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
-        return float(d.mean()) <= se
 
-    return min((o for o in options if within(o)), key=lambda o: (complexity(o), loss_of(o), options.index(o)))
+def within_one_se(losses: np.ndarray, lowest: np.ndarray) -> bool:
+    """Whether per-batch ``losses`` are within one standard error of the ``lowest`` option's: the mean
+    paired difference is at most its standard error (0 with one batch)."""
+    d = np.asarray(losses, dtype=np.float64) - np.asarray(lowest, dtype=np.float64)
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+    return float(d.mean()) <= se

@@ -39,6 +39,8 @@ from .settings import DEFAULT_FOLDS
 
 log = logging.getLogger(__name__)
 
+PLAIN_CHECKS = ("band", "all")  # the compensated search's plain checks (``SkipVerifier.plain_checks``)
+
 
 class SkipVerifier:
     """``loss(removed)``: mean calibration loss on the check windows with blocks ``removed`` skipped.
@@ -47,13 +49,17 @@ class SkipVerifier:
     .kept_inputs``): the leading kept batches holding >= ``verify_windows`` windows are the loss check, split
     into ``folds`` folds for the cross-fitted compensated check; the trailing ``fit_only_windows`` windows
     (over every rank) only feed the compensation statistics. ``matrices``: where the d x d statistics and
-    maps live (``matrix_store.MatrixStore``; default: memory, no limit). It owns the handle and the store:
-    close it (``close()`` or ``with``). It implements ``protocols.Verifier`` (the search) and ``protocols.BlockRunner`` (the statistics).
+    maps live (``matrix_store.MatrixStore``; default: memory, no limit). ``plain_checks``: "band" or "all",
+    which candidates the compensated search also checks plain (``verified.checked_variants``); None = "band"
+    where the weights stay on the device (a second pass costs only its compute). It owns the handle and the
+    store: close it (``close()`` or ``with``). It implements ``protocols.Verifier`` (the search) and
+    ``protocols.BlockRunner`` (the statistics).
     """
 
     def __init__(self, kept: KeptInputs, verify_windows: int, window_offset: int = 0, folds: int = DEFAULT_FOLDS,
                  policy: str | R.MapPolicy = R.CV, extra_statistics: Callable | None = None,
-                 matrices: MatrixStore | None = None, plans_per_pass: int | None = None) -> None:
+                 matrices: MatrixStore | None = None, plans_per_pass: int | None = None,
+                 plain_checks: str | None = None) -> None:
         check_int("verify_windows", verify_windows, 1)
         check_int("window_offset", window_offset, 0)
         check_int("folds", folds, 1, expected="a positive int (cross-fitting folds of the check windows)")
@@ -76,6 +82,12 @@ class SkipVerifier:
         # data-parallel: every rank makes the same passes (each gathers the losses): the smallest rank's cap
         caps = [c for c in dist.gather_lists([plans_per_pass or 0], tag="check_losses") if c > 0]
         self.plans_per_pass = int(min(caps)) if caps else None
+        # which candidates the compensated search checks plain too (``verified.checked_variants``): "band"
+        # where another pass over the blocks costs only its compute (every rank's weights stay on the device),
+        # "all" (one shared pass) where each pass reads the blocks again (lazy or copied weights)
+        resident = getattr(getattr(kept, "_weights", None), "mode", "resident") == "resident"
+        resident = min(dist.gather_lists([int(resident)], tag="check_losses")) > 0
+        self.plain_checks = plain_checks or ("band" if resident else "all")
         # the maps' solves run on the compute device (float64: a GPU's eigendecomposition at d = 8192 takes
         # seconds where two CPU cores take minutes); the memory plan counts them there (``_Phase.solve``)
         self._solve_device = getattr(kept, "device", None)
@@ -112,6 +124,18 @@ class SkipVerifier:
                        window_offset: int, folds: int = DEFAULT_FOLDS) -> SkipVerifier:
         """Data-parallel: a rank that keeps none of the check or fit windows still joins every sum and gather."""
         return cls(_NoKeptInputs(adapter, loss_kind, total_windows), verify_windows, window_offset, folds)
+
+    @property
+    def plain_checks(self) -> str:
+        """Which candidates the compensated search also checks plain (``verified.checked_variants``)."""
+        return self._plain_checks
+
+    @plain_checks.setter
+    def plain_checks(self, value: str) -> None:
+        if value not in PLAIN_CHECKS:
+            raise ValueError(f"plain_checks: expected one of {list(PLAIN_CHECKS)} or None (auto), "
+                             f"got {value!r}")
+        self._plain_checks = value
 
     @property
     def num_windows(self) -> int:
