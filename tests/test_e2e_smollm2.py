@@ -45,9 +45,9 @@ def test_default_model_prune_reload_generate(smollm2_file, tmp_path, capsys):
     sel = plan.extra["selection"]
     assert plan.scorer == "verified" and (plan.transforms is not None) == sel["compensated"]
     # never worse than no map: every compensated candidate checked plain has its cross-fitted check loss at
-    # or below the same plan's plain loss (maps that raised it were dropped), the kept plan among them (with
-    # the weights resident, only the candidates within one standard error of the lowest option are checked
-    # plain: the others cannot be picked), and at least one map survived somewhere
+    # or below the same plan's plain loss (maps that raised it were dropped), the kept plan among them (only
+    # the candidates within one standard error of the lowest option are checked plain: the others cannot
+    # be picked), and at least one map survived somewhere
     scored = [c for c in sel["candidates"].values() if c.get("calib_loss_compensated") is not None]
     assert sel["plain_checks"] == "band" and sel["candidates"][sel["picked"]]["calib_loss"] is not None
     checked = [c for c in scored if c["calib_loss"] is not None]

@@ -438,7 +438,7 @@ def test_the_compensated_search_is_one_pass_after_the_statistics(setup):
     model's loss (maps fitted on every window) is one more pass, for the kept plan only."""
     model, batches, _ = setup
     ver = _verifier(model, batches, 3, keep_all=True)
-    ver.plain_checks = "all"  # the weights are resident: "band" by default (the next test)
+    ver.plain_checks = "all"  # "band" by default (the next test)
     passes = []
     run = ver._run
     ver._run = lambda plans, fixes: passes.append(len(plans)) or run(plans, fixes)
@@ -463,7 +463,7 @@ def test_the_compensated_search_is_one_pass_after_the_statistics(setup):
 
 
 def test_band_checks_plain_only_off_the_band_and_picks_as_all():
-    """plain_checks "band" (the default with resident weights) against "all" on a real model, 4 random setups:
+    """plain_checks "band" (the default) against "all" on a real model, 4 random setups:
     the same pick, maps and compensated losses; a candidate checked plain has the same plain loss; one not
     checked plain has its compensated option out of one standard error of the lowest option (and some are);
     it takes no more block calls."""
@@ -484,7 +484,9 @@ def _band_against_all(seed: int) -> int:
     sel, work, unchecked = {}, {}, 0
     for mode in ("all", "band"):
         ver = _verifier(model, batches, 7, keep_all=True)
-        assert ver.plain_checks == "band"  # resident weights
+        assert ver.plain_checks == "band"  # the default
+        with pytest.raises(ValueError, match="plain_checks: expected one of"):
+            ver.plain_checks = "half"
         ver.plain_checks = mode
         try:
             sel[mode] = verified_pick(verifier=ver, **kw)

@@ -21,8 +21,8 @@ loss well (+0.89), so it proposes; the loss decides:
    (``regularization.py``; a run whose held-out folds favour no map gets none), and the loss checked
    cross-fitted over every check window (``verifier.py``). A compensated candidate that can be picked is
    never worse than the same plan plain on the check (``never_worse``: maps that raise the loss are
-   dropped); with weights resident on the device only the candidates within one standard error of the
-   lowest are checked plain (``checked_variants``). The pick is over
+   dropped); only the candidates within one standard error of the lowest option are checked plain
+   (``checked_variants``). The pick is over
    plain and compensated candidates together (plain first on ties). The greedy is off then by default: its
    choices are made on plain losses, compensation reverses them (it picks the blocks right after the
    massive-activation block, which compensation cannot repair), it won 1 of 9 picks of the stop-8 benchmark
@@ -211,9 +211,11 @@ def checked_variants(verifier: Verifier, plans: Sequence[Sequence[int]]
     compensated variants of a plan share no block call (the map sits one block before the plain plan's first
     skipped block), so the plain pass is half of the check; a plan out of the band is not picked, unless its
     maps raise the check loss so far that its plain variant would be in the band (the compensated check was
-    below the plain one for every candidate of the 12 benchmark searches, docs/quality.md round 13). Where
-    each pass reads the blocks again (lazy or copied weights) one pass of both variants costs less. A plan
-    the held-out folds give no map has its plain check from the first pass (the same loss).
+    below the plain one for every candidate of the 12 benchmark searches, docs/quality.md round 13). The
+    price: the blocks after the first removed one are read once more (a second pass), which is what the
+    weights' reading costs where they are streamed (lazy or copied) against half of the check's compute; the
+    plan is the same whatever the memory tier. A plan the held-out folds give no map has its plain check
+    from the first pass (the same loss).
     """
     k = len(plans)
     if verifier.plain_checks == "all" or k == 0:

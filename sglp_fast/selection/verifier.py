@@ -49,17 +49,16 @@ class SkipVerifier:
     .kept_inputs``): the leading kept batches holding >= ``verify_windows`` windows are the loss check, split
     into ``folds`` folds for the cross-fitted compensated check; the trailing ``fit_only_windows`` windows
     (over every rank) only feed the compensation statistics. ``matrices``: where the d x d statistics and
-    maps live (``matrix_store.MatrixStore``; default: memory, no limit). ``plain_checks``: "band" or "all",
-    which candidates the compensated search also checks plain (``verified.checked_variants``); None = "band"
-    where the weights stay on the device (a second pass costs only its compute). It owns the handle and the
-    store: close it (``close()`` or ``with``). It implements ``protocols.Verifier`` (the search) and
+    maps live (``matrix_store.MatrixStore``; default: memory, no limit). ``plain_checks``: "band" (default)
+    or "all", which candidates the compensated search also checks plain (``verified.checked_variants``). It
+    owns the handle and the store: close it (``close()`` or ``with``). It implements ``protocols.Verifier`` (the search) and
     ``protocols.BlockRunner`` (the statistics).
     """
 
     def __init__(self, kept: KeptInputs, verify_windows: int, window_offset: int = 0, folds: int = DEFAULT_FOLDS,
                  policy: str | R.MapPolicy = R.CV, extra_statistics: Callable | None = None,
                  matrices: MatrixStore | None = None, plans_per_pass: int | None = None,
-                 plain_checks: str | None = None) -> None:
+                 plain_checks: str = "band") -> None:
         check_int("verify_windows", verify_windows, 1)
         check_int("window_offset", window_offset, 0)
         check_int("folds", folds, 1, expected="a positive int (cross-fitting folds of the check windows)")
@@ -82,12 +81,7 @@ class SkipVerifier:
         # data-parallel: every rank makes the same passes (each gathers the losses): the smallest rank's cap
         caps = [c for c in dist.gather_lists([plans_per_pass or 0], tag="check_losses") if c > 0]
         self.plans_per_pass = int(min(caps)) if caps else None
-        # which candidates the compensated search checks plain too (``verified.checked_variants``): "band"
-        # where another pass over the blocks costs only its compute (every rank's weights stay on the device),
-        # "all" (one shared pass) where each pass reads the blocks again (lazy or copied weights)
-        resident = getattr(getattr(kept, "_weights", None), "mode", "resident") == "resident"
-        resident = min(dist.gather_lists([int(resident)], tag="check_losses")) > 0
-        self.plain_checks = plain_checks or ("band" if resident else "all")
+        self.plain_checks = plain_checks  # which candidates the compensated search checks plain too
         # the maps' solves run on the compute device (float64: a GPU's eigendecomposition at d = 8192 takes
         # seconds where two CPU cores take minutes); the memory plan counts them there (``_Phase.solve``)
         self._solve_device = getattr(kept, "device", None)
@@ -133,8 +127,7 @@ class SkipVerifier:
     @plain_checks.setter
     def plain_checks(self, value: str) -> None:
         if value not in PLAIN_CHECKS:
-            raise ValueError(f"plain_checks: expected one of {list(PLAIN_CHECKS)} or None (auto), "
-                             f"got {value!r}")
+            raise ValueError(f"plain_checks: expected one of {list(PLAIN_CHECKS)}, got {value!r}")
         self._plain_checks = value
 
     @property
