@@ -51,8 +51,8 @@ class SkipVerifier:
     (over every rank) only feed the compensation statistics. ``matrices``: where the d x d statistics and
     maps live (``matrix_store.MatrixStore``; default: memory, no limit). ``plain_checks``: "band" (default)
     or "all", which candidates the compensated search also checks plain (``verified.checked_variants``). It
-    owns the handle and the store: close it (``close()`` or ``with``). It implements ``protocols.Verifier`` (the search) and
-    ``protocols.BlockRunner`` (the statistics).
+    owns the handle and the store: close it (``close()`` or ``with``). It implements ``protocols.Verifier``
+    (the search) and ``protocols.BlockRunner`` (the statistics).
     """
 
     def __init__(self, kept: KeptInputs, verify_windows: int, window_offset: int = 0, folds: int = DEFAULT_FOLDS,
