@@ -324,9 +324,10 @@ Met at {len(met)} of {len(summary)} (domain, budget) cells.
 
 The paper's pipeline is calibration forward + backward (GradNorm) + CKA + segmentation; the default is the
 calibration forward (no backward) + CKA + segmentation + sampling its 16 fit windows from the model + the
-verified search: plain and compensated losses of
+verified search: compensated losses of
 the candidate plans on every calibration window, cross-fitted over 4 folds (each window judged with maps
-fitted without its fold), the compensation statistics gathered in one pass over the blocks before the runs.
+fitted without its fold), plain losses of the candidates within one standard error of the lowest option, the
+compensation statistics gathered in one pass over the blocks before the runs.
 
 | subset | paper (s) | default (s) | default / paper | of which sampling (s) | search work (block-forwards over the calibration set; 1 forward = 30) |
 |---|---|---|---|---|---|
