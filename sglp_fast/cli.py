@@ -591,7 +591,8 @@ def _print_segments(plan: Any) -> None:
         _say(f"removed blocks ({len(plan.removed)} of {plan.num_blocks}, scorer {plan.scorer}): {plan.removed}")
     sel = plan.extra.get("selection")
     if plan.removed is not None and sel:
-        losses = ", ".join(_candidate_losses(name, c) for name, c in sel["candidates"].items() if "skipped" not in c)
+        losses = ", ".join(_candidate_losses(name, c) for name, c in sel["candidates"].items()
+                           if "skipped" not in c)
         kept = sel["picked"] + (" + compensation" if sel.get("compensated") else "")
         why = (f" (simplest within one standard error of the lowest, '{sel['lowest_loss']}')"
                if sel.get("lowest_loss") and sel["lowest_loss"] != kept else "")
